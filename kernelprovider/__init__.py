@@ -1,0 +1,1 @@
+"""Jupyter kernel provisioner that runs kernels in vmruntime sandboxes (a later issue)."""

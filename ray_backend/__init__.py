@@ -1,0 +1,1 @@
+"""Ray front door: SandboxActor and warm pools (a later issue)."""

@@ -1,0 +1,1 @@
+"""broker: arrives with a later issue (see docs/architecture.md)."""

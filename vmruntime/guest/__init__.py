@@ -1,0 +1,1 @@
+"""guest: arrives with a later issue (see docs/architecture.md)."""

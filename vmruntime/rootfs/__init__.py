@@ -1,0 +1,1 @@
+"""Per-layer read-only filesystem images (EROFS) built from OCI layer tars."""

@@ -1,0 +1,1 @@
+"""snapshots: arrives with a later issue (see docs/architecture.md)."""

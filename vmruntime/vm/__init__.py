@@ -1,0 +1,1 @@
+"""vm: arrives with a later issue (see docs/architecture.md)."""
