@@ -1,0 +1,3 @@
+from vmruntime.cli import main
+
+raise SystemExit(main())
