@@ -1,0 +1,71 @@
+"""Shared fixtures: real local registries, an isolated image cache per test."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_support import LocalRegistry
+
+from vmruntime.images.store import ImageStore
+
+
+@pytest.fixture(scope="session")
+def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """Debian's docker-registry on 127.0.0.1, shared by the session (repos per test)."""
+    registry = LocalRegistry(base_dir=tmp_path_factory.mktemp("registry"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    registry = LocalRegistry(base_dir=tmp_path_factory.mktemp("registry-basic"), auth="basic")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def token_auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    registry = LocalRegistry(
+        base_dir=tmp_path_factory.mktemp("registry-token"),
+        auth="token",
+        allow_anonymous_pull=True,
+    )
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageStore:
+    """A fresh cache, also the default for code that opens its own (via VMRUNTIME_CACHE)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("VMRUNTIME_CACHE", str(root))
+    monkeypatch.setenv("VMRUNTIME_AUTH_FILE", str(tmp_path / "no-auth.json"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return ImageStore(root)
+
+
+@pytest.fixture
+def mount_erofs(tmp_path: Path) -> Iterator:
+    """Mount EROFS images read-only on the host (root is available here); unmount after."""
+    mounted: list[Path] = []
+
+    def mount(image: Path) -> Path:
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(target)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"mounting {image} failed: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=False)

@@ -1,0 +1,366 @@
+"""Pulling from a real registry (Debian's docker-registry on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import cache_contents, vmr_env
+from imagefactory import (
+    directory,
+    file,
+    make_layer_tar,
+    opaque_whiteout,
+    symlink,
+    whiteout,
+    write_oci_index_multiplatform,
+    write_oci_layout,
+)
+from registry_support import LocalRegistry, TruncatingProxy, push_layout, tamper_blob
+
+from vmruntime.errors import (
+    AuthenticationError,
+    DigestMismatchError,
+    PlatformNotFoundError,
+    RegistryError,
+    SizeMismatchError,
+)
+from vmruntime.images import ImageStore, inspect, pull, resolve
+from vmruntime.images.reference import parse_reference
+from vmruntime.images.registry import RegistryClient
+
+
+def unique_layer(label: str, size: int = 20_000) -> bytes:
+    """A layer no other test pushes, so registry-side blob counts and tampering are ours."""
+    salt = uuid.uuid4().hex
+    return make_layer_tar(
+        [
+            directory(f"{label}"),
+            file(f"{label}/id", salt),
+            file(f"{label}/data.bin", os.urandom(size)),
+        ]
+    )
+
+
+def base_layers() -> list[bytes]:
+    return [
+        make_layer_tar(
+            [
+                directory("etc"),
+                file("etc/os-release", "ID=test\n"),
+                directory("bin"),
+                file("bin/tool", b"#!/bin/sh\necho hi\n", mode=0o4755),
+                symlink("bin/sh", "tool"),
+                file("big.bin", os.urandom(300_000)),
+                file("salt", uuid.uuid4().hex),
+            ]
+        ),
+        unique_layer("second"),
+    ]
+
+
+def push(registry: LocalRegistry, tmp_path: Path, layers: list[bytes], **kw) -> tuple[str, object]:
+    repo = f"test/{uuid.uuid4().hex[:12]}"
+    layout = tmp_path / f"layout-{uuid.uuid4().hex[:6]}"
+    info = write_oci_layout(layout, layers, **kw)
+    push_layout(registry, layout, repo, "v1", src_tag="latest")
+    return f"{registry.host}/{repo}:v1", info
+
+
+def test_pull_multi_layer_image(local_registry, store, tmp_path, mount_erofs) -> None:
+    ref, info = push(local_registry, tmp_path, base_layers())
+    record = pull(ref, store=store)
+    assert record.reference == ref
+    assert record.manifest_digest == info.manifest_digest
+    assert [layer.digest for layer in record.manifest.layers] == info.layer_digests
+    assert list(record.config.diff_ids) == info.diff_ids
+    assert set(record.report.fetched) == {info.config_digest, *info.layer_digests}
+    for layer_digest in info.layer_digests:
+        assert store.has_blob(layer_digest)
+    for path in record.layer_paths:
+        assert path.is_file() and path.stat().st_size > 0
+    root = mount_erofs(record.layer_paths[0])
+    assert (root / "etc/os-release").read_text() == "ID=test\n"
+    assert os.readlink(root / "bin/sh") == "tool"
+    assert (root / "bin/tool").stat().st_mode & 0o7777 == 0o4755
+    assert resolve(ref, store).manifest_digest == info.manifest_digest
+    assert inspect(ref, store)["layers"][1]["diffId"] == info.diff_ids[1]
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_shared_layers_are_downloaded_once(local_registry, store, tmp_path) -> None:
+    base = base_layers()
+    ref_a, info_a = push(local_registry, tmp_path, base)
+    ref_b, info_b = push(local_registry, tmp_path, [*base, unique_layer("third")])
+    pull(ref_a, store=store)
+    inodes = {d: store.rootfs_path(d).stat().st_ino for d in info_a.diff_ids}
+    record_b = pull(ref_b, store=store)
+    assert record_b.report.fetched == [info_b.config_digest, info_b.layer_digests[2]]
+    assert set(record_b.report.reused) == set(info_a.layer_digests)
+    for digest in info_a.layer_digests:
+        assert local_registry.blob_get_count(digest) == 1
+    assert local_registry.blob_get_count(info_b.layer_digests[2]) == 1
+    # one file per layer, whatever the number of images using it
+    assert {d: store.rootfs_path(d).stat().st_ino for d in info_a.diff_ids} == inodes
+    assert len(list(store.rootfs_dir.iterdir())) == 3
+
+
+def test_tampered_blob_is_refused_and_cache_unchanged(local_registry, store, tmp_path) -> None:
+    layers = base_layers()
+    ref, info = push(local_registry, tmp_path, layers)
+    tamper_blob(local_registry, info.layer_digests[1])
+    before = cache_contents(store)
+    with pytest.raises(DigestMismatchError) as caught:
+        pull(ref, store=store)
+    assert caught.value.expected == info.layer_digests[1]
+    assert caught.value.actual != info.layer_digests[1]
+    assert info.layer_digests[1] in str(caught.value)
+    after = cache_contents(store)
+    assert not store.has_blob(info.layer_digests[1])
+    assert not store.has_rootfs(info.diff_ids[1])
+    assert store.get_ref(ref) is None
+    assert all(name.startswith(("blobs", "rootfs")) for name in set(after) - set(before))
+    assert not [n for n in after if n.startswith("tmp")]
+
+
+def test_diff_id_mismatch_is_refused(local_registry, store, tmp_path) -> None:
+    layers = [unique_layer("only")]
+    wrong = "sha256:" + "1" * 64
+    ref, info = push(
+        local_registry,
+        tmp_path,
+        layers,
+        config_overrides={"rootfs": {"type": "layers", "diff_ids": [wrong]}},
+    )
+    with pytest.raises(DigestMismatchError) as caught:
+        pull(ref, store=store)
+    assert caught.value.expected == wrong
+    assert caught.value.actual == info.diff_ids[0]
+    assert "diff_id" in str(caught.value)
+    assert not store.has_blob(info.layer_digests[0])
+    assert list(store.rootfs_dir.iterdir()) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_truncated_transfer_is_retried(local_registry, store, tmp_path) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("trunc", 200_000)])
+    with TruncatingProxy(local_registry.host, fail_first_n=1) as proxy:
+        proxied = ref.replace(local_registry.host, proxy.host)
+        record = pull(proxied, store=store)
+        assert proxy.failures_injected == 1
+    assert record.manifest_digest == info.manifest_digest
+    assert store.has_rootfs(info.diff_ids[0])
+
+
+def test_truncation_that_persists_fails_clearly_then_a_retry_succeeds(
+    local_registry, store, tmp_path
+) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("trunc2", 200_000)])
+    with TruncatingProxy(local_registry.host, fail_first_n=100) as proxy:
+        proxied = ref.replace(local_registry.host, proxy.host)
+        client = RegistryClient(parse_reference(proxied), retries=2, backoff=0.01)
+        before = cache_contents(store)
+        with pytest.raises((SizeMismatchError, RegistryError)) as caught:
+            pull(proxied, store=store, client=client)
+        assert info.layer_digests[0] in str(caught.value) or "blobs" in str(caught.value)
+        assert not store.has_blob(info.layer_digests[0])
+        assert {k for k in cache_contents(store) if k.startswith("tmp")} == set()
+        assert store.get_ref(proxied) is None
+        assert set(cache_contents(store)) - set(before) <= {
+            f"blobs/sha256/{info.config_digest[7:]}"
+        }
+        proxy.rearm(0)
+        record = pull(proxied, store=store)
+    assert record.manifest_digest == info.manifest_digest
+
+
+def test_transient_503_is_retried(local_registry, store, tmp_path) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("flaky")])
+    with TruncatingProxy(local_registry.host, fail_first_n=2, mode="503") as proxy:
+        record = pull(ref.replace(local_registry.host, proxy.host), store=store)
+        assert proxy.failures_injected == 2
+    assert record.manifest_digest == info.manifest_digest
+
+
+def test_pin_by_digest(local_registry, store, tmp_path) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("pinned")])
+    name = ref.rsplit(":", 1)[0]
+    record = pull(f"{name}@{info.manifest_digest}", store=store)
+    assert record.manifest_digest == info.manifest_digest
+    assert record.reference == f"{name}@{info.manifest_digest}"
+    with pytest.raises(RegistryError, match="404"):
+        pull(f"{name}@sha256:{'0' * 64}", store=store)
+
+
+def test_platform_selection_from_an_index(local_registry, store, tmp_path) -> None:
+    repo = f"test/{uuid.uuid4().hex[:12]}"
+    multi = write_oci_index_multiplatform(
+        tmp_path / "multi",
+        {"linux/amd64": [unique_layer("amd")], "linux/arm64/v8": [unique_layer("arm")]},
+    )
+    push_layout(local_registry, tmp_path / "multi", repo, "latest")
+    ref = f"{local_registry.host}/{repo}:latest"
+    amd = pull(ref, store=store)
+    assert amd.manifest_digest == multi.images["linux/amd64"].manifest_digest
+    assert store.get_ref(ref).index == multi.index_digest
+    arm = pull(ref, store=store, platform="linux/arm64")
+    assert arm.manifest_digest == multi.images["linux/arm64/v8"].manifest_digest
+    with pytest.raises(PlatformNotFoundError) as caught:
+        pull(ref, store=store, platform="linux/s390x")
+    assert "linux/amd64" in caught.value.available
+
+
+@pytest.mark.parametrize(
+    ("compression", "docker"), [("none", False), ("zstd", False), ("gzip", True), ("none", True)]
+)
+def test_media_types_and_compressions(local_registry, store, tmp_path, compression, docker):
+    ref, info = push(
+        local_registry,
+        tmp_path,
+        [unique_layer("mt")],
+        compression=compression,
+        docker_media_types=docker,
+    )
+    record = pull(ref, store=store)
+    assert record.manifest.media_type == info.manifest_media_type
+    assert store.has_rootfs(info.diff_ids[0])
+
+
+def test_whiteouts_and_opaque_dirs_through_overlayfs(
+    local_registry, store, tmp_path, mount_erofs
+) -> None:
+    lower = make_layer_tar(
+        [
+            directory("etc"),
+            file("etc/keep", "k"),
+            file("etc/gone", "g"),
+            directory("opt"),
+            directory("opt/app"),
+            file("opt/app/old", "o"),
+            file("salt", uuid.uuid4().hex),
+        ]
+    )
+    upper = make_layer_tar(
+        [
+            directory("etc"),
+            whiteout("etc/gone"),
+            directory("opt/app"),
+            opaque_whiteout("opt/app"),
+            file("opt/app/new", "n"),
+        ]
+    )
+    ref, _ = push(local_registry, tmp_path, [lower, upper])
+    record = pull(ref, store=store)
+    lower_dir, upper_dir = (mount_erofs(p) for p in record.layer_paths)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={upper_dir}:{lower_dir}",
+            str(merged),
+        ],
+        check=True,
+    )
+    try:
+        assert sorted(os.listdir(merged / "etc")) == ["keep"]
+        assert sorted(os.listdir(merged / "opt/app")) == ["new"]
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_basic_auth_from_a_credentials_file(basic_auth_registry, store, tmp_path, monkeypatch):
+    ref, info = push(basic_auth_registry, tmp_path, [unique_layer("auth")])
+    with pytest.raises(AuthenticationError):
+        pull(ref, store=store)
+    user, password = basic_auth_registry.credentials
+    auth_file = tmp_path / "auth.json"
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    auth_file.write_text(json.dumps({"auths": {basic_auth_registry.host: {"auth": token}}}))
+    monkeypatch.setenv("VMRUNTIME_AUTH_FILE", str(auth_file))
+    assert pull(ref, store=store).manifest_digest == info.manifest_digest
+    auth_file.write_text(
+        json.dumps({"auths": {basic_auth_registry.host: {"username": user, "password": "wrong"}}})
+    )
+    with pytest.raises(AuthenticationError, match="refused"):
+        pull(ref, store=ImageStore(tmp_path / "other-cache"))
+
+
+def test_anonymous_bearer_token_flow(token_auth_registry, store, tmp_path) -> None:
+    ref, info = push(token_auth_registry, tmp_path, [unique_layer("token")])
+    record = pull(ref, store=store)
+    assert record.manifest_digest == info.manifest_digest
+    assert token_auth_registry.token_server.requests, "no token was requested"
+
+
+def test_unknown_repository_and_unreachable_registry(local_registry, store) -> None:
+    with pytest.raises(RegistryError, match="404"):
+        pull(f"{local_registry.host}/no/such:thing", store=store)
+    client = RegistryClient(parse_reference("127.0.0.1:9/x:1"), retries=1, backoff=0.01)
+    with pytest.raises(RegistryError, match="cannot connect"):
+        pull("127.0.0.1:9/x:1", store=store, client=client)
+    assert store.list_refs() == []
+
+
+_PULL_SCRIPT = "import sys; from vmruntime.images import pull; pull(sys.argv[1])"
+
+
+def test_concurrent_pulls_download_each_blob_once(local_registry, store, tmp_path) -> None:
+    layers = [unique_layer(f"c{i}", 2_000_000) for i in range(3)]
+    ref, info = push(local_registry, tmp_path, layers)
+    env = vmr_env(store)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PULL_SCRIPT, ref], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    for digest in [info.config_digest, *info.layer_digests]:
+        assert local_registry.blob_get_count(digest) == 1, digest
+    assert resolve(ref, store).manifest_digest == info.manifest_digest
+
+
+def test_cli_pull_ls_inspect_rm_prune(local_registry, store, tmp_path) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("cli")])
+    env = vmr_env(store)
+
+    def vmr(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmruntime", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    pulled = vmr("image", "pull", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert info.manifest_digest in pulled.stdout
+    assert pulled.stderr == ""  # no progress bars when not a terminal
+    listing = json.loads(vmr("image", "ls", "--json").stdout)
+    assert [row["reference"] for row in listing] == [ref]
+    assert json.loads(vmr("image", "inspect", ref).stdout)["manifestDigest"] == info.manifest_digest
+    assert vmr("image", "rm", ref).returncode == 0
+    assert store.has_blob(info.layer_digests[0])
+    pruned = vmr("image", "prune")
+    assert pruned.returncode == 0 and "removed" in pruned.stdout
+    assert list(store.blobs_dir.iterdir()) == [] and list(store.rootfs_dir.iterdir()) == []
+    bad = vmr("image", "pull", "Not/Valid")
+    assert bad.returncode == 1
+    assert "invalid image reference 'Not/Valid'" in bad.stderr
+    missing = vmr("image", "inspect", "nothing/here:1")
+    assert missing.returncode == 1 and "vmr image pull" in missing.stderr
