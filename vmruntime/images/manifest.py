@@ -201,8 +201,7 @@ def _parse_image_manifest(doc: dict[str, Any], media_type: str, what: str) -> Im
             raise ManifestError(
                 what, f"layer {layer.digest} has unsupported media type {layer.media_type!r}"
             )
-    annotations = doc.get("annotations") or {}
-    return ImageManifest(media_type, config, layers, dict(annotations))
+    return ImageManifest(media_type, config, layers, _string_dict(doc.get("annotations"), what))
 
 
 def select_platform(index: ImageIndex, platform: str, what: str) -> Descriptor:
@@ -247,10 +246,18 @@ def parse_config(data: bytes, what: str) -> ImageConfig:
         entrypoint=_string_tuple(settings.get("Entrypoint"), what, "Entrypoint"),
         working_dir=str(settings.get("WorkingDir") or ""),
         user=str(settings.get("User") or ""),
-        labels={str(k): str(v) for k, v in (settings.get("Labels") or {}).items()},
+        labels=_string_dict(settings.get("Labels"), what),
         created=doc.get("created") if isinstance(doc.get("created"), str) else None,
         raw=doc,
     )
+
+
+def _string_dict(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(what, "annotations or labels are not an object")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _string_tuple(value: object, what: str, key: str) -> tuple[str, ...] | None:
