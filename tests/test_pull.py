@@ -364,3 +364,32 @@ def test_cli_pull_ls_inspect_rm_prune(local_registry, store, tmp_path) -> None:
     assert "invalid image reference 'Not/Valid'" in bad.stderr
     missing = vmr("image", "inspect", "nothing/here:1")
     assert missing.returncode == 1 and "vmr image pull" in missing.stderr
+
+
+def test_progress_bars_on_a_terminal(local_registry, store, tmp_path) -> None:
+    import pty
+
+    ref, info = push(local_registry, tmp_path, [unique_layer("tty", 500_000)])
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmruntime", "image", "pull", ref],
+        env=vmr_env(store),
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert info.layer_digests[0][7:19] in text  # one bar per layer, labelled by digest
+    assert "100%" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 
@@ -31,6 +32,9 @@ def terminal_progress() -> ProgressFactory:
         return no_progress
     from tqdm import tqdm
 
+    # A terminal that reports no size (a bare pty) would make tqdm print nothing.
+    size = shutil.get_terminal_size()
+    width, height = min(size.columns, 120), size.lines
     lock = threading.Lock()
     positions = iter(range(10_000))
 
@@ -46,6 +50,8 @@ def terminal_progress() -> ProgressFactory:
             position=position,
             leave=True,
             file=sys.stderr,
+            ncols=width,
+            nrows=height,
         )
         return _TqdmProgress(bar)
 
