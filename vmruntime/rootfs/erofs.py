@@ -201,10 +201,11 @@ def build_erofs_from_tar(
     restated keeps its children.  Missing parent directories are created
     0755 root:root.
 
-    ``layer`` (the layer digest) only appears in error messages and seeds the
-    volume UUID.  ``mtime`` is the time given to directories the tar does not
-    describe (implicit parents, a missing root entry) and the image build time;
-    ``None`` means 0, so the same tar always yields the same image bytes.
+    ``layer`` (the layer digest) only appears in error messages.  ``mtime`` is
+    the time given to directories the tar does not describe (implicit parents,
+    a missing root entry) and the image build time; ``None`` means 0.  The
+    volume UUID is a hash of the metadata area, so the same tar always yields
+    the same image bytes.
 
     Raises :class:`~vmruntime.errors.LayerError` naming the offending entry for
     unsafe or unrepresentable content (``..`` or NUL in paths, names over 255
@@ -684,7 +685,6 @@ class _Builder:
     def _write_superblock(
         self, blocks: int, meta_start: int, inodes: int, meta_hash: bytes
     ) -> None:
-        volume_id = hashlib.sha256(self._layer.encode("utf-8", "surrogateescape") + meta_hash)
         superblock = _SUPERBLOCK.pack(
             _EROFS_MAGIC,
             0,  # checksum: unused without EROFS_FEATURE_COMPAT_SB_CHKSUM
@@ -698,7 +698,7 @@ class _Builder:
             blocks,
             meta_start - 1,  # meta_blkaddr, see the module docstring
             0,  # xattr_blkaddr: no shared xattrs
-            uuid.UUID(bytes=volume_id.digest()[:16], version=4).bytes,
+            uuid.UUID(bytes=meta_hash[:16], version=4).bytes,
             b"",  # volume_name
             0,  # feature_incompat: nothing newer than the 6.1 kernel's baseline
             0,
