@@ -434,7 +434,7 @@ def _classify(stack: list[str]) -> str:
     return "other"
 
 
-_PROFILE_HZ = 250
+_PROFILE_HZ = 100
 
 
 def profile_pull(ref: str, cache: Path, out: Path, expect_bytes: int) -> None:
