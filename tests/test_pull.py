@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from vmruntime.errors import (
 from vmruntime.images import ImageStore, inspect, pull, resolve
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.registry import RegistryClient
+
+
+def no_unpacker_threads_left() -> bool:
+    return not [t for t in threading.enumerate() if t.name == "unpack"]
 
 
 def unique_layer(label: str, size: int = 20_000) -> bytes:
@@ -126,6 +131,7 @@ def test_tampered_blob_is_refused_and_cache_unchanged(local_registry, store, tmp
     assert store.get_ref(ref) is None
     assert all(name.startswith(("blobs", "rootfs")) for name in set(after) - set(before))
     assert not [n for n in after if n.startswith("tmp")]
+    assert no_unpacker_threads_left()
 
 
 def test_diff_id_mismatch_is_refused(local_registry, store, tmp_path) -> None:
@@ -155,6 +161,8 @@ def test_truncated_transfer_is_retried(local_registry, store, tmp_path) -> None:
         assert proxy.failures_injected == 1
     assert record.manifest_digest == info.manifest_digest
     assert store.has_rootfs(info.diff_ids[0])
+    assert list(store.tmp_dir.iterdir()) == []
+    assert no_unpacker_threads_left()
 
 
 def test_truncation_that_persists_fails_clearly_then_a_retry_succeeds(

@@ -12,17 +12,14 @@ leaves the cache exactly as it was. A reference is recorded last.
 
 from __future__ import annotations
 
-import gzip
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmruntime.errors import DigestMismatchError, ImageError, LayerError
 from vmruntime.images.manifest import (
     Descriptor,
     ImageConfig,
@@ -30,9 +27,8 @@ from vmruntime.images.manifest import (
     check_layers_match_config,
     parse_config,
 )
-from vmruntime.images.store import ImageStore, RefRecord, StagedBlob
-from vmruntime.images.streams import HashingReader, decompressed
-from vmruntime.rootfs.erofs import build_erofs_from_tar
+from vmruntime.images.store import ImageStore, RefRecord
+from vmruntime.images.unpack import LayerPipeline, unpack_file
 
 ProgressFactory = Callable[[Descriptor, str], "Progress"]
 _PARALLEL_LAYERS = 3
@@ -59,6 +55,15 @@ def no_progress(desc: Descriptor, label: str) -> Progress:
     return _NoProgress()
 
 
+class BlobSink(Protocol):
+    """Where a source writes a blob: a staged blob, or a pipeline that also unpacks it."""
+
+    @property
+    def written(self) -> int: ...
+    def write(self, chunk: bytes) -> None: ...
+    def reset(self) -> None: ...
+
+
 class BlobSource(Protocol):
     """Somewhere blobs come from. ``copy_blob`` writes the blob's bytes into ``sink``.
 
@@ -66,7 +71,7 @@ class BlobSource(Protocol):
     calling ``sink.reset()`` before each new attempt.
     """
 
-    def copy_blob(self, desc: Descriptor, sink: StagedBlob, progress: Progress) -> None: ...
+    def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None: ...
 
 
 @dataclass
@@ -199,62 +204,40 @@ def ensure_layer(
             bar.done("cached")
             return
         if have_blob:
-            unpack_layer(store, store.blob_path(desc.digest), desc.digest, diff_id, build=True)
+            unpack_file(store, store.blob_path(desc.digest), desc.digest, diff_id)
             report.built_rootfs.append(diff_id)
             report.record(desc.digest, fetched=False)
             bar.done("unpacked")
             return
-        with store.stage_blob(desc.digest, desc.size, f"layer {desc.digest}") as staged:
-            source.copy_blob(desc, staged, bar)
-            staged.verify()
-            staged.finish_writing()
-            unpack_layer(store, staged.path, desc.digest, diff_id, build=not have_rootfs)
-            staged.commit()
+        _download_and_unpack(store, source, desc, diff_id, bar, build=not have_rootfs)
         if not have_rootfs:
             report.built_rootfs.append(diff_id)
         report.record(desc.digest, fetched=True, nbytes=desc.size)
         bar.done("done")
 
 
-_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
-try:  # zstandard is a declared dependency, but its error type is only needed here
-    import zstandard as _zstd
-
-    _DECOMPRESSION_ERRORS += (_zstd.ZstdError,)
-except ImportError:  # pragma: no cover
-    pass
-
-
-def unpack_layer(
-    store: ImageStore, blob_file: Path, layer_digest: str, diff_id: str, *, build: bool
+def _download_and_unpack(
+    store: ImageStore,
+    source: BlobSource,
+    desc: Descriptor,
+    diff_id: str,
+    bar: Progress,
+    *,
+    build: bool,
 ) -> None:
-    """Decompress a verified layer blob once: check its diff_id, and build its image.
+    """Transfer a layer blob while it is unpacked; install both only if every check passes.
 
-    With ``build`` false (the image exists, from the same content under another
-    compression) only the diff_id is checked. On any failure nothing is installed.
+    The blob's digest is checked first, so a tampered blob is reported as such
+    even when its garbage also broke decompression.
     """
-    temp = store.temp_path(f"{diff_id.split(':', 1)[1][:16]}.erofs")
-    build_error: ImageError | None = None
-    try:
-        with open(blob_file, "rb") as raw:
-            reader = HashingReader(decompressed(raw, layer_digest))
-            try:
-                if build:
-                    build_erofs_from_tar(reader, temp, layer=layer_digest)
-            except ImageError as exc:
-                build_error = exc
-            reader.drain()
-        if reader.digest != diff_id:
-            raise DigestMismatchError(
-                f"layer {layer_digest} (uncompressed, config diff_id)", diff_id, reader.digest
-            )
-        if build_error is not None:
-            raise build_error
-        if build:
-            store.install(temp, store.rootfs_path(diff_id))
-    except _DECOMPRESSION_ERRORS as exc:
-        raise LayerError(layer_digest, f"corrupt compressed data ({exc})") from None
-    except OSError as exc:
-        raise store.os_error(exc, temp) from exc
-    finally:
-        temp.unlink(missing_ok=True)
+    with store.stage_blob(desc.digest, desc.size, f"layer {desc.digest}") as staged:
+        pipeline = LayerPipeline(store, staged, diff_id, build=build)
+        try:
+            source.copy_blob(desc, pipeline, bar)
+            staged.verify()
+            pipeline.finish()
+            staged.finish_writing()
+            pipeline.install()
+            staged.commit()
+        finally:
+            pipeline.close()

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from vmruntime.errors import ArchiveError, DigestMismatchError, ImageError, SizeMismatchError
 from vmruntime.images.ingest import (
+    BlobSink,
     ImageRecord,
     Progress,
     ProgressFactory,
@@ -42,7 +43,7 @@ from vmruntime.images.manifest import (
     select_platform,
 )
 from vmruntime.images.reference import parse_reference
-from vmruntime.images.store import ImageStore, RefRecord, StagedBlob
+from vmruntime.images.store import ImageStore, RefRecord
 from vmruntime.images.streams import CHUNK, sha256_digest
 
 _REF_NAME = "org.opencontainers.image.ref.name"
@@ -112,13 +113,13 @@ class _Files:
         with self.open(name) as stream:
             return stream.read()
 
-    def copy_blob(self, desc: Descriptor, sink: StagedBlob, progress: Progress) -> None:
+    def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None:
         name = _blob_name(desc.digest)
         if not self.has(name):
             raise ArchiveError(self.origin, f"missing blob {desc.digest}")
         self.copy_member(name, sink, progress)
 
-    def copy_member(self, name: str, sink: StagedBlob, progress: Progress) -> None:
+    def copy_member(self, name: str, sink: BlobSink, progress: Progress) -> None:
         with self.open(name) as stream:
             while chunk := stream.read(CHUNK):
                 sink.write(chunk)
@@ -325,7 +326,7 @@ class _DockerSaveSource:
     def __init__(self, files: _Files, names: dict[str, str]) -> None:
         self.files, self.names = files, names
 
-    def copy_blob(self, desc: Descriptor, sink: StagedBlob, progress: Progress) -> None:
+    def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None:
         self.files.copy_member(self.names[desc.digest], sink, progress)
 
 

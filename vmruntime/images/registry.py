@@ -20,9 +20,9 @@ import requests
 
 from vmruntime.errors import AuthenticationError, RegistryError, SizeMismatchError
 from vmruntime.images.auth import Credentials, find_credentials
+from vmruntime.images.ingest import BlobSink, Progress
 from vmruntime.images.manifest import ACCEPT_MANIFESTS, MAX_JSON_DOCUMENT, Descriptor
 from vmruntime.images.reference import Reference, is_loopback_host
-from vmruntime.images.store import StagedBlob
 from vmruntime.images.streams import CHUNK
 
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -82,7 +82,7 @@ class RegistryClient:
 
         return self._with_retries(url, attempt)
 
-    def copy_blob(self, desc: Descriptor, sink: StagedBlob, progress: Any) -> None:
+    def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None:
         """Stream a blob into ``sink``; a short transfer is retried from the start."""
         url = f"{self.base}/blobs/{desc.digest}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import zlib
 from typing import BinaryIO
 
 from vmruntime.errors import LayerError
@@ -57,6 +58,32 @@ class HashingReader(io.RawIOBase):
         return "sha256:" + self._hash.hexdigest()
 
 
+def _gzip_reader(buffered: io.BufferedReader) -> BinaryIO:
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - a declared dependency; zlib is the fallback
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+
+
+def decompression_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors raise on corrupt or truncated input."""
+    errors: list[type[BaseException]] = [EOFError, zlib.error, gzip.BadGzipFile]
+    try:
+        from isal import isal_zlib
+
+        errors.append(isal_zlib.error)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
 def decompressed(raw: BinaryIO, layer: str) -> BinaryIO:
     """The uncompressed tar stream of a layer blob, whatever its compression.
 
@@ -66,7 +93,8 @@ def decompressed(raw: BinaryIO, layer: str) -> BinaryIO:
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, CHUNK)  # type: ignore[arg-type]
     head = buffered.peek(4)[:4]
     if head.startswith(_GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        # ISA-L inflates about three times faster than zlib; gunzip is most of a pull's CPU.
+        return _gzip_reader(buffered)
     if head.startswith(_ZSTD_MAGIC):
         try:
             import zstandard
