@@ -34,7 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from vmruntime._durable import fsync_dir, fsync_path
 from vmruntime.errors import ImageBuildError
+from vmruntime.images.manifest import canonical_json
+from vmruntime.images.streams import file_digest
 
 MEDIA_TYPE_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TYPE_LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -211,7 +214,7 @@ def _prepare_layout_dir(dest: Path) -> Path:
     blobs.mkdir(parents=True, exist_ok=True)
     marker = dest / "oci-layout"
     if not marker.exists():
-        _write_atomically(marker, _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+        _write_atomically(marker, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
     return blobs
 
 
@@ -273,16 +276,11 @@ def _write_index(dest: Path, manifest_digest: str, manifest_size: int, tag: str)
         }
     )
     index = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": entries}
-    _write_atomically(index_path, _json_bytes(index))
-
-
-def _json_bytes(doc: Mapping[str, Any]) -> bytes:
-    # Sorted keys and no whitespace: the same document always gets the same digest.
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    _write_atomically(index_path, canonical_json(index))
 
 
 def _write_json_blob(blobs: Path, doc: Mapping[str, Any]) -> tuple[str, int]:
-    data = _json_bytes(doc)
+    data = canonical_json(doc)
     hex_digest = hashlib.sha256(data).hexdigest()
     target = blobs / hex_digest
     if not target.exists():
@@ -295,7 +293,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         handle.write(data)
         _flush_and_sync(handle)
         os.replace(tmp_path, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # --- layers ---------------------------------------------------------------------
@@ -315,7 +313,7 @@ def _store_layer(blobs: Path, source: LayerSource, compress: bool) -> LayerBlob:
 
 def _link_layer(blobs: Path, path: Path) -> LayerBlob:
     """Hash the tar, then hard-link it in: no second copy of a large file."""
-    digest = "sha256:" + _hash_file(path)
+    digest = file_digest(path)
     target = blobs / digest.removeprefix("sha256:")
     if not target.exists():
         try:
@@ -327,8 +325,8 @@ def _link_layer(blobs: Path, path: Path) -> LayerBlob:
             with path.open("rb") as stream:
                 return _copy_layer(blobs, stream)
     # The tar was written by someone else who may not have synced it.
-    _fsync_path(target)
-    _fsync_dir(blobs)
+    fsync_path(target)
+    fsync_dir(blobs)
     return LayerBlob(digest, digest, target.stat().st_size, MEDIA_TYPE_LAYER_TAR)
 
 
@@ -344,7 +342,7 @@ def _copy_layer(blobs: Path, stream: IO[bytes]) -> LayerBlob:
         _flush_and_sync(handle)
         digest = "sha256:" + hasher.hexdigest()
         os.replace(tmp_path, blobs / hasher.hexdigest())
-    _fsync_dir(blobs)
+    fsync_dir(blobs)
     return LayerBlob(digest, digest, size, MEDIA_TYPE_LAYER_TAR)
 
 
@@ -364,7 +362,7 @@ def _store_compressed(blobs: Path, source: LayerSource) -> LayerBlob:
         _flush_and_sync(handle)
         hex_digest = hashing.hasher.hexdigest()
         os.replace(tmp_path, blobs / hex_digest)
-    _fsync_dir(blobs)
+    fsync_dir(blobs)
     return LayerBlob(
         digest=f"sha256:{hex_digest}",
         diff_id=f"sha256:{tar_hasher.hexdigest()}",
@@ -388,14 +386,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.target.flush()
-
-
-def _hash_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 # --- files, durability and errors ---------------------------------------------------
@@ -427,19 +417,6 @@ def _temp_file(directory: Path) -> Iterator[tuple[Path, IO[bytes]]]:
 def _flush_and_sync(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename or link itself durable, not only the file's data.
-    _fsync_path(path)
 
 
 def _describe_os_error(exc: OSError) -> str:

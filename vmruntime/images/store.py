@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmruntime._durable import fsync_dir
 from vmruntime.errors import CacheError, DigestMismatchError, SizeMismatchError
 from vmruntime.images.manifest import is_digest
 
@@ -243,7 +244,7 @@ class ImageStore:
         """Rename a complete, fsynced temporary file into place and make it durable."""
         try:
             os.replace(temp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise self.os_error(exc, dest) from exc
 
@@ -403,11 +404,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
