@@ -108,6 +108,31 @@ class _QuietServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _LoopbackServer:
+    """An HTTP server on 127.0.0.1 serving from a daemon thread.
+
+    Handlers reach the object that owns the server as ``self.server.owner``.
+    """
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], owner: Any, name: str) -> None:
+        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
+        self.httpd.owner = owner  # type: ignore[attr-defined]
+        self.port = int(self.httpd.server_address[1])
+        # A short poll interval: shutdown() waits for the serve loop to notice (default 0.5 s).
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(0.05,), name=name, daemon=True
+        )
+        self._thread.start()
+        self._stopped = False
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -202,15 +227,8 @@ class TokenServer:
             line for line in pem.splitlines() if line and not line.startswith("-----")
         )
         self._x5c = [der_b64]  # x5c is standard (not URL-safe) base64 DER
-        self._httpd = _QuietServer(("127.0.0.1", 0), _TokenHandler)
-        self._httpd.token_server = self  # type: ignore[attr-defined]
-        self.port = int(self._httpd.server_address[1])
-        # A short poll interval: shutdown() waits for the serve loop to notice (default 0.5 s).
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="vmr-token-server", daemon=True
-        )
-        self._thread.start()
-        self._stopped = False
+        self._server = _LoopbackServer(_TokenHandler, self, "vmr-token-server")
+        self.port = self._server.port
 
     @property
     def realm(self) -> str:
@@ -273,11 +291,7 @@ class TokenServer:
 
     def stop(self) -> None:
         """Shut the HTTP server down (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.stop()
 
 
 def _parse_scope(scope: str) -> dict[str, Any] | None:
@@ -306,7 +320,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
         if url.path != "/token":
             self._send(404, {"errors": [{"code": "NOT_FOUND"}]})
             return
-        server: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        server: TokenServer = self.server.owner  # type: ignore[attr-defined]
         status, body = server._answer(self.headers.get("Authorization"), parse_qs(url.query))
         self._send(status, body)
 
@@ -795,15 +809,8 @@ class TruncatingProxy:
         self.failures_injected = 0
         self._remaining = fail_first_n
         self._lock = threading.Lock()
-        self._httpd = _QuietServer(("127.0.0.1", 0), _ProxyHandler)
-        self._httpd.proxy = self  # type: ignore[attr-defined]
-        self.port = int(self._httpd.server_address[1])
-        # A short poll interval: shutdown() waits for the serve loop to notice (default 0.5 s).
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="vmr-truncating-proxy", daemon=True
-        )
-        self._thread.start()
-        self._stopped = False
+        self._server = _LoopbackServer(_ProxyHandler, self, "vmr-truncating-proxy")
+        self.port = self._server.port
 
     @property
     def host(self) -> str:
@@ -838,11 +845,7 @@ class TruncatingProxy:
 
     def stop(self) -> None:
         """Stop serving (idempotent). Connections still open are daemon threads and die."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.stop()
 
     def __enter__(self) -> Self:
         return self
@@ -855,7 +858,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the registry, so clients reuse sockets
 
     def _proxy(self) -> TruncatingProxy:
-        return self.server.proxy  # type: ignore[attr-defined, no-any-return]
+        return self.server.owner  # type: ignore[attr-defined, no-any-return]
 
     def _read_request_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
