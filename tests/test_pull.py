@@ -401,3 +401,70 @@ def test_progress_bars_on_a_terminal(local_registry, store, tmp_path) -> None:
     text = output.decode(errors="replace")
     assert info.layer_digests[0][7:19] in text  # one bar per layer, labelled by digest
     assert "100%" in text
+
+
+_SLOW_PULL = """
+import sys, time
+from vmruntime.images import pull
+from vmruntime.images import ingest
+
+real = ingest.ensure_layer
+
+def slow(store, source, desc, diff_id, report, progress):
+    class Slow:
+        def __init__(self, inner): self.inner = inner
+        def advance(self, n):
+            self.inner.advance(n)
+            print("progress", flush=True)
+            time.sleep(0.05)
+        def reset(self): self.inner.reset()
+        def done(self, status): self.inner.done(status)
+    return real(store, source, desc, diff_id, report, lambda d, l: Slow(progress(d, l)))
+
+ingest.ensure_layer = slow
+pull(sys.argv[1])
+"""
+
+
+def test_kill_minus_9_during_a_pull_then_pull_again(local_registry, store, tmp_path) -> None:
+    ref, info = push(local_registry, tmp_path, [unique_layer("kill", 8_000_000)])
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_PULL, ref],
+        env=vmr_env(store),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(3):  # the transfer is under way, past the first chunks
+            assert victim.stdout.readline().startswith("progress")  # type: ignore[union-attr]
+    finally:
+        victim.kill()
+        victim.wait()
+    assert not store.has_blob(info.layer_digests[0])
+    assert not store.has_rootfs(info.diff_ids[0])
+    assert store.get_ref(ref) is None
+    leftovers = list(store.tmp_dir.iterdir())
+    assert leftovers, "the killed pull should have left its temp files for the next open"
+    record = pull(ref, store=ImageStore(store.root))
+    assert record.manifest_digest == info.manifest_digest
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_prune_waits_for_a_pull_in_progress(local_registry, store, tmp_path) -> None:
+    from vmruntime.images import prune
+
+    ref, info = push(local_registry, tmp_path, [unique_layer("prune")])
+    finished = threading.Event()
+
+    def run_prune() -> None:
+        prune(store)
+        finished.set()
+
+    with store.writing():  # what a pull holds while it writes
+        pruner = threading.Thread(target=run_prune)
+        pruner.start()
+        assert not finished.wait(0.5), "prune ran while a writer held the cache"
+        pull(ref, store=store)  # a writer in the same process shares the lock
+    pruner.join(timeout=10)
+    assert finished.is_set()
+    assert resolve(ref, store).manifest_digest == info.manifest_digest
