@@ -1,20 +1,27 @@
 """vmruntime: run untrusted code in microVMs booted from OCI images.
 
 The public API is what this module re-exports; everything else is private.
+Names are imported on first use, which keeps helper processes and the CLI quick
+to start.
 """
 
-from vmruntime.errors import VmruntimeError
-from vmruntime.images import (
-    ImageRecord,
-    ImageStore,
-    Reference,
-    load,
-    parse_reference,
-    pull,
-    resolve,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "VmruntimeError": "vmruntime.errors",
+    "ImageRecord": "vmruntime.images",
+    "ImageStore": "vmruntime.images",
+    "Reference": "vmruntime.images",
+    "load": "vmruntime.images",
+    "parse_reference": "vmruntime.images",
+    "pull": "vmruntime.images",
+    "resolve": "vmruntime.images",
+}
 
 __all__ = [
     "ImageRecord",
@@ -27,3 +34,25 @@ __all__ = [
     "pull",
     "resolve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from vmruntime.errors import VmruntimeError
+    from vmruntime.images import (
+        ImageRecord,
+        ImageStore,
+        Reference,
+        load,
+        parse_reference,
+        pull,
+        resolve,
+    )
