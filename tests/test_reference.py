@@ -69,4 +69,3 @@ def test_invalid_references_are_named(text: str, fragment: str) -> None:
         parse_reference(text)
     assert info.value.reference == text
     assert fragment in str(info.value)
-
