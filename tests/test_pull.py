@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,13 @@ from vmruntime.errors import (
 from vmruntime.images import ImageStore, inspect, pull, resolve
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.registry import RegistryClient
+
+
+def unpack_workers() -> list[str]:
+    found = subprocess.run(
+        ["pgrep", "-af", "vmruntime.images.unpack"], capture_output=True, text=True
+    ).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
 
 
 def no_unpacker_threads_left() -> bool:
@@ -445,6 +453,11 @@ def test_kill_minus_9_during_a_pull_then_pull_again(local_registry, store, tmp_p
     assert store.get_ref(ref) is None
     leftovers = list(store.tmp_dir.iterdir())
     assert leftovers, "the killed pull should have left its temp files for the next open"
+    # its unpack worker read end-of-file when the feeder died, and quit
+    deadline = time.monotonic() + 10
+    while unpack_workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert unpack_workers() == []
     record = pull(ref, store=ImageStore(store.root))
     assert record.manifest_digest == info.manifest_digest
     assert list(store.tmp_dir.iterdir()) == []

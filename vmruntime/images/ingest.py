@@ -231,7 +231,7 @@ def _download_and_unpack(
     even when its garbage also broke decompression.
     """
     with store.stage_blob(desc.digest, desc.size, f"layer {desc.digest}") as staged:
-        pipeline = LayerPipeline(store, staged, diff_id, build=build)
+        pipeline = LayerPipeline(store, staged, diff_id, build=build, size=desc.size)
         try:
             source.copy_blob(desc, pipeline, bar)
             staged.verify()
