@@ -9,7 +9,9 @@ directories are also checked through a real overlayfs mount.
 The tars are built with :mod:`tarfile` the way any user can (ids, modes and
 device numbers set in the headers), so building them needs no privileges;
 mounting does (root), and the mount-based tests skip with the reason if the
-host cannot mount.
+host cannot mount.  A few tests also feed archives written by GNU tar (its
+formats, sparse members), compared with the directory they were made from.
+The tar reader itself is tested in ``test_tarstream.py``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Spec:
 
 
 class LayerTar:
-    """Writes a PAX tar in memory and keeps ``expected``: path -> Spec.
+    """Writes a tar (PAX unless told) in memory and keeps ``expected``: path -> Spec.
 
     The model applies the extraction semantics the writer promises (later
     entries replace earlier ones, restated directories keep their children,
@@ -70,9 +72,9 @@ class LayerTar:
     writer's tree.
     """
 
-    def __init__(self, default_mtime: int = 0) -> None:
+    def __init__(self, default_mtime: int = 0, tar_format: int = tarfile.PAX_FORMAT) -> None:
         self._buffer = io.BytesIO()
-        self._tar = tarfile.TarFile(fileobj=self._buffer, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.TarFile(fileobj=self._buffer, mode="w", format=tar_format)
         self._default_mtime = default_mtime
         self._links = itertools.count()
         self.expected: dict[str, Spec] = {"": Spec(stat.S_IFDIR, 0o755, mtime_ns=self._ns(None))}
@@ -684,6 +686,140 @@ def test_reproducible_and_reads_a_real_pipe(tmp_path: Path) -> None:
     build(data, tmp_path / "b.erofs", layer="sha256:other")  # the name is for messages only
     assert (tmp_path / "a.erofs").read_bytes() == (tmp_path / "b.erofs").read_bytes()
     assert stats.files == 50 and stats.dirs == 6 and stats.inodes == 56
+
+
+def _same_tree(tar: LayerTar) -> None:
+    """Content every tar format can carry (short names, small ids, whole-second times)."""
+    tar.dir("etc", mode=0o755, mtime=1_600_000_000)
+    tar.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", mtime=1_700_000_000)
+    tar.file("usr/lib/libbig.so", pattern(3 * BLOCK_SIZE + 5), mode=0o755, uid=7, gid=9)
+    tar.file("usr/lib/empty", b"")
+    tar.hardlink("usr/lib/libbig.so.1", "usr/lib/libbig.so")
+    tar.symlink("usr/lib/libbig.so.0", "libbig.so.1")
+    tar.device("dev/zero", "chr", 1, 5, mode=0o666)
+    tar.device("dev/loop0", "blk", 7, 0)
+    tar.fifo("run/fifo")
+    tar.file("p" * 80 + "/" + "n" * 90, b"needs ustar's prefix field")
+    tar.whiteout("gone")
+    tar.opaque("opaque")
+    tar.file("opaque/new", b"n")
+
+
+def test_every_tar_format_gives_the_same_image(tmp_path: Path) -> None:
+    images = []
+    for name, tar_format in (
+        ("ustar", tarfile.USTAR_FORMAT),
+        ("gnu", tarfile.GNU_FORMAT),
+        ("pax", tarfile.PAX_FORMAT),
+    ):
+        tar = LayerTar(tar_format=tar_format)
+        _same_tree(tar)
+        check_image(tar, tmp_path / name)
+        images.append((tmp_path / name / "layer.erofs").read_bytes())
+    assert images[0] == images[1] == images[2]
+
+
+def test_gnu_long_names_and_base256_numbers_match_pax(tmp_path: Path) -> None:
+    """GNU L/K records and base-256 fields describe what PAX records do."""
+    images = []
+    for name, tar_format in (("gnu", tarfile.GNU_FORMAT), ("pax", tarfile.PAX_FORMAT)):
+        tar = LayerTar(tar_format=tar_format)
+        long_dir = "/".join(["x" * 200] * 2)
+        tar.file(f"{long_dir}/file", b"long path", uid=2**31 + 7, gid=4_000_000_000)
+        tar.symlink("link", "t/" * 1000 + "target")
+        tar.hardlink("h" * 150, f"{long_dir}/file")
+        tar.file("before-1970", b"old", mtime=-86_400)
+        tar.device("dev/big", "blk", 4095, (1 << 20) - 1)
+        check_image(tar, tmp_path / name)
+        images.append((tmp_path / name / "layer.erofs").read_bytes())
+    assert images[0] == images[1]
+
+
+GNU_TAR = shutil.which("tar")
+_IS_GNU_TAR = (
+    GNU_TAR is not None
+    and "GNU tar" in subprocess.run([GNU_TAR, "--version"], capture_output=True, text=True).stdout
+)
+
+
+def _make_source_tree(root: Path, long_names: bool) -> None:
+    """A small real tree: sizes around the block size, links, a FIFO, sparse files."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for index, size in enumerate([0, 1, 511, 4095, 4096, 4097, 70_000]):
+        (root / "sub" / f"f{size}").write_bytes(pattern(size, index))
+    (root / "sub" / "deeper" / "exec").write_bytes(b"#!/bin/sh\n")
+    (root / "sub" / "deeper" / "exec").chmod(0o4755)
+    os.symlink("../sub/f1", root / "sub" / "deeper" / "link")
+    os.link(root / "sub" / "f4096", root / "hardlink")
+    os.mkfifo(root / "fifo")
+    with open(root / "sparse", "wb") as handle:
+        handle.write(b"head")
+        handle.seek(3 << 20)
+        handle.write(pattern(10_000, 5))
+        handle.truncate(5 << 20)
+    with open(root / "all-hole", "wb") as handle:
+        handle.truncate(1 << 20)
+    if long_names:
+        long_dir = root / ("d" * 120) / ("e" * 120)
+        long_dir.mkdir(parents=True)
+        (long_dir / ("f" * 100)).write_bytes(b"long")
+        os.symlink("../" * 30 + "x" * 200, root / "long-link")
+    for path in sorted(root.rglob("*"), reverse=True):
+        os.utime(
+            path, ns=(1_650_000_000_123_456_789, 1_650_000_000_123_456_789), follow_symlinks=False
+        )
+
+
+def _assert_same_tree(mounted_root: Path, source: Path, exact_mtimes: bool) -> None:
+    seen = read_tree(mounted_root, with_xattrs=False)
+    want = read_tree(source, with_xattrs=False)
+    assert sorted(seen) == sorted(want)
+    for key in want:
+        got, expected, where = seen[key].st, want[key].st, f"path {key!r}"
+        assert stat.S_IFMT(got.st_mode) == stat.S_IFMT(expected.st_mode), where
+        assert stat.S_IMODE(got.st_mode) == stat.S_IMODE(expected.st_mode) or not key, where
+        assert seen[key].data == want[key].data, where
+        assert seen[key].target == want[key].target, where
+        if key and not stat.S_ISDIR(expected.st_mode):
+            assert got.st_nlink == expected.st_nlink, where
+            mtime = expected.st_mtime_ns if exact_mtimes else expected.st_mtime_ns // 10**9 * 10**9
+            assert got.st_mtime_ns == mtime, where
+
+
+GNU_TAR_FORMATS = {
+    "gnu": (["--format=gnu", "--sparse"], True, False),
+    "oldgnu": (["--format=oldgnu", "--sparse"], True, False),
+    "posix": (["--format=posix"], True, True),
+    "posix-sparse-0.0": (["--format=posix", "--sparse", "--sparse-version=0.0"], True, True),
+    "posix-sparse-0.1": (["--format=posix", "--sparse", "--sparse-version=0.1"], True, True),
+    "posix-sparse-1.0": (["--format=posix", "--sparse", "--sparse-version=1.0"], True, True),
+    "ustar": (["--format=ustar"], False, False),
+    "v7": (["--format=v7"], False, False),
+}
+
+
+@pytest.mark.skipif(not _IS_GNU_TAR, reason="GNU tar is not installed")
+@pytest.mark.parametrize(
+    "options, long_names, exact", GNU_TAR_FORMATS.values(), ids=list(GNU_TAR_FORMATS)
+)
+def test_archives_written_by_gnu_tar(
+    tmp_path: Path, options: list[str], long_names: bool, exact: bool
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    _make_source_tree(source, long_names)
+    assert GNU_TAR is not None
+    if "--format=v7" in options:  # v7 has no FIFOs
+        (source / "fifo").unlink()
+    result = subprocess.run(
+        [GNU_TAR, "-C", str(source), *options, "-cf", "-", "."], capture_output=True, check=True
+    )
+    image = tmp_path / "layer.erofs"
+    build(result.stdout, image)
+    if FSCK is not None:
+        fsck(image)
+    with mounted(image, tmp_path / "mnt") as root:
+        _assert_same_tree(root, source, exact)
 
 
 # --- errors --------------------------------------------------------------------------

@@ -27,22 +27,29 @@ Memory use grows with the number of entries, not with their sizes.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import stat
 import struct
-import tarfile
 import tempfile
-import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from vmruntime.errors import LayerError
+from vmruntime.rootfs.tarstream import (
+    BLKTYPE,
+    CHRTYPE,
+    DIRTYPE,
+    FIFOTYPE,
+    LNKTYPE,
+    REGULAR_TYPES,
+    SYMTYPE,
+    TarEntry,
+    TarReader,
+)
 
 __all__ = ["BLOCK_SIZE", "ErofsStats", "build_erofs_from_tar"]
 
@@ -55,10 +62,7 @@ _XATTR_NAME_MAX = 255
 _XATTR_VALUE_MAX = 0xFFFF  # e_value_size is a le16
 _SYMLINK_MAX = BLOCK_SIZE - 1  # PATH_MAX including the NUL
 _SLOT = 32  # inodes are addressed in 32-byte units (nid)
-_COPY_CHUNK = 1 << 20
-# tarfile's stream reader copies its whole buffer on every small read, so a
-# moderate buffer beats a large one (headers are 512-byte reads).
-_TAR_BUFSIZE = 64 << 10
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 _META_FLUSH = 1 << 20
 _OPEN_META_BLOCKS = 16
 
@@ -162,7 +166,8 @@ class _Node:
         self.target = b""
         self.children: dict[bytes, _Node] | None = {} if stat.S_ISDIR(mode) else None
         self.opaque = False
-        self.dir_blocks: list[list[tuple[bytes, _Node]]] = []
+        # Set when directories are laid out; None until then spares a list per entry.
+        self.dir_blocks: list[list[tuple[bytes, _Node]]] | None = None
         self.nlink = 0
         self.nid = 0
 
@@ -182,9 +187,11 @@ def build_erofs_from_tar(
 
     ``tar_stream`` is read once, front to back, in large chunks (it may be a
     pipe), and read to its end so that a caller hashing the stream sees every
-    byte.  ``dest`` is created or truncated, written, flushed and fsynced; the
-    caller owns atomicity (write to a temporary name, then rename) and removes
-    ``dest`` if this raises.  A scratch file for small file tails is created
+    byte.  It may be ustar, GNU or PAX (see :mod:`vmruntime.rootfs.tarstream`);
+    GNU sparse members are stored expanded, their holes as zeros.  ``dest`` is
+    created or truncated, written, flushed and fsynced; the caller owns
+    atomicity (write to a temporary name, then rename) and removes ``dest`` if
+    this raises.  A scratch file for small file tails is created
     (already unlinked) in ``dest``'s directory.
 
     The image keeps, per entry: type, permission bits including
@@ -245,99 +252,69 @@ class _Builder:
         return LayerError(self._layer, reason, member)
 
     def read_tar(self, stream: BinaryIO) -> None:
-        try:
-            with tarfile.open(
-                fileobj=stream,
-                mode="r|",
-                bufsize=_TAR_BUFSIZE,
-                encoding="utf-8",
-                errors="surrogateescape",
-            ) as tar:
-                while (member := tar.next()) is not None:
-                    self._add_member(tar, member)
-                    # A streaming TarFile remembers every member it has seen;
-                    # forget them so memory stays flat on huge layers.
-                    tar.members.clear()
-                self._drain(tar)
-        except LayerError:
-            raise
-        except (tarfile.TarError, EOFError) as exc:
-            raise self._error(f"not a readable tar stream: {exc}") from exc
+        """Add every member of the stream to the tree; the reader drains the stream."""
+        reader = TarReader(stream, self._layer)
+        for entry in reader:
+            self._add_member(reader, entry)
 
-    def _drain(self, tar: tarfile.TarFile) -> None:
-        """Consume the stream after the end-of-archive marker, which must be zeros.
-
-        tarfile quietly stops at a truncated or unreadable header; what follows
-        (or how much of that header it got) tells a clean end from damage.
-        """
-        stream = tar.fileobj
-        assert stream is not None
-        header_bytes = stream.tell() - tar.offset
-        if header_bytes not in (0, tarfile.BLOCKSIZE):
-            raise self._error("tar stream truncated inside a header")
-        while chunk := stream.read(_COPY_CHUNK):
-            if chunk.count(0) != len(chunk):
-                raise self._error("unreadable tar header or data after the end-of-archive marker")
-
-    def _add_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        name = member.name
-        parts = self._split_path(name, name)
+    def _add_member(self, reader: TarReader, entry: TarEntry) -> None:
+        parts = self._split_path(entry.name, entry)
+        kind = entry.type
         if parts and parts[-1].startswith(_WHITEOUT_PREFIX):
-            self._add_whiteout(parts, member)
+            self._add_whiteout(parts, entry)
             return
-        if member.isdir():
-            self._add_directory(parts, member)
+        if kind == DIRTYPE:
+            self._add_directory(parts, entry)
             return
         if not parts:
-            raise self._error("the root directory entry is not a directory", name)
-        if member.isreg():
-            node = self._add_regular_file(tar, member)
-        elif member.issym():
-            node = self._new_symlink(member)
-        elif member.islnk():
-            node = self._hardlink_target(member)
-        elif member.ischr() or member.isblk():
-            node = self._new_device(member)
-        elif member.isfifo():
-            node = self._new_node(stat.S_IFIFO, member)
+            raise self._error("the root directory entry is not a directory", entry.path)
+        if kind in REGULAR_TYPES:
+            node = self._add_regular_file(reader, entry)
+        elif kind == SYMTYPE:
+            node = self._new_symlink(entry)
+        elif kind == LNKTYPE:
+            node = self._hardlink_target(entry)
+        elif kind in (CHRTYPE, BLKTYPE):
+            node = self._new_device(entry)
+        elif kind == FIFOTYPE:
+            node = self._new_node(stat.S_IFIFO, entry)
         else:
-            raise self._error(f"unsupported tar entry type {member.type!r}", name)
-        parent = self._parent_dir(parts, name)
-        parent[parts[-1]] = node
+            raise self._error(f"unsupported tar entry type {kind!r}", entry.path)
+        self._parent_dir(parts, entry)[parts[-1]] = node
 
     # --- paths --------------------------------------------------------------
 
-    def _split_path(self, path: str, member: str) -> list[bytes]:
+    def _split_path(self, raw: bytes, entry: TarEntry) -> list[bytes]:
         """Split a tar path into name components; [] is the root directory."""
-        raw = path.encode("utf-8", "surrogateescape")
         if b"\0" in raw:
-            raise self._error("path contains a NUL byte", member)
-        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+            raise self._error("path contains a NUL byte", entry.path)
+        parts = [p for p in raw.split(b"/") if p != b"" and p != b"."]
         for part in parts:
             if part == b"..":
-                raise self._error("path contains a '..' component", member)
+                raise self._error("path contains a '..' component", entry.path)
             if len(part) > _NAME_MAX:
-                raise self._error(f"name component longer than {_NAME_MAX} bytes", member)
+                raise self._error(f"name component longer than {_NAME_MAX} bytes", entry.path)
         return parts
 
-    def _parent_dir(self, parts: list[bytes], member: str) -> dict[bytes, _Node]:
+    def _parent_dir(self, parts: list[bytes], entry: TarEntry) -> dict[bytes, _Node]:
         """The children of the directory that holds ``parts``."""
-        children = self._directory_at(parts[:-1], member).children
+        children = self._directory_at(parts, len(parts) - 1, entry).children
         assert children is not None
         return children
 
-    def _directory_at(self, parts: list[bytes], member: str) -> _Node:
-        """The directory at ``parts``, creating missing ones (0755 root:root)."""
+    def _directory_at(self, parts: list[bytes], depth: int, entry: TarEntry) -> _Node:
+        """The directory at ``parts[:depth]``, creating missing ones (0755 root:root)."""
         node = self._root
-        for part in parts:
-            assert node.children is not None
-            child = node.children.get(part)
+        for index in range(depth):
+            part = parts[index]
+            children = node.children
+            assert children is not None
+            child = children.get(part)
             if child is None:
-                child = _Node(stat.S_IFDIR | 0o755, mtime=self._default_mtime)
-                node.children[part] = child
-            elif not child.is_dir:
+                child = children[part] = _Node(stat.S_IFDIR | 0o755, mtime=self._default_mtime)
+            elif child.children is None:
                 shown = part.decode(errors="replace")
-                raise self._error(f"{shown!r} is used as a directory but is not one", member)
+                raise self._error(f"{shown!r} is used as a directory but is not one", entry.path)
             node = child
         return node
 
@@ -351,55 +328,30 @@ class _Builder:
 
     # --- entry kinds ----------------------------------------------------------
 
-    def _new_node(self, file_type: int, member: tarfile.TarInfo) -> _Node:
-        node = _Node(file_type | (member.mode & 0o7777), *self._owner(member))
-        node.mtime, node.mtime_nsec = self._mtime(member)
-        node.xattrs = self._xattrs(member)
+    def _new_node(self, file_type: int, entry: TarEntry) -> _Node:
+        self._check_ids(entry)
+        node = _Node(file_type | (entry.mode & 0o7777), entry.uid, entry.gid, entry.mtime)
+        node.mtime_nsec = entry.mtime_nsec
+        self._check_mtime(entry)
+        if entry.xattrs:
+            node.xattrs = self._xattrs(entry.xattrs, entry)
         return node
 
-    def _owner(self, member: tarfile.TarInfo) -> tuple[int, int]:
-        for value in (member.uid, member.gid):
+    def _check_ids(self, entry: TarEntry) -> None:
+        for value in (entry.uid, entry.gid):
             if not 0 <= value <= 0xFFFFFFFF:
-                raise self._error(f"uid/gid {value} does not fit in 32 bits", member.name)
-        return member.uid, member.gid
+                raise self._error(f"uid/gid {value} does not fit in 32 bits", entry.path)
 
-    def _mtime(self, member: tarfile.TarInfo) -> tuple[int, int]:
-        """(seconds, nanoseconds); PAX mtimes are parsed exactly, not via float."""
-        text = member.pax_headers.get("mtime")
-        if text is not None:
-            try:
-                exact = Decimal(text)
-                seconds = int(exact.to_integral_value(rounding=ROUND_FLOOR))
-                nsec = int((exact - seconds) * 1_000_000_000)
-            except (InvalidOperation, ValueError, OverflowError) as exc:
-                raise self._error(f"bad PAX mtime {text!r}", member.name) from exc
-        else:
-            seconds, nsec = int(member.mtime), 0
-        if not -(1 << 63) <= seconds < (1 << 63):
-            raise self._error(f"mtime {seconds} out of range", member.name)
-        return seconds, nsec
+    def _check_mtime(self, entry: TarEntry) -> None:
+        if not -(1 << 63) <= entry.mtime < (1 << 63):
+            raise self._error(f"mtime {entry.mtime} out of range", entry.path)
 
-    def _xattrs(self, member: tarfile.TarInfo) -> tuple[Xattr, ...]:
-        found: dict[bytes, bytes] = {}
-        for key, value in member.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
-                found[name] = value.encode("utf-8", "surrogateescape")
-            elif key.startswith("LIBARCHIVE.xattr."):
-                quoted = key[len("LIBARCHIVE.xattr.") :]
-                name = urllib.parse.unquote_to_bytes(quoted)
-                found[name] = self._base64(value, member.name)
-        entries = tuple(self._xattr_entry(n, v, member.name) for n, v in found.items())
+    def _xattrs(self, found: dict[bytes, bytes], entry: TarEntry) -> tuple[Xattr, ...]:
+        entries = tuple(self._xattr_entry(n, v, entry.path) for n, v in found.items())
         # Leave room for the opaque marker a directory may still receive.
         if _xattr_ibody_size(entries) > _XATTR_IBODY_MAX - _xattr_entry_size(_OPAQUE_XATTR):
-            raise self._error("xattrs too large for one inode", member.name)
+            raise self._error("xattrs too large for one inode", entry.path)
         return entries
-
-    def _base64(self, text: str, member: str) -> bytes:
-        try:
-            return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-        except ValueError as exc:
-            raise self._error("bad base64 in LIBARCHIVE.xattr value", member) from exc
 
     def _xattr_entry(self, name: bytes, value: bytes, member: str) -> Xattr:
         shown = name.decode(errors="replace")
@@ -418,12 +370,12 @@ class _Builder:
             member,
         )
 
-    def _add_directory(self, parts: list[bytes], member: tarfile.TarInfo) -> None:
-        fresh = self._new_node(stat.S_IFDIR, member)
+    def _add_directory(self, parts: list[bytes], entry: TarEntry) -> None:
+        fresh = self._new_node(stat.S_IFDIR, entry)
         if not parts:
             self._restate_directory(self._root, fresh)
             return
-        parent = self._parent_dir(parts, member.name)
+        parent = self._parent_dir(parts, entry)
         existing = parent.get(parts[-1])
         if existing is not None and existing.is_dir:
             self._restate_directory(existing, fresh)
@@ -436,10 +388,10 @@ class _Builder:
         node.mode, node.uid, node.gid = fresh.mode, fresh.uid, fresh.gid
         node.mtime, node.mtime_nsec, node.xattrs = fresh.mtime, fresh.mtime_nsec, fresh.xattrs
 
-    def _add_whiteout(self, parts: list[bytes], member: tarfile.TarInfo) -> None:
+    def _add_whiteout(self, parts: list[bytes], entry: TarEntry) -> None:
         name = parts[-1]
         if name == _OPAQUE_MARKER:
-            directory = self._directory_at(parts[:-1], member.name)
+            directory = self._directory_at(parts, len(parts) - 1, entry)
             assert directory.children is not None
             directory.children.clear()  # only this layer's earlier entries can go
             directory.opaque = True
@@ -448,79 +400,71 @@ class _Builder:
             return  # aufs bookkeeping (.wh..wh.plnk and such): not content
         hidden = name[len(_WHITEOUT_PREFIX) :]
         if hidden in (b"", b".", b".."):
-            raise self._error("whiteout without a valid name", member.name)
-        whiteout = _Node(stat.S_IFCHR, *self._owner(member))
-        whiteout.mtime, whiteout.mtime_nsec = self._mtime(member)
-        self._parent_dir(parts, member.name)[hidden] = whiteout
+            raise self._error("whiteout without a valid name", entry.path)
+        self._check_ids(entry)
+        whiteout = _Node(stat.S_IFCHR, entry.uid, entry.gid, entry.mtime)
+        whiteout.mtime_nsec = entry.mtime_nsec
+        self._check_mtime(entry)
+        self._parent_dir(parts, entry)[hidden] = whiteout
 
-    def _new_symlink(self, member: tarfile.TarInfo) -> _Node:
-        node = self._new_node(stat.S_IFLNK, member)
-        target = member.linkname.encode("utf-8", "surrogateescape")
+    def _new_symlink(self, entry: TarEntry) -> _Node:
+        node = self._new_node(stat.S_IFLNK, entry)
+        target = entry.linkname
         if not target or len(target) > _SYMLINK_MAX or b"\0" in target:
             raise self._error(
-                f"symlink target must be 1..{_SYMLINK_MAX} bytes without NUL", member.name
+                f"symlink target must be 1..{_SYMLINK_MAX} bytes without NUL", entry.path
             )
         node.target = target
         node.size = len(target)
         return node
 
-    def _hardlink_target(self, member: tarfile.TarInfo) -> _Node:
-        target = self._lookup(self._split_path(member.linkname, member.name))
+    def _hardlink_target(self, entry: TarEntry) -> _Node:
+        target = self._lookup(self._split_path(entry.linkname, entry))
+        shown = entry.linkname.decode("utf-8", "surrogateescape")
         if target is None:
             raise self._error(
-                f"hard link to {member.linkname!r}, which is not earlier in the layer", member.name
+                f"hard link to {shown!r}, which is not earlier in the layer", entry.path
             )
         if target.is_dir:
-            raise self._error(f"hard link to directory {member.linkname!r}", member.name)
+            raise self._error(f"hard link to directory {shown!r}", entry.path)
         return target
 
-    def _new_device(self, member: tarfile.TarInfo) -> _Node:
-        file_type = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-        node = self._new_node(file_type, member)
-        major, minor = member.devmajor, member.devminor
+    def _new_device(self, entry: TarEntry) -> _Node:
+        node = self._new_node(stat.S_IFCHR if entry.type == CHRTYPE else stat.S_IFBLK, entry)
+        major, minor = entry.devmajor, entry.devminor
         if not (0 <= major < (1 << 12) and 0 <= minor < (1 << 20)):
-            raise self._error(f"device number {major}:{minor} out of range", member.name)
+            raise self._error(f"device number {major}:{minor} out of range", entry.path)
         node.rdev = _encode_dev(major, minor)
         return node
 
-    def _add_regular_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> _Node:
+    def _add_regular_file(self, reader: TarReader, entry: TarEntry) -> _Node:
         """Copy the file's full blocks to the data area now; spool or pad its tail."""
-        node = self._new_node(stat.S_IFREG, member)
-        node.size = member.size
-        full_blocks, tail = divmod(member.size, BLOCK_SIZE)
+        node = self._new_node(stat.S_IFREG, entry)
+        size = node.size = entry.size
+        full_blocks, tail = divmod(size, BLOCK_SIZE)
         node.inline = tail > 0 and _INODE_SIZE + _xattr_ibody_size(node.xattrs) + tail <= BLOCK_SIZE
         blocks = full_blocks + (1 if tail and not node.inline else 0)
         node.blkaddr = self._next_block if blocks else 0
-        source = tar.extractfile(member)
-        assert source is not None
-        self._copy(source, full_blocks * BLOCK_SIZE, member.name)
-        if tail:
-            data = self._read_exact(source, tail, member.name)
-            if node.inline:
-                node.tail_off, node.tail_len = self._spool_size, tail
-                self._spool.write(data)
-                self._spool_size += tail
-            else:
-                self._out.write(data + bytes(BLOCK_SIZE - tail))
+        if node.inline:
+            self._copy(reader, full_blocks * BLOCK_SIZE, self._out)
+            node.tail_off, node.tail_len = self._spool_size, tail
+            self._copy(reader, tail, self._spool)
+            self._spool_size += tail
+        else:
+            self._copy(reader, size, self._out)
+            if tail:
+                self._out.write(_ZERO_BLOCK[tail:])
         self._next_block += blocks
         return node
 
-    def _copy(self, source: IO[bytes], length: int, member: str) -> None:
+    @staticmethod
+    def _copy(reader: TarReader, length: int, sink: IO[bytes]) -> None:
+        """Move ``length`` bytes of the member's data to ``sink``, a buffer at a time."""
         while length:
-            chunk = source.read(min(length, _COPY_CHUNK))
-            if not chunk:
-                raise self._error("tar stream ends inside the entry's data", member)
-            self._out.write(chunk)
+            chunk = reader.read(length)  # a view of the reader's buffer: no copy
+            assert chunk, "the reader returns a member's whole size"
+            sink.write(chunk)
             length -= len(chunk)
-
-    def _read_exact(self, source: IO[bytes], length: int, member: str) -> bytes:
-        data = source.read(length)
-        while len(data) < length:
-            more = source.read(length - len(data))
-            if not more:
-                raise self._error("tar stream ends inside the entry's data", member)
-            data += more
-        return data
 
     # --- laying out and writing the image -------------------------------------
 
@@ -533,10 +477,10 @@ class _Builder:
                 self._layout_symlink(node)
         tree_blocks_start = self._next_block
         meta_start = self._allocate_tree_blocks(nodes)
-        placements = self._place_inodes(nodes, meta_start)
+        placed = self._place_inodes(nodes)
         self._out.seek(tree_blocks_start * BLOCK_SIZE)
         self._write_tree_blocks(nodes)
-        meta_hash = self._write_metadata(placements, meta_start)
+        meta_hash = self._write_metadata(placed, meta_start)
         total_blocks = self._out.tell() // BLOCK_SIZE
         if total_blocks >= 1 << 32:
             raise self._error("image would exceed 2**32 blocks")
@@ -610,36 +554,38 @@ class _Builder:
                 self._next_block += blocks
         return self._next_block
 
-    def _place_inodes(self, nodes: list[_Node], meta_start: int) -> list[tuple[int, _Node]]:
-        """Assign nids; returns (byte offset in the image, node) sorted by offset."""
+    def _place_inodes(self, nodes: list[_Node]) -> list[_Node]:
+        """Assign nids; return the nodes in the order their records sit in the image."""
         packer = _MetaPacker()
-        placements = []
         for node in nodes:
             offset = packer.place(_INODE_SIZE + len(node.xattr_blob) + node.tail_len)
             # meta_blkaddr is meta_start - 1, hence the extra block in the nid.
             node.nid = (offset + BLOCK_SIZE) // _SLOT
-            placements.append((meta_start * BLOCK_SIZE + offset, node))
-        placements.sort(key=lambda item: item[0])
-        return placements
+        # A nid is the record's place, so sorting by it sorts by offset (and
+        # needs no (offset, node) tuple per inode).
+        return sorted(nodes, key=_nid)
 
     def _write_tree_blocks(self, nodes: list[_Node]) -> None:
         """Directory and symlink blocks, in allocation order (so sequentially)."""
         for node in nodes:
             if node.is_dir:
+                assert node.dir_blocks is not None
                 out_of_line = node.dir_blocks[:-1] if node.inline else node.dir_blocks
                 for block in out_of_line:
                     self._out.write(_pad_block(_directory_block(block)))
             elif stat.S_ISLNK(node.mode) and not node.inline:
                 self._out.write(_pad_block(node.target))
 
-    def _write_metadata(self, placements: list[tuple[int, _Node]], meta_start: int) -> bytes:
-        """Write inodes (+ xattrs + inline tails) at their offsets; returns a digest."""
+    def _write_metadata(self, placed: list[_Node], meta_start: int) -> bytes:
+        """Write inodes (+ xattrs + inline tails) at their nids' offsets; returns a digest."""
         digest = hashlib.sha256()
         position = meta_start * BLOCK_SIZE
+        nid_zero = position - BLOCK_SIZE  # meta_blkaddr is meta_start - 1
         self._out.seek(position)
         self._spool.flush()
         pending = bytearray()
-        for ino, (offset, node) in enumerate(placements, start=1):
+        for ino, node in enumerate(placed, start=1):
+            offset = nid_zero + node.nid * _SLOT
             pending += bytes(offset - position - len(pending))
             pending += self._inode_record(node, ino)
             if len(pending) >= _META_FLUSH:
@@ -677,6 +623,7 @@ class _Builder:
         if not node.inline:
             return b""
         if node.is_dir:
+            assert node.dir_blocks is not None
             return _directory_block(node.dir_blocks[-1])
         if stat.S_ISLNK(node.mode):
             return node.target
@@ -752,6 +699,10 @@ class _MetaPacker:
 
 
 # --- encoding helpers ----------------------------------------------------------
+
+
+def _nid(node: _Node) -> int:
+    return node.nid
 
 
 def _encode_dev(major: int, minor: int) -> int:
