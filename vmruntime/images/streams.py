@@ -46,9 +46,12 @@ class HashingReader(io.RawIOBase):
         return data
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        # Straight into the caller's buffer: no intermediate bytes object per chunk.
+        n = self._inner.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._hash.update(memoryview(buffer)[:n])
+            self.count += n
+        return n or 0
 
     def drain(self) -> None:
         """Read (and hash) whatever the consumer left, e.g. a tar's trailing padding."""
