@@ -11,12 +11,11 @@ sink it writes into does (see :class:`~vmruntime.images.store.StagedBlob`).
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from vmruntime.errors import AuthenticationError, RegistryError, SizeMismatchError
 from vmruntime.images.auth import Credentials, find_credentials
@@ -25,12 +24,19 @@ from vmruntime.images.manifest import ACCEPT_MANIFESTS, MAX_JSON_DOCUMENT, Descr
 from vmruntime.images.reference import Reference, is_loopback_host
 from vmruntime.images.streams import CHUNK
 
+if TYPE_CHECKING:  # imported on first use: processes that never pull skip the HTTP stack
+    import requests
+
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-_TRANSIENT_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-)
+
+
+@functools.cache
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _USER_AGENT = "vmruntime/0.1"
 
@@ -61,7 +67,11 @@ class RegistryClient:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
-        self.session = session or requests.Session()
+        if session is None:
+            import requests
+
+            session = requests.Session()
+        self.session = session
         self.session.headers["User-Agent"] = _USER_AGENT
         self._authorization: str | None = None
 
@@ -112,7 +122,7 @@ class RegistryClient:
                 return attempt()
             except _Transient as exc:
                 last = exc.args[0] if exc.args else exc
-            except _TRANSIENT_ERRORS as exc:
+            except _transient_errors() as exc:
                 last = exc
         if isinstance(last, RegistryError | SizeMismatchError):
             raise last
@@ -167,7 +177,7 @@ class RegistryClient:
         auth = (self.credentials.username, self.credentials.password) if self.credentials else None
         try:
             response = self.session.get(realm, params=query, auth=auth, timeout=self.timeout)
-        except _TRANSIENT_ERRORS as exc:
+        except _transient_errors() as exc:
             raise _Transient(RegistryError(realm, f"token request failed: {exc}")) from exc
         if response.status_code != 200:
             raise AuthenticationError(
@@ -212,6 +222,6 @@ def _read_bounded(response: requests.Response, limit: int, url: str) -> bytes:
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(exc, _transient_errors()[0]):
         return f"cannot connect ({exc.__class__.__name__}: {str(exc)[:200]})"
     return f"{exc.__class__.__name__}: {str(exc)[:200]}"
