@@ -296,14 +296,10 @@ def test_whiteouts_and_opaque_dirs_through_overlayfs(
 
 def test_basic_auth_from_a_credentials_file(basic_auth_registry, store, tmp_path, monkeypatch):
     ref, info = push(basic_auth_registry, tmp_path, [unique_layer("auth")])
-    with pytest.raises(AuthenticationError):
+    with pytest.raises(AuthenticationError, match="wants credentials"):
         pull(ref, store=store)
     user, password = basic_auth_registry.credentials
-    auth_file = tmp_path / "auth.json"
-    import base64
-
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    auth_file.write_text(json.dumps({"auths": {basic_auth_registry.host: {"auth": token}}}))
+    auth_file = write_auth_file(tmp_path / "auth.json", basic_auth_registry.host, user, password)
     monkeypatch.setenv("VMRUNTIME_AUTH_FILE", str(auth_file))
     assert pull(ref, store=store).manifest_digest == info.manifest_digest
     auth_file.write_text(
@@ -481,3 +477,37 @@ def test_prune_waits_for_a_pull_in_progress(local_registry, store, tmp_path) -> 
     pruner.join(timeout=10)
     assert finished.is_set()
     assert resolve(ref, store).manifest_digest == info.manifest_digest
+
+
+def write_auth_file(path: Path, host: str, user: str, password: str) -> Path:
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+def test_private_bearer_token_flow_with_credentials(tmp_path, store, monkeypatch) -> None:
+    with LocalRegistry(base_dir=tmp_path / "private", auth="token") as registry:
+        ref, info = push(registry, tmp_path, [unique_layer("private")])
+        with pytest.raises(AuthenticationError, match="token request refused"):
+            pull(ref, store=store)
+        user, password = registry.credentials
+        auth = write_auth_file(tmp_path / "auth.json", registry.host, user, password)
+        monkeypatch.setenv("VMRUNTIME_AUTH_FILE", str(auth))
+        assert pull(ref, store=store).manifest_digest == info.manifest_digest
+        assert any(r.username == user for r in registry.token_server.requests)
+    assert store.get_ref(ref) is not None
+
+
+def test_plain_http_only_for_loopback() -> None:
+    for name, scheme in [
+        ("127.0.0.1:5000/a", "http"),
+        ("localhost:5000/a", "http"),
+        ("[::1]:5000/a", "http"),
+        ("registry.example:5000/a", "https"),
+        ("10.0.0.1:5000/a", "https"),
+        ("python", "https"),
+    ]:
+        client = RegistryClient(parse_reference(name))
+        assert client.base.startswith(f"{scheme}://"), (name, client.base)
