@@ -411,6 +411,25 @@ def test_build_real_default_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     print(f"second ensure_default_image: {elapsed:.3f} s")
     assert elapsed < 1.0
     assert len(loaded) == 1
+    check_cached_rootfs(images.resolve(DEFAULT_IMAGE).layer_paths, tmp_path / "mnt")
+
+
+def check_cached_rootfs(layer_paths: tuple[Path, ...], mount_point: Path) -> None:
+    """The cache's EROFS image of the layer passes fsck and holds the guest's Python."""
+    [rootfs] = layer_paths
+    subprocess.run(["fsck.erofs", str(rootfs)], check=True, capture_output=True)
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "erofs", "-o", "loop,ro", str(rootfs), str(mount_point)], check=True
+    )
+    try:
+        python = mount_point / "usr/bin/python3"
+        assert python.is_symlink() or python.is_file()
+        assert (mount_point / "usr/lib/python3/dist-packages/ipykernel/kernelapp.py").is_file()
+        assert (mount_point / "dev/null").stat().st_rdev == os.makedev(1, 3)
+        assert (mount_point / "tmp").stat().st_mode & 0o7777 == 0o1777  # sticky, as in the tar
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def check_default_layout(layout: Path, scratch_rootfs: Path) -> None:
