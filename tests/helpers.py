@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 from vmruntime.images.store import ImageStore
+
+
+class ShortReads(io.RawIOBase):
+    """A non-seekable stream whose reads return at most ``chunk`` bytes, like a pipe."""
+
+    def __init__(self, data: bytes, chunk: int = 65536 - 123) -> None:
+        self._data = memoryview(data)
+        self._chunk = chunk
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._chunk, len(self._data) - self.consumed)
+        buffer[:n] = self._data[self.consumed : self.consumed + n]
+        self.consumed += n
+        return n
 
 
 def cache_contents(store: ImageStore) -> dict[str, int]:

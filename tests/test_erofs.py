@@ -34,6 +34,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from helpers import ShortReads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -220,29 +221,8 @@ class LayerTar:
 # --- building, checking, mounting --------------------------------------------
 
 
-class PipeReader(io.RawIOBase):
-    """A non-seekable reader that hands out short reads, like a pipe."""
-
-    def __init__(self, data: bytes, chunk: int = 65536 - 123) -> None:
-        self._view = memoryview(data)
-        self._chunk = chunk
-        self.consumed = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self._chunk, len(self._view) - self.consumed)
-        buffer[:n] = self._view[self.consumed : self.consumed + n]
-        self.consumed += n
-        return n
-
-
 def build(tar_bytes: bytes, dest: Path, **kwargs) -> ErofsStats:
-    reader = PipeReader(tar_bytes)
+    reader = ShortReads(tar_bytes)
     stats = build_erofs_from_tar(reader, dest, **kwargs)
     assert reader.consumed == len(tar_bytes), "the stream must be read to its end"
     assert dest.stat().st_size == stats.bytes_written == stats.blocks * BLOCK_SIZE
@@ -866,7 +846,7 @@ def test_bad_entries_raise_layer_error_naming_them(
     tar.raw(bad)
     tar.file("second", b"after: too late to be a hard link target")
     with pytest.raises(LayerError) as caught:
-        build_erofs_from_tar(PipeReader(tar.getvalue()), tmp_path / "x.erofs", layer="sha256:feed")
+        build_erofs_from_tar(ShortReads(tar.getvalue()), tmp_path / "x.erofs", layer="sha256:feed")
     assert caught.value.member == member
     assert caught.value.layer == "sha256:feed"
     assert "sha256:feed" in str(caught.value)
@@ -877,7 +857,7 @@ def test_non_directory_parent_is_an_error(tmp_path: Path) -> None:
     tar.file("a", b"file")
     tar.raw(_entry("a/b"))
     with pytest.raises(LayerError, match="not one") as caught:
-        build_erofs_from_tar(PipeReader(tar.getvalue()), tmp_path / "x.erofs")
+        build_erofs_from_tar(ShortReads(tar.getvalue()), tmp_path / "x.erofs")
     assert caught.value.member == "a/b"
 
 
@@ -896,7 +876,7 @@ def test_corrupt_streams(tmp_path: Path, cut: str) -> None:
         "not-a-tar": b"this is not a tar stream at all" * 40,
     }[cut]
     with pytest.raises(LayerError):
-        build_erofs_from_tar(PipeReader(broken), tmp_path / "x.erofs", layer="sha256:1")
+        build_erofs_from_tar(ShortReads(broken), tmp_path / "x.erofs", layer="sha256:1")
 
 
 # --- random trees ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
+from helpers import ShortReads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,24 +36,6 @@ FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarf
 
 
 # --- reading archives two ways ----------------------------------------------------
-
-
-class ShortReads(io.RawIOBase):
-    """A non-seekable stream whose reads return at most ``chunk`` bytes."""
-
-    def __init__(self, data: bytes, chunk: int = 777) -> None:
-        self._data = memoryview(data)
-        self._chunk = chunk
-        self.consumed = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self._chunk, len(self._data) - self.consumed)
-        buffer[:n] = self._data[self.consumed : self.consumed + n]
-        self.consumed += n
-        return n
 
 
 class ReadOnly:
@@ -371,7 +354,7 @@ def test_the_stream_is_read_to_its_end() -> None:
 def test_a_stream_without_end_marker_is_accepted() -> None:
     data = write_tar([info("a", data=content(700)), info("b")], tarfile.USTAR_FORMAT)
     cut = data[: _end_of_members(data)]
-    assert [m.name for m in ours(ShortReads(cut))] == ["a", "b"]
+    assert [m.name for m in ours(ShortReads(cut, 777))] == ["a", "b"]
 
 
 def test_pax_data_may_end_in_nul_padding() -> None:
