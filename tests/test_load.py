@@ -21,7 +21,12 @@ from imagefactory import (
     write_oci_layout,
 )
 
-from vmruntime.errors import ArchiveError, DigestMismatchError, InvalidReferenceError
+from vmruntime.errors import (
+    ArchiveError,
+    DigestMismatchError,
+    ImageNotFoundError,
+    InvalidReferenceError,
+)
 from vmruntime.images import load, resolve
 
 
@@ -156,3 +161,24 @@ def test_missing_blob_and_garbage_inputs(store, tmp_path) -> None:
     with pytest.raises(InvalidReferenceError):
         load(tmp_path / "layout", "Bad Tag", store=store)
     assert store.list_refs() == []
+
+
+def test_digest_lookup_and_damaged_entries(store, tmp_path) -> None:
+    from vmruntime.images import list_images
+
+    good = load(write_oci_layout(tmp_path / "a", layers()).layout_dir, "x/good:1", store=store)
+    info = write_oci_layout(tmp_path / "b", layers())
+    bad = load(info.layout_dir, "x/bad:1", store=store)
+    assert resolve(good.manifest_digest, store).reference == "docker.io/x/good:1"
+    # a layer image deleted behind the cache's back is rebuilt from its blob, identically
+    original = bad.layer_paths[1].read_bytes()
+    bad.layer_paths[1].unlink()
+    assert resolve("x/bad:1", store).layer_paths[1].read_bytes() == original
+    # with the blob gone too, the image is reported missing, and listed as incomplete
+    bad.layer_paths[1].unlink()
+    store.blob_path(info.layer_digests[1]).unlink()
+    with pytest.raises(ImageNotFoundError):
+        resolve("x/bad:1", store)
+    rows = {row.reference: row for row in list_images(store)}
+    assert rows["docker.io/x/good:1"].layers == 2
+    assert "incomplete" in rows["docker.io/x/bad:1"].source

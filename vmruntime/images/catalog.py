@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vmruntime.errors import ImageNotFoundError, InvalidReferenceError
+from vmruntime.errors import ImageNotFoundError, VmruntimeError
 from vmruntime.images.ingest import ImageRecord
 from vmruntime.images.manifest import (
     ImageIndex,
@@ -21,6 +21,7 @@ from vmruntime.images.manifest import (
 )
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.store import ImageStore, PruneResult, RefRecord
+from vmruntime.images.unpack import unpack_file
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,7 @@ def canonical_name(text: str, store: ImageStore) -> str:
 
 
 def _ref_record(reference: str, store: ImageStore) -> RefRecord:
-    try:
-        name = canonical_name(reference, store)
-    except InvalidReferenceError:
-        raise
-    record = store.get_ref(name)
+    record = store.get_ref(canonical_name(reference, store))
     if record is None:
         raise ImageNotFoundError(reference)
     return record
@@ -66,18 +63,42 @@ def resolve(reference: str, store: ImageStore | None = None) -> ImageRecord:
     )
     assert isinstance(manifest, ImageManifest)
     config = parse_config(store.read_blob(manifest.config.digest), f"config of {reference}")
+    for layer, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+        if not store.has_rootfs(diff_id):
+            _rebuild_layer_image(store, reference, layer.digest, diff_id)
     paths = tuple(store.rootfs_path(d) for d in config.diff_ids)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise ImageNotFoundError(reference)
     return ImageRecord(record.reference, record.manifest, manifest, config, paths)
 
 
+def _rebuild_layer_image(store: ImageStore, reference: str, digest: str, diff_id: str) -> None:
+    """A layer image deleted behind the cache's back is rebuilt from its verified blob."""
+    with store.writing(), store.blob_lock(digest), store.rootfs_lock(diff_id):
+        if store.has_rootfs(diff_id):
+            return
+        if not store.has_blob(digest):
+            raise ImageNotFoundError(reference)
+        unpack_file(store, store.blob_path(digest), digest, diff_id)
+
+
 def list_images(store: ImageStore | None = None) -> list[ImageSummary]:
+    """Every cached reference; one whose files are gone is listed as incomplete, not fatal."""
     store = store or ImageStore()
     summaries = []
     for record in sorted(store.list_refs(), key=lambda r: r.reference):
-        image = resolve(record.reference, store)
+        try:
+            image = resolve(record.reference, store)
+        except VmruntimeError as exc:
+            summaries.append(
+                ImageSummary(
+                    record.reference,
+                    record.manifest,
+                    0,
+                    0,
+                    None,
+                    f"{record.source} (incomplete: {exc})",
+                )
+            )
+            continue
         size = sum(layer.size for layer in image.manifest.layers)
         summaries.append(
             ImageSummary(
