@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from registry_support import LocalRegistry
 
 from vmruntime.images.store import ImageStore
+
+# CI explores the same examples every run, so a red build is reproducible; developers'
+# runs keep drawing new ones (and remember failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
