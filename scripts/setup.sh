@@ -10,7 +10,7 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 qemu-utils          # the microVMs (TCG here, KVM on real hosts)
   e2fsprogs erofs-utils util-linux    # writable layers; fsck/dump of layer images; mount
   busybox-static gcc libc6-dev        # the guest initramfs and the static guest agent
-  mmdebstrap debootstrap              # the built-in default image
+  mmdebstrap debootstrap gpg uidmap libdpkg-perl arch-test  # the built-in default image
   docker-registry skopeo apache2-utils  # the tests' local registry, pushes, htpasswd
 )
 
