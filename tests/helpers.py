@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 from vmruntime.images.store import ImageStore
 
@@ -43,3 +44,16 @@ def cache_contents(store: ImageStore) -> dict[str, int]:
 
 def vmr_env(store: ImageStore) -> dict[str, str]:
     return {**os.environ, "VMRUNTIME_CACHE": str(store.root)}
+
+
+def unpack_workers() -> list[str]:
+    """Command lines of running layer-unpack worker processes (read from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if b"vmruntime.images.unpack_worker" in argv:
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import cache_contents, vmr_env
+from helpers import cache_contents, unpack_workers, vmr_env
 from imagefactory import (
     directory,
     file,
@@ -35,13 +35,6 @@ from vmruntime.errors import (
 from vmruntime.images import ImageStore, inspect, pull, resolve
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.registry import RegistryClient
-
-
-def unpack_workers() -> list[str]:
-    found = subprocess.run(
-        ["pgrep", "-af", "vmruntime.images.unpack"], capture_output=True, text=True
-    ).stdout
-    return [line for line in found.splitlines() if "pgrep" not in line]
 
 
 def no_unpacker_threads_left() -> bool:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import unpack_workers
 from imagefactory import directory, file, make_layer_tar
 
 from vmruntime.errors import CacheError, DigestMismatchError, LayerError
@@ -45,13 +46,6 @@ def feed_in_chunks(sink, data: bytes, chunk: int = 65_536) -> None:
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def unpack_processes() -> list[str]:
-    out = subprocess.run(
-        ["pgrep", "-af", "vmruntime.images.unpack"], capture_output=True, text=True
-    ).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -96,7 +90,7 @@ def test_abort_mid_stream_leaves_nothing_running(kind, tmp_path: Path) -> None:
     unpacker.feed(data[: len(data) // 2])
     unpacker.abort()
     assert not [t for t in threading.enumerate() if t.name == "unpack"]
-    assert unpack_processes() == []
+    assert unpack_workers() == []
 
 
 def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) -> None:
@@ -144,9 +138,9 @@ def test_full_disk_in_the_worker_process_is_a_cache_error(tiny_cache: ImageStore
         pipeline.close()
     assert list(staged_dir.iterdir()) == []
     deadline = time.monotonic() + 5
-    while unpack_processes() and time.monotonic() < deadline:
+    while unpack_workers() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert unpack_processes() == []
+    assert unpack_workers() == []
 
 
 class _NullStaged:

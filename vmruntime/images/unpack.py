@@ -10,7 +10,7 @@ matches (and the caller has checked the blob's own digest).
 :class:`LayerPipeline` is the sink a download writes into: every chunk goes to
 the staged blob and to an unpacker, so decompression and image building overlap
 the transfer instead of following it. Large layers are unpacked in a worker
-process (``python -m vmruntime.images.unpack``), since that work is mostly
+process (``python -m vmruntime.images.unpack_worker``), since that work is mostly
 Python holding the GIL and several layers arrive at once; small ones in a
 thread, where a process's start-up would cost more than it saves.
 """
@@ -40,6 +40,7 @@ _PIPE_DEPTH = 16
 # Compressed size from which a layer is unpacked in its own process.
 PROCESS_THRESHOLD = 1024 * 1024
 _F_SETPIPE_SZ = 1031
+WORKER_MODULE = "vmruntime.images.unpack_worker"
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class _ProcessUnpacker:
     def __init__(self, layer_digest: str, temp: Path | None) -> None:
         self.layer_digest = layer_digest
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "vmruntime.images.unpack", layer_digest, str(temp or "-")],
+            [sys.executable, "-m", WORKER_MODULE, layer_digest, str(temp or "-")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -259,28 +260,8 @@ def _layer_error(data: dict[str, str | None]) -> LayerError:
     return LayerError(str(data["layer"]), str(data["reason"]), data.get("member"))
 
 
-def _encode_layer_error(exc: LayerError) -> dict[str, str | None]:
+def encode_layer_error(exc: LayerError) -> dict[str, str | None]:
     return {"layer": exc.layer, "reason": exc.reason, "member": exc.member}
-
-
-def _worker_main(argv: list[str]) -> int:
-    """``python -m vmruntime.images.unpack LAYER_DIGEST TEMP|-``: stdin is the blob."""
-    layer_digest, temp_arg = argv
-    temp = None if temp_arg == "-" else Path(temp_arg)
-    answer: dict[str, object]
-    try:
-        outcome = digest_and_build(sys.stdin.buffer, layer_digest, temp)  # type: ignore[arg-type]
-        answer = {"diff_id": outcome.diff_id}
-        if outcome.build_error is not None:
-            answer["build_error"] = _encode_layer_error(outcome.build_error)
-    except LayerError as exc:
-        answer = {"layer_error": _encode_layer_error(exc)}
-    except OSError as exc:
-        answer = {
-            "oserror": {"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}
-        }
-    sys.stdout.write(json.dumps(answer))
-    return 0
 
 
 # --- the sink a download writes into ----------------------------------------
@@ -348,7 +329,3 @@ class LayerPipeline:
             kind = _ProcessUnpacker if self._use_process else _ThreadUnpacker
             self._unpacker = kind(self.staged.digest, self._temp)
         return self._unpacker
-
-
-if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))
