@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tarfile
@@ -182,3 +183,24 @@ def test_digest_lookup_and_damaged_entries(store, tmp_path) -> None:
     rows = {row.reference: row for row in list_images(store)}
     assert rows["docker.io/x/good:1"].layers == 2
     assert "incomplete" in rows["docker.io/x/bad:1"].source
+
+
+def test_docker_save_with_compressed_layers(store, tmp_path, mount_erofs) -> None:
+    import zstandard
+
+    plain = layers()
+    stored = [gzip.compress(plain[0]), zstandard.ZstdCompressor().compress(plain[1])]
+    diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in plain]
+    saved = write_docker_save(
+        tmp_path / "save.tar",
+        stored,
+        "example/packed:1",
+        config_overrides={"rootfs": {"type": "layers", "diff_ids": diff_ids}},
+    )
+    record = load(saved.tar_path, store=store)
+    assert [layer.media_type.rsplit("+", 1)[-1] for layer in record.manifest.layers] == [
+        "gzip",
+        "zstd",
+    ]
+    assert list(record.config.diff_ids) == diff_ids
+    assert (mount_erofs(record.layer_paths[1]) / "data/blob").stat().st_size == 50_000

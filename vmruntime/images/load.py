@@ -44,7 +44,7 @@ from vmruntime.images.manifest import (
 )
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.store import ImageStore, RefRecord
-from vmruntime.images.streams import CHUNK, sha256_digest
+from vmruntime.images.streams import CHUNK, HashingReader, compression_of, sha256_digest
 
 _REF_NAME = "org.opencontainers.image.ref.name"
 _CONTAINERD_NAME = "io.containerd.image.name"
@@ -193,13 +193,8 @@ class _Window:
 
 def _is_plain_tar(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4)
-    return not (
-        head.startswith(b"\x1f\x8b")
-        or head.startswith(b"\x28\xb5\x2f\xfd")
-        or head.startswith(b"BZh")
-        or head.startswith(b"\xfd7zXZ")
-    )
+        head = f.read(6)
+    return compression_of(head) is None and not head.startswith((b"BZh", b"\xfd7zXZ"))
 
 
 def _normalise(name: str) -> str:
@@ -414,9 +409,8 @@ def _docker_save_layer(files: _Files, origin: Path, name: str, diff_id: str) -> 
     if not files.has(name):
         raise ArchiveError(origin, f"missing layer {name}")
     with files.open(name) as stream:
-        head = stream.read(4)
-    compressed = head.startswith(b"\x1f\x8b")
-    if not compressed:
+        compression = compression_of(stream.read(4))
+    if compression is None:
         # A plain tar's digest is its diff_id: the blob check then verifies the config's claim.
         return parse_descriptor(
             {
@@ -426,14 +420,9 @@ def _docker_save_layer(files: _Files, origin: Path, name: str, diff_id: str) -> 
             },
             f"{origin}: {name}",
         )
-    import hashlib
-
-    hasher = hashlib.sha256()
     with files.open(name) as stream:
-        while chunk := stream.read(CHUNK):
-            hasher.update(chunk)
+        reader = HashingReader(stream)  # type: ignore[arg-type]
+        reader.drain()
     return Descriptor(
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        "sha256:" + hasher.hexdigest(),
-        files.size(name),
+        f"application/vnd.oci.image.layer.v1.tar+{compression}", reader.digest, files.size(name)
     )

@@ -63,6 +63,15 @@ class HashingReader(io.RawIOBase):
         return "sha256:" + self._hash.hexdigest()
 
 
+def compression_of(head: bytes) -> str | None:
+    """``"gzip"`` or ``"zstd"`` from a stream's first bytes; None for anything else."""
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
 def _gzip_reader(buffered: io.BufferedReader) -> BinaryIO:
     try:
         from isal import igzip
@@ -96,11 +105,11 @@ def decompressed(raw: BinaryIO, layer: str) -> BinaryIO:
     media type: docker-save layers are plain tars and registries mislabel.
     """
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, CHUNK)  # type: ignore[arg-type]
-    head = buffered.peek(4)[:4]
-    if head.startswith(_GZIP_MAGIC):
+    compression = compression_of(buffered.peek(4)[:4])
+    if compression == "gzip":
         # ISA-L inflates about three times faster than zlib; gunzip is most of a pull's CPU.
         return _gzip_reader(buffered)
-    if head.startswith(_ZSTD_MAGIC):
+    if compression == "zstd":
         try:
             import zstandard
         except ImportError:  # pragma: no cover - a declared dependency
