@@ -593,7 +593,12 @@ class _Builder:
                 self._out.write(pending)
                 position += len(pending)
                 pending.clear()
-        pending += bytes(-(position + len(pending)) % BLOCK_SIZE)
+        # fsck.erofs 1.5 reads an xattr ibody header after every inode, even one
+        # without xattrs: keep room for it after the last record.
+        padding = -(position + len(pending)) % BLOCK_SIZE
+        if padding < len(_XATTR_IBODY_HEADER):
+            padding += BLOCK_SIZE
+        pending += bytes(padding)
         digest.update(pending)
         self._out.write(pending)
         return digest.digest()
