@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -57,3 +58,16 @@ def unpack_workers() -> list[str]:
         if b"vmruntime.images.unpack_worker" in argv:
             found.append(b" ".join(argv).decode(errors="replace"))
     return found
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic incompressible-looking bytes (so misplaced blocks show)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+# --- round trips -----------------------------------------------------------------------

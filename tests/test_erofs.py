@@ -16,7 +16,6 @@ The tar reader itself is tested in ``test_tarstream.py``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
@@ -34,7 +33,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from helpers import ShortReads
+from helpers import ShortReads, pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -420,19 +419,6 @@ def check_image(tar: LayerTar, work: Path, **kwargs) -> ErofsStats:
     with mounted(image, work / "mnt") as root:
         assert_tree(root, tar.expected)
     return stats
-
-
-def pattern(size: int, seed: int = 0) -> bytes:
-    """Deterministic incompressible-looking bytes (so misplaced blocks show)."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
-# --- round trips -----------------------------------------------------------------------
 
 
 def test_every_entry_kind_round_trips(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ so that headers and data straddle every kind of boundary.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import math
 import os
@@ -23,7 +22,7 @@ from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
-from helpers import ShortReads
+from helpers import ShortReads, pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,15 +168,6 @@ def info(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs) -
     return entry, data
 
 
-def content(size: int, seed: int = 0) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
 def assert_same_view(data: bytes) -> list[Member]:
     """Every way of feeding the archive gives tarfile's view of it."""
     expected = theirs(data)
@@ -195,12 +185,12 @@ def every_kind() -> list[tuple]:
     return [
         info("dir", tarfile.DIRTYPE, mode=0o755, mtime=1_700_000_000),
         info("dir/empty", data=b"", mode=0o4755, uid=1000, gid=100, uname="me", gname="us"),
-        info("dir/small", data=content(1)),
-        info("dir/block", data=content(512)),
-        info("dir/odd", data=content(513)),
-        info("dir/big", data=content((1 << 20) + 7)),  # longer than the reader's buffer
-        info("contiguous", tarfile.CONTTYPE, data=content(700)),
-        info("old-regular", tarfile.AREGTYPE, data=content(10)),
+        info("dir/small", data=pattern(1)),
+        info("dir/block", data=pattern(512)),
+        info("dir/odd", data=pattern(513)),
+        info("dir/big", data=pattern((1 << 20) + 7)),  # longer than the reader's buffer
+        info("contiguous", tarfile.CONTTYPE, data=pattern(700)),
+        info("old-regular", tarfile.AREGTYPE, data=pattern(10)),
         info("link-to-small", tarfile.LNKTYPE, linkname="dir/small"),
         info("symlink", tarfile.SYMTYPE, linkname="../somewhere/else", mode=0o777),
         info("tty", tarfile.CHRTYPE, devmajor=4, devminor=64),
@@ -214,7 +204,7 @@ def every_kind() -> list[tuple]:
 def test_every_kind_in_every_format(fmt: int) -> None:
     members = assert_same_view(write_tar(every_kind(), fmt))
     assert [m.name for m in members][-1] == "é-ünïcode"
-    assert members[5].data == content((1 << 20) + 7)
+    assert members[5].data == pattern((1 << 20) + 7)
 
 
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=list(FORMATS))
@@ -304,7 +294,7 @@ def test_fractional_and_negative_pax_mtimes() -> None:
 
 
 def test_partial_reads_and_skipping() -> None:
-    big, small = content(100_000, 1), content(3000, 2)
+    big, small = pattern(100_000, 1), pattern(3000, 2)
     data = write_tar([info("big", data=big), info("small", data=small)], tarfile.GNU_FORMAT)
     reader = TarReader(ShortReads(data, 4000), buffer_size=2048)  # type: ignore[arg-type]
     first = reader.next()
@@ -337,11 +327,11 @@ def test_unknown_types_are_returned_with_their_data() -> None:
     entries = [info("volume", b"V", data=b""), info("next", data=b"n")]
     odd, _ = info("odd", b"Z")
     odd.size = 600
-    header = odd.tobuf(tarfile.GNU_FORMAT) + content(600) + bytes(-600 % 512)
+    header = odd.tobuf(tarfile.GNU_FORMAT) + pattern(600) + bytes(-600 % 512)
     data = header + write_tar(entries, tarfile.GNU_FORMAT)
     reader = TarReader(io.BytesIO(data))
     seen = [(e.name, e.type, bytes(reader.read())) for e in reader]
-    assert seen == [(b"odd", b"Z", content(600)), (b"volume", b"V", b""), (b"next", b"0", b"n")]
+    assert seen == [(b"odd", b"Z", pattern(600)), (b"volume", b"V", b""), (b"next", b"0", b"n")]
 
 
 def test_the_stream_is_read_to_its_end() -> None:
@@ -352,7 +342,7 @@ def test_the_stream_is_read_to_its_end() -> None:
 
 
 def test_a_stream_without_end_marker_is_accepted() -> None:
-    data = write_tar([info("a", data=content(700)), info("b")], tarfile.USTAR_FORMAT)
+    data = write_tar([info("a", data=pattern(700)), info("b")], tarfile.USTAR_FORMAT)
     cut = data[: _end_of_members(data)]
     assert [m.name for m in ours(ShortReads(cut, 777))] == ["a", "b"]
 
@@ -418,11 +408,11 @@ def test_base256_sizes_and_numbers() -> None:
         size=b"\x80" + nine_gib.to_bytes(11, "big"),
         fields={108: b"\x80" + (2**40).to_bytes(7, "big"), 136: b"\xff" * 11 + b"\xfe"},
     )
-    reader = TarReader(io.BytesIO(header + content(1000)), LAYER)
+    reader = TarReader(io.BytesIO(header + pattern(1000)), LAYER)
     entry = reader.next()
     assert entry is not None
     assert (entry.size, entry.uid, entry.mtime) == (nine_gib, 2**40, -2)
-    assert bytes(reader.read(1000)) == content(1000)
+    assert bytes(reader.read(1000)) == pattern(1000)
     with pytest.raises(LayerError, match="ends inside the entry's data") as caught:
         reader.read(1000)
     assert caught.value.member == "huge"
@@ -475,7 +465,7 @@ def test_signed_checksums_are_accepted() -> None:
 
 
 def test_byte_sum_matches_sum() -> None:
-    for block in (bytes(512), b"\xff" * 512, content(512), bytes(range(256)) * 2):
+    for block in (bytes(512), b"\xff" * 512, pattern(512), bytes(range(256)) * 2):
         assert tarstream._byte_sum(block) == sum(block)
 
 
@@ -501,7 +491,7 @@ def test_ustar_prefix_is_joined() -> None:
 
 
 def _valid() -> bytes:
-    return write_tar([info("a", data=content(3000)), info("b", data=b"b")], tarfile.PAX_FORMAT)
+    return write_tar([info("a", data=pattern(3000)), info("b", data=b"b")], tarfile.PAX_FORMAT)
 
 
 def _record(key: bytes, value: bytes) -> bytes:
@@ -526,7 +516,7 @@ def _pax_then(records: bytes, name: bytes = b"victim") -> bytes:
 CORRUPT = {
     "empty": (b"", "empty stream", None),
     "not-a-tar": (b"this is not a tar stream at all" * 40, "bad header checksum", "this is"),
-    "random-bytes": (content(5000, 9), "bad header checksum", None),
+    "random-bytes": (pattern(5000, 9), "bad header checksum", None),
     "half-a-header": (_valid()[:300], "truncated inside a header", None),
     "cut-in-data": (_valid()[:2000], "ends inside the entry's data", "a"),
     "cut-in-padding": (_valid()[: 512 + 3000 + 10], "padding", "a"),
@@ -587,9 +577,9 @@ needs_gnu_tar = pytest.mark.skipif(not _GNU_TAR_OK, reason="GNU tar is not insta
 
 SPARSE_LAYOUTS = {
     "head-mid-tail": ([(0, b"head"), (1 << 20, b"mid" * 3000), ((5 << 20) - 3, b"end")], 5 << 20),
-    "one-region": ([(8192, content(5000))], 3 << 20),
+    "one-region": ([(8192, pattern(5000))], 3 << 20),
     "all-hole": ([], 2 << 20),
-    "many-regions": ([(i * 65536, content(100, i)) for i in range(40)], 40 * 65536),
+    "many-regions": ([(i * 65536, pattern(100, i)) for i in range(40)], 40 * 65536),
 }
 
 
@@ -664,7 +654,7 @@ BAD_SPARSE_1_0 = {
 @pytest.mark.parametrize("records", BAD_SPARSE.values(), ids=list(BAD_SPARSE))
 def test_bad_sparse_maps_are_errors(records: dict[str, str]) -> None:
     with pytest.raises(LayerError, match="sparse") as caught:
-        ours(io.BytesIO(_sparse_pax(records, content(20))))
+        ours(io.BytesIO(_sparse_pax(records, pattern(20))))
     assert caught.value.member == "holey"
 
 
@@ -730,10 +720,10 @@ def random_archives(draw: st.DrawFn) -> bytes:
                 "SCHILY.xattr.user.k": draw(st.text(max_size=20)),
                 "mtime": str(draw(st.decimals(-(10**10), 10**10, places=9))),
             }
-        data = content(size, index) if kind in (tarfile.REGTYPE, tarfile.CONTTYPE) else b""
+        data = pattern(size, index) if kind in (tarfile.REGTYPE, tarfile.CONTTYPE) else b""
         if kind == tarfile.AREGTYPE:  # a trailing slash would make it a directory
             name = name.rstrip("/") or "x"
-            data = content(size, index)
+            data = pattern(size, index)
         entry = info(name, kind, data, **attrs)
         try:
             entry[0].tobuf(fmt, "utf-8", "surrogateescape")
