@@ -11,6 +11,7 @@ sink it writes into does (see :class:`~vmruntime.images.store.StagedBlob`).
 
 from __future__ import annotations
 
+import base64
 import functools
 import re
 import time
@@ -194,8 +195,6 @@ class RegistryClient:
 
 
 def _basic(credentials: Credentials) -> str:
-    import base64
-
     raw = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + base64.b64encode(raw).decode()
 
