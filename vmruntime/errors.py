@@ -135,3 +135,75 @@ class ImageBuildError(VmruntimeError):
         super().__init__(f"building {what}: {reason}")
         self.what = what
         self.reason = reason
+
+
+class GuestAssetError(VmruntimeError):
+    """A guest asset (kernel, modules, agent, initramfs, writable layer) cannot be made."""
+
+    def __init__(self, asset: str, reason: str) -> None:
+        super().__init__(f"guest {asset}: {reason}")
+        self.asset = asset
+        self.reason = reason
+
+
+class SandboxError(VmruntimeError):
+    """A sandbox failed or cannot do what was asked."""
+
+    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
+        message = f"sandbox {sandbox_id}: {reason}"
+        if console_tail:
+            message += "\n--- last lines of the guest console ---\n" + console_tail
+        super().__init__(message)
+        self.sandbox_id = sandbox_id
+        self.reason = reason
+        self.console_tail = console_tail
+
+
+class SandboxNotFoundError(SandboxError):
+    """No sandbox has this id (or name)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(sandbox_id, "no such sandbox (see `vmr sandbox ls`)")
+
+
+class BootError(SandboxError):
+    """The VM did not come up to a working agent."""
+
+
+class AgentDiedError(SandboxError):
+    """The guest agent or kernel went away (panic, out of memory, killed VM)."""
+
+
+class GuestOutOfMemoryError(AgentDiedError):
+    """The guest kernel ran out of memory and the VM died of it."""
+
+
+class AgentProtocolError(SandboxError):
+    """The guest sent something the agent protocol does not allow."""
+
+
+class ExecTimeoutError(SandboxError):
+    """An exec ran past its timeout and was killed; this is not an exit code."""
+
+    def __init__(self, sandbox_id: str, argv: list[str], timeout: float) -> None:
+        super().__init__(sandbox_id, f"{argv!r} timed out after {timeout:g} s and was killed")
+        self.argv = argv
+        self.timeout = timeout
+
+
+class GuestFileError(SandboxError):
+    """A file operation in the guest failed; ``errno`` is the guest's errno."""
+
+    def __init__(self, sandbox_id: str, path: str, errno: int, message: str) -> None:
+        super().__init__(sandbox_id, f"{path}: {message}")
+        self.path = path
+        self.errno = errno
+
+
+class VmmError(VmruntimeError):
+    """The virtual machine monitor (QEMU) could not be started or controlled."""
+
+    def __init__(self, reason: str, argv: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.argv = argv or []
