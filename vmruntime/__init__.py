@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "VmruntimeError": "vmruntime.errors",
+    "AsyncSandbox": "vmruntime.vm",
+    "ExecResult": "vmruntime.vm",
+    "Sandbox": "vmruntime.vm",
     "ImageRecord": "vmruntime.images",
     "ImageStore": "vmruntime.images",
     "Reference": "vmruntime.images",
@@ -24,9 +27,12 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AsyncSandbox",
+    "ExecResult",
     "ImageRecord",
     "ImageStore",
     "Reference",
+    "Sandbox",
     "VmruntimeError",
     "__version__",
     "load",
@@ -56,3 +62,4 @@ if TYPE_CHECKING:
         pull,
         resolve,
     )
+    from vmruntime.vm import AsyncSandbox, ExecResult, Sandbox

@@ -1,1 +1,9 @@
-"""vm: arrives with a later issue (see docs/architecture.md)."""
+"""vm: sandboxes as microVMs: the VMM driver (QEMU), the agent client, the Sandbox API.
+
+Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`, :class:`ExecResult`.
+"""
+
+from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
+from vmruntime.vm.sync import Process, Sandbox
+
+__all__ = ["AsyncProcess", "AsyncSandbox", "ExecResult", "Process", "Sandbox"]

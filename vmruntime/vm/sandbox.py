@@ -1,0 +1,599 @@
+"""Sandboxes: one microVM each, booted from a cached image, driven through its agent.
+
+Who calls it: users of ``vmruntime.Sandbox`` / ``vmruntime.AsyncSandbox``, the
+``vmr`` CLI, and later the Jupyter provisioner and the Ray actor. What it
+promises:
+
+- the guest sees exactly the image's layers (attached read-only, shared by every
+  sandbox, never copied) plus a private writable layer, with no network device;
+- every exit path (an error during create, ``stop``, ``kill``, leaving the
+  ``with`` block, a crashed host process) ends the VM; an ephemeral sandbox
+  (the default) also leaves no files behind;
+- failures are errors, never hangs: an unknown image suggests ``vmr image
+  pull``; a VM that dies reports the tail of its console; a timeout raises
+  :class:`ExecTimeoutError`, not an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from vmruntime.errors import (
+    AgentDiedError,
+    AgentProtocolError,
+    BootError,
+    ExecTimeoutError,
+    GuestOutOfMemoryError,
+    SandboxError,
+    VmmError,
+)
+from vmruntime.guest import protocol as p
+from vmruntime.images.store import ImageStore
+from vmruntime.vm import state
+from vmruntime.vm.client import STDERR, AgentClient, Channel
+from vmruntime.vm.driver import MachineSpec, VmHandle
+from vmruntime.vm.qemu import QemuDriver, adopt_vm
+
+AGENT_PORT = "org.vmruntime.agent"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_WRITABLE_SIZE = 4 << 30
+# Generous: a TCG guest on a loaded 2-core CI machine boots in seconds, not minutes.
+DEFAULT_BOOT_TIMEOUT = 120.0
+# After the agent's own timeout, how long the host waits before it gives up on it.
+_TIMEOUT_GRACE = 30.0
+_CONSOLE_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a finished exec ended; ``returncode`` is negative for a signal, as in subprocess."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    oom_killed: bool = False
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode < 0 else None
+
+    def check(self) -> ExecResult:
+        if self.returncode != 0:
+            detail = self.stderr.decode(errors="replace").strip()[-2000:]
+            raise SandboxError("-", f"{list(self.argv)} exited with {self.returncode}: {detail}")
+        return self
+
+
+def console_tail(path: Path, lines: int = _CONSOLE_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 64 * 1024))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _image_env(env: Sequence[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in env:
+        name, _, value = item.partition("=")
+        if name:
+            result[name] = value
+    return result
+
+
+class AsyncProcess:
+    """A running exec with streamed stdio (from :meth:`AsyncSandbox.exec_stream`)."""
+
+    def __init__(self, sandbox: AsyncSandbox, channel: Channel, argv: Sequence[str],
+                 timeout: float | None) -> None:  # fmt: skip
+        self._sandbox = sandbox
+        self._channel = channel
+        self.argv = tuple(argv)
+        self._timeout = timeout
+
+    @property
+    def pid(self) -> int | None:
+        return self._channel.pid
+
+    async def write(self, data: bytes) -> None:
+        await self._sandbox._guard(self._channel.write(data))
+
+    async def close_stdin(self) -> None:
+        await self._sandbox._guard(self._channel.close_stdin())
+
+    async def read(self) -> tuple[str, bytes] | None:
+        """The next ``("stdout" | "stderr", bytes)``, or None when the process has ended."""
+        item = await self._sandbox._guard(self._channel.read())
+        if item is None:
+            return None
+        return ("stderr" if item[0] == STDERR else "stdout"), item[1]
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        while (item := await self.read()) is not None:
+            yield item
+
+    async def signal(self, signo: int, group: bool = False) -> None:
+        await self._sandbox._guard(self._channel.signal(signo, group))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._sandbox._guard(self._channel.resize(rows, cols))
+
+    async def wait(self) -> ExecResult:
+        """Wait for the exit (the caller must keep reading output, or it stalls)."""
+        limit = None if self._timeout is None else self._timeout + _TIMEOUT_GRACE
+        try:
+            exit_ = await self._sandbox._guard(asyncio.wait_for(self._channel.wait(), limit))
+        except TimeoutError:
+            raise ExecTimeoutError(self._sandbox.id, list(self.argv), self._timeout or 0) from None
+        if exit_.timed_out:
+            raise ExecTimeoutError(self._sandbox.id, list(self.argv), self._timeout or 0)
+        code = exit_.code if exit_.code is not None else -(exit_.signal or 0)
+        return ExecResult(self.argv, code, oom_killed=exit_.oom_killed)
+
+
+class AsyncGuestFiles:
+    """``sandbox.fs``: whole-file reads and atomic writes inside the guest."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def read(self, path: str) -> bytes:
+        return await self._sandbox._guard(self._sandbox._agent().read_file(path))
+
+    async def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        await self._sandbox._guard(self._sandbox._agent().write_file(path, data, mode))
+
+
+class AsyncSandbox:
+    """One microVM running an image; create with :meth:`create` or :meth:`attach`."""
+
+    def __init__(self, paths: state.SandboxPaths, record: state.SandboxRecord,
+                 image_config: dict[str, object], vm: VmHandle) -> None:  # fmt: skip
+        self._paths = paths
+        self._record = record
+        self._image_config = image_config
+        self._vm = vm
+        self._client: AgentClient | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._forwards: list[asyncio.Server] = []
+        self._forward_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.fs = AsyncGuestFiles(self)
+        self.ports: dict[int, int] = {}
+        self.kernel_release = ""
+        self.boot_seconds = 0.0
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def accelerator(self) -> str:
+        return self._record.accelerator
+
+    @property
+    def console_log(self) -> Path:
+        return self._paths.console_log
+
+    @property
+    def vmm_pid(self) -> int:
+        return self._vm.pid
+
+    # Creating and attaching.
+
+    @classmethod
+    async def create(
+        cls,
+        image: str,
+        *,
+        cpus: int = 1,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        env: Mapping[str, str] | None = None,
+        ports: Mapping[int, int] | Sequence[int] | None = None,
+        mounts: Sequence[object] | None = None,
+        name: str = "",
+        writable_size: int = DEFAULT_WRITABLE_SIZE,
+        detached: bool = False,
+        keep: bool = False,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        store: ImageStore | None = None,
+    ) -> AsyncSandbox:
+        """Boot a sandbox of ``image`` (a reference or a manifest digest).
+
+        ``ports`` maps guest ports to host ports on 127.0.0.1 (0 picks a free one);
+        a list means "the same port number, or a free one". A ``detached``
+        sandbox outlives this process (``vmr sandbox exec|stop`` reach it); a
+        ``keep`` sandbox keeps its writable layer and logs after ``stop``.
+        """
+        from vmruntime.guest.assets import ensure_guest_assets
+        from vmruntime.images.catalog import resolve
+        from vmruntime.rootfs.writable import create_writable_layer
+        from vmruntime.vm.accel import choose_accelerator
+
+        if mounts:
+            raise SandboxError("-", "mounts arrive with the virtio-fs broker; not supported yet")
+        if detached and ports:
+            raise SandboxError("-", "a detached sandbox cannot forward ports (nobody serves them)")
+        if cpus < 1 or memory_mib < 64:
+            raise SandboxError("-", f"cpus={cpus}, memory_mib={memory_mib}: need ≥1 cpu, ≥64 MiB")
+        store = store or ImageStore()
+        image_record = resolve(image, store)
+        assets = ensure_guest_assets(store.root)
+        accel = choose_accelerator()
+        paths = state.SandboxPaths(state.new_sandbox_id())
+        paths.create()
+        record = state.SandboxRecord(
+            id=paths.id,
+            image=image_record.reference,
+            manifest_digest=image_record.manifest_digest,
+            created=time.time(),
+            cpus=cpus,
+            memory_mib=memory_mib,
+            accelerator=accel.name,
+            detached=detached,
+            owner_pid=os.getpid(),
+            owner_start=state.process_start_time(os.getpid()),
+            name=name,
+            keep=keep or detached,
+        )
+        started = time.monotonic()
+        vm: VmHandle | None = None
+        try:
+            state.write_record(paths, record)
+            create_writable_layer(paths.writable, writable_size, cache_root=store.root)
+            spec = MachineSpec(
+                kernel=assets.kernel,
+                initramfs=assets.initramfs,
+                cmdline=_kernel_cmdline(len(image_record.layer_paths), paths.id),
+                cpus=cpus,
+                memory_mib=memory_mib,
+                accelerator=accel.name,
+                console_log=paths.console_log,
+                control_socket=paths.control_socket,
+                vmm_log=paths.vmm_log,
+            )
+            for index, layer in enumerate(image_record.layer_paths):
+                spec.attach_disk(layer, serial=f"L{index}", readonly=True)
+            spec.attach_disk(paths.writable, serial="W", readonly=False)
+            spec.attach_console_port(AGENT_PORT, paths.agent_socket)
+            vm = await QemuDriver().boot(spec, detached=detached)
+            record.vmm_pid, record.vmm_start = vm.pid, _start_time_of(vm.pid)
+            state.write_record(paths, record)
+            config = image_record.config
+            image_config: dict[str, object] = {
+                "env": {**_image_env(config.env), **(env or {})},
+                "cwd": config.working_dir or "/",
+                "user": config.user,
+                "entrypoint": list(config.entrypoint or ()),
+                "cmd": list(config.cmd or ()),
+            }
+            sandbox = cls(paths, record, image_config, vm)
+            await sandbox._connect(boot_timeout)
+            sandbox.boot_seconds = time.monotonic() - started
+            await sandbox._forward_ports(ports or {})
+            return sandbox
+        except BaseException:
+            if vm is not None:
+                vm.kill()
+            paths.remove()
+            raise
+
+    @classmethod
+    async def attach(cls, id_or_name: str) -> AsyncSandbox:
+        """Connect to a running detached sandbox (one connection at a time)."""
+        record = state.find_record(id_or_name)
+        if not record.vm_running:
+            raise SandboxError(record.id, f"is {record.status}, not running")
+        paths = state.SandboxPaths(record.id)
+        vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
+        sandbox = cls(paths, record, {"env": {}, "cwd": "/", "user": ""}, vm)
+        await sandbox._connect(DEFAULT_BOOT_TIMEOUT)
+        return sandbox
+
+    async def _connect(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._take_agent_lock()
+        while not self._paths.agent_socket.exists():
+            await self._check_boot_alive(deadline)
+            await asyncio.sleep(0.005)
+        try:
+            self._client = await AgentClient.connect(
+                self._paths.agent_socket, self.id, self._on_agent_failure
+            )
+            hello_task = asyncio.ensure_future(self._client.hello())
+            exited = asyncio.ensure_future(self._vm.wait())
+            done, _ = await asyncio.wait(
+                {hello_task, exited}, timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+            exited.cancel()
+            if hello_task not in done:
+                hello_task.cancel()
+                reason = "the VM exited during boot" if exited in done else "no agent answer"
+                raise BootError(self.id, f"{reason} (after {timeout:g} s at most)", self._tail())
+            hello = hello_task.result()
+        except (OSError, SandboxError) as exc:
+            if isinstance(exc, BootError):
+                raise
+            raise BootError(self.id, f"cannot reach the agent: {exc}", self._tail()) from exc
+        self.kernel_release = hello.kernel
+
+    async def _check_boot_alive(self, deadline: float) -> None:
+        if not self._vm.running():
+            await self._vm.wait(1)
+            reason = "QEMU exited during boot: " + self._vmm_log_tail()
+            raise BootError(self.id, reason, self._tail())
+        if time.monotonic() > deadline:
+            raise BootError(self.id, "QEMU never opened the agent socket", self._tail())
+
+    def _take_agent_lock(self) -> None:
+        lock = open(self._paths.agent_lock, "wb")  # noqa: SIM115 - held for the connection's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            reason = "another process is connected to this sandbox's agent"
+            raise SandboxError(self.id, reason) from None
+        self._lock_file = lock
+
+    def _tail(self) -> str:
+        return console_tail(self._paths.console_log)
+
+    def _vmm_log_tail(self) -> str:
+        return console_tail(self._paths.vmm_log, 5) or "(no message)"
+
+    def _on_agent_failure(self, exc: SandboxError) -> None:
+        # A guest that breaks the protocol is ended; so is one whose agent vanished.
+        if not self._closed and self._vm.running():
+            self._vm.kill()
+
+    def _agent(self) -> AgentClient:
+        if self._closed or self._client is None:
+            raise SandboxError(self.id, "the sandbox is stopped")
+        return self._client
+
+    async def _guard(self, awaitable):  # type: ignore[no-untyped-def]
+        """Await ``awaitable``; if the VM died meanwhile, say so with its console."""
+        try:
+            return await awaitable
+        except ExecTimeoutError:
+            raise
+        except SandboxError as exc:
+            raise await self._death_error(exc) from exc
+
+    async def _death_error(self, cause: SandboxError) -> SandboxError:
+        client = self._client
+        if client is None or client.failure is None:
+            return cause  # one channel failed; the sandbox itself is fine
+        if self._vm.running():
+            await self._vm.wait(5)  # a panicking guest takes a moment to end QEMU
+        tail = self._tail()
+        if isinstance(client.failure, AgentProtocolError):
+            return AgentProtocolError(self.id, client.failure.reason, tail)
+        if "Out of memory" in tail or "oom-kill" in tail:
+            return GuestOutOfMemoryError(self.id, "the guest ran out of memory and died", tail)
+        return AgentDiedError(self.id, f"the VM died ({client.failure.reason})", tail)
+
+    # Running things.
+
+    def _exec_request(self, argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: str | None,
+                      user: str | None, tty: bool, rows: int, cols: int, stdin: bool,
+                      timeout: float | None,
+                      rlimits: Mapping[int, tuple[int, int]] | None) -> p.ExecRequest:  # fmt: skip
+        if isinstance(argv, str | bytes) or not argv:
+            raise ValueError("argv must be a non-empty list of strings")
+        merged: dict[str, str] = dict(self._image_config["env"])  # type: ignore[call-overload]
+        merged.update(env or {})
+        merged.setdefault("PATH", DEFAULT_PATH)
+        effective_user = user if user is not None else str(self._image_config["user"])
+        if effective_user in ("", "root", "0", "0:0"):
+            merged.setdefault("HOME", "/root")
+        if tty:
+            merged.setdefault("TERM", "xterm")
+        limits = tuple((res, soft, hard) for res, (soft, hard) in (rlimits or {}).items())
+        return p.ExecRequest(
+            argv=[str(a) for a in argv],
+            env=merged,
+            cwd=cwd or str(self._image_config["cwd"]),
+            user=effective_user,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+            rlimits=limits,
+            timeout_ms=0 if timeout is None else max(1, int(timeout * 1000)),
+            stdin=stdin,
+        )
+
+    async def exec_stream(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        stdin: bool = True,
+        timeout: float | None = None,
+        rlimits: Mapping[int, tuple[int, int]] | None = None,
+    ) -> AsyncProcess:
+        """Start ``argv``; stream its stdio through the returned process."""
+        request = self._exec_request(
+            argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdin=stdin,
+            timeout=timeout, rlimits=rlimits,
+        )  # fmt: skip
+        channel = await self._guard(self._agent().exec(request))
+        await self._guard(channel.started())
+        return AsyncProcess(self, channel, request.argv, timeout)
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        rlimits: Mapping[int, tuple[int, int]] | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and collect its output (like ``subprocess.run``)."""
+        process = await self.exec_stream(
+            argv, env=env, cwd=cwd, user=user, stdin=input is not None, timeout=timeout,
+            rlimits=rlimits,
+        )  # fmt: skip
+        feeder = asyncio.ensure_future(_feed(process, input)) if input is not None else None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        try:
+            async for stream, data in process:
+                (err if stream == "stderr" else out).append(data)
+            result = await process.wait()
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SandboxError):
+                    await feeder
+        result = ExecResult(
+            process.argv, result.returncode, b"".join(out), b"".join(err), result.oom_killed
+        )
+        return result.check() if check else result
+
+    def default_command(self, args: Sequence[str] = ()) -> list[str]:
+        """The image's Entrypoint + (``args`` or its Cmd), as ``docker run`` does."""
+        entrypoint = list(self._image_config.get("entrypoint") or [])  # type: ignore[call-overload]
+        cmd = list(args) or list(self._image_config.get("cmd") or [])  # type: ignore[call-overload]
+        return entrypoint + cmd or ["/bin/sh"]
+
+    # Ports.
+
+    async def _forward_ports(self, ports: Mapping[int, int] | Sequence[int]) -> None:
+        wanted = dict(ports) if isinstance(ports, Mapping) else {port: 0 for port in ports}
+        for guest_port, host_port in wanted.items():
+            server = await asyncio.start_server(
+                lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
+            )
+            self._forwards.append(server)
+            self.ports[guest_port] = server.sockets[0].getsockname()[1]
+
+    async def _serve_forward(self, guest_port: int, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        task = asyncio.current_task()
+        assert task is not None
+        self._forward_tasks.add(task)
+        try:
+            channel = await self._agent().connect_port(guest_port)
+            await asyncio.gather(_pump_in(reader, channel), _pump_out(channel, writer))
+        except (SandboxError, OSError):
+            pass
+        finally:
+            self._forward_tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # Ending.
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Shut the guest down cleanly (the VM is killed if it does not comply)."""
+        if self._closed:
+            return
+        await self._close_forwards()
+        client = self._client
+        if client is not None and client.failure is None and self._vm.running():
+            await client.shutdown(timeout)
+        if await self._vm.wait(timeout) is None:
+            with contextlib.suppress(VmmError):
+                await self._vm.quit()
+            if await self._vm.wait(5) is None:
+                self._vm.kill()
+        await self._finish()
+
+    async def kill(self) -> None:
+        """End the VM at once."""
+        if self._closed:
+            return
+        await self._close_forwards()
+        self._vm.kill()
+        await self._finish()
+
+    async def detach(self) -> None:
+        """Drop this process's connection; the (detached) sandbox keeps running."""
+        if self._client is not None:
+            await self._client.close()
+        self._release_lock()
+        self._closed = True
+
+    async def _close_forwards(self) -> None:
+        for server in self._forwards:
+            server.close()
+        for task in list(self._forward_tasks):
+            task.cancel()
+        self._forwards.clear()
+
+    async def _finish(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            await self._client.close()
+        self._release_lock()
+        if self._record.keep:
+            state.mark_stopped(self._paths)
+        else:
+            self._paths.remove()
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _kernel_cmdline(layers: int, sandbox_id: str) -> str:
+    return (
+        "console=ttyS0 quiet panic=-1 "
+        f"vmr.layers={layers} vmr.writable=1 vmr.hostname=vmr-{sandbox_id}"
+    )
+
+
+def _start_time_of(pid: int) -> int | None:
+    return state.process_start_time(pid)
+
+
+async def _feed(process: AsyncProcess, data: bytes) -> None:
+    await process.write(data)
+    await process.close_stdin()
+
+
+async def _pump_in(reader: asyncio.StreamReader, channel: Channel) -> None:
+    while data := await reader.read(p.MAX_DATA):
+        await channel.write(data)
+    await channel.close_stdin()
+
+
+async def _pump_out(channel: Channel, writer: asyncio.StreamWriter) -> None:
+    while (item := await channel.read()) is not None:
+        writer.write(item[1])
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()

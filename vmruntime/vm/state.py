@@ -1,0 +1,215 @@
+"""Where sandboxes live on the host, and how to tell which are still alive.
+
+Who calls it: :mod:`vmruntime.vm.sandbox` (records a sandbox) and the
+``vmr sandbox`` commands (list, find, prune). What it promises:
+
+- a sandbox's durable state (``sandbox.json``, the writable layer, the console
+  and VMM logs) is under ``<state>/sandboxes/<id>/``, where ``<state>`` is
+  ``$VMRUNTIME_STATE``, else ``$XDG_STATE_HOME/vmruntime``, else
+  ``~/.local/state/vmruntime``;
+- the host ends of its sockets are under ``<runtime>/<id>/``, where ``<runtime>``
+  is ``$XDG_RUNTIME_DIR/vmruntime``, else ``/tmp/vmruntime-<uid>``, a directory
+  that must be ours and mode 0700 (checked, never trusted), so no other local
+  user can reach an agent or QMP socket;
+- a process is identified by pid *and* start time, so a recycled pid is never
+  mistaken for our QEMU or our host process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmruntime._durable import fsync_dir
+from vmruntime.errors import SandboxError, SandboxNotFoundError
+
+RECORD_VERSION = 1
+_RECORD = "sandbox.json"
+
+
+def state_root() -> Path:
+    if os.environ.get("VMRUNTIME_STATE"):
+        return Path(os.environ["VMRUNTIME_STATE"])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "vmruntime"
+
+
+def runtime_root() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "vmruntime" if xdg else Path(f"/tmp/vmruntime-{os.getuid()}")
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` mode 0700, or check that an existing one is ours and 0700."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=False)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise SandboxError("-", f"{path} is not a directory owned by uid {os.getuid()}")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        raise SandboxError("-", f"{path} has mode {stat.S_IMODE(info.st_mode):o}, not 700")
+    return path
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: start time in clock ticks since boot."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int | None, start_time: int | None) -> bool:
+    return bool(pid) and start_time is not None and process_start_time(pid) == start_time
+
+
+@dataclass
+class SandboxRecord:
+    """What ``sandbox.json`` holds."""
+
+    id: str
+    image: str
+    manifest_digest: str
+    created: float
+    cpus: int
+    memory_mib: int
+    accelerator: str
+    detached: bool
+    owner_pid: int
+    owner_start: int | None
+    vmm_pid: int = 0
+    vmm_start: int | None = None
+    name: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+    keep: bool = False
+    stopped: bool = False
+    version: int = RECORD_VERSION
+
+    @property
+    def vm_running(self) -> bool:
+        return not self.stopped and process_alive(self.vmm_pid, self.vmm_start)
+
+    @property
+    def owner_alive(self) -> bool:
+        return process_alive(self.owner_pid, self.owner_start)
+
+    @property
+    def status(self) -> str:
+        if not self.vm_running:
+            return "stopped"
+        if not self.detached and not self.owner_alive:
+            return "orphaned"
+        return "running"
+
+
+class SandboxPaths:
+    def __init__(self, sandbox_id: str) -> None:
+        self.id = sandbox_id
+        self.state = state_root() / "sandboxes" / sandbox_id
+        self.runtime = runtime_root() / sandbox_id
+
+    @property
+    def record(self) -> Path:
+        return self.state / _RECORD
+
+    @property
+    def writable(self) -> Path:
+        return self.state / "writable.ext4"
+
+    @property
+    def console_log(self) -> Path:
+        return self.state / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.state / "vmm.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.runtime / "agent.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime / "qmp.sock"
+
+    @property
+    def agent_lock(self) -> Path:
+        return self.runtime / "agent.lock"
+
+    def create(self) -> None:
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(mode=0o700)
+        runtime_root().parent.mkdir(parents=True, exist_ok=True)
+        private_dir(runtime_root())
+        private_dir(self.runtime)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def new_sandbox_id() -> str:
+    return secrets.token_hex(6)
+
+
+def write_record(paths: SandboxPaths, record: SandboxRecord) -> None:
+    tmp = paths.state / f".{_RECORD}.tmp"
+    tmp.write_text(json.dumps(asdict(record), indent=2, sort_keys=True))
+    os.replace(tmp, paths.record)
+    fsync_dir(paths.state)
+
+
+def read_record(paths: SandboxPaths) -> SandboxRecord:
+    try:
+        doc: dict[str, Any] = json.loads(paths.record.read_text())
+    except FileNotFoundError:
+        raise SandboxNotFoundError(paths.id) from None
+    except (OSError, ValueError) as exc:
+        raise SandboxError(paths.id, f"unreadable {paths.record}: {exc}") from exc
+    known = set(SandboxRecord.__dataclass_fields__)
+    return SandboxRecord(**{k: v for k, v in doc.items() if k in known})
+
+
+def list_records() -> list[SandboxRecord]:
+    root = state_root() / "sandboxes"
+    records = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        with contextlib.suppress(SandboxError):
+            records.append(read_record(SandboxPaths(entry.name)))
+    return sorted(records, key=lambda r: r.created)
+
+
+def find_record(id_or_name: str) -> SandboxRecord:
+    """A sandbox by full id, unique id prefix, or name."""
+    records = list_records()
+    exact = [r for r in records if id_or_name in (r.id, r.name)]
+    matches = exact or [r for r in records if r.id.startswith(id_or_name) and id_or_name]
+    if len(matches) != 1:
+        if matches:
+            raise SandboxError(id_or_name, "ambiguous: matches " + ", ".join(r.id for r in matches))
+        raise SandboxNotFoundError(id_or_name)
+    return matches[0]
+
+
+def mark_stopped(paths: SandboxPaths) -> None:
+    with contextlib.suppress(SandboxError):
+        record = read_record(paths)
+        record.stopped = True
+        write_record(paths, record)
+    shutil.rmtree(paths.runtime, ignore_errors=True)
+
+
+def now() -> float:
+    return time.time()
