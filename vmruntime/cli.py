@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from vmruntime import images
 from vmruntime.errors import VmruntimeError
 from vmruntime.images.progress import terminal_progress
+from vmruntime.vm.commands import add_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if current")
     build.set_defaults(handler=_image_build_default)
     image.set_defaults(handler=lambda _args: _usage(image))
+    add_commands(commands)
     return parser
 
 

@@ -107,6 +107,8 @@ class SandboxRecord:
 
     @property
     def status(self) -> str:
+        if not self.vmm_pid and not self.stopped:
+            return "creating" if self.owner_alive else "orphaned"
         if not self.vm_running:
             return "stopped"
         if not self.detached and not self.owner_alive:

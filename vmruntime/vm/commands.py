@@ -1,0 +1,334 @@
+"""``vmr run``, ``vmr sandbox …`` and ``vmr doctor``: the sandbox half of the CLI.
+
+Who calls it: :mod:`vmruntime.cli` registers these commands. What it promises:
+``vmr run`` streams stdio and exits with the guest command's status (128+N for
+a signal, as a shell reports it) and, unless ``--detach``/``--keep``, leaves
+nothing behind; ``vmr sandbox prune`` removes what a crashed host process left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterator
+
+from vmruntime.errors import SandboxError
+from vmruntime.vm import state
+from vmruntime.vm.sandbox import DEFAULT_MEMORY_MIB, AsyncProcess, AsyncSandbox, ExecResult
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    run = commands.add_parser("run", help="run a command in a new sandbox")
+    _exec_options(run)
+    run.add_argument("--cpus", type=int, default=1)
+    run.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, help="guest RAM in MiB")
+    run.add_argument("-p", "--publish", action="append", default=[], metavar="[HOST:]GUEST",
+                     help="forward 127.0.0.1:HOST here to GUEST in the sandbox")  # fmt: skip
+    run.add_argument("--name", default="")
+    run.add_argument("-d", "--detach", action="store_true",
+                     help="leave the sandbox running (see `vmr sandbox exec`)")  # fmt: skip
+    run.add_argument("--keep", action="store_true", help="keep the stopped sandbox's files")
+    run.add_argument("--writable-size", type=int, default=4096, help="writable layer, MiB")
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(handler=_run)
+
+    sandbox = commands.add_parser("sandbox", help="manage sandboxes")
+    sub = sandbox.add_subparsers(title="sandbox commands")
+    ls = sub.add_parser("ls", help="list sandboxes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=_ls)
+    exec_ = sub.add_parser("exec", help="run a command in a running detached sandbox")
+    _exec_options(exec_)
+    exec_.add_argument("sandbox")
+    exec_.add_argument("command", nargs=argparse.REMAINDER)
+    exec_.set_defaults(handler=_exec)
+    stop = sub.add_parser("stop", help="stop sandboxes (their files stay until rm)")
+    stop.add_argument("sandboxes", nargs="+")
+    stop.set_defaults(handler=_stop)
+    rm = sub.add_parser("rm", help="remove stopped sandboxes")
+    rm.add_argument("-f", "--force", action="store_true", help="kill running ones first")
+    rm.add_argument("sandboxes", nargs="+")
+    rm.set_defaults(handler=_rm)
+    logs = sub.add_parser("logs", help="print a sandbox's guest console log")
+    logs.add_argument("sandbox")
+    logs.set_defaults(handler=_logs)
+    prune = sub.add_parser("prune", help="remove stopped sandboxes and those of dead processes")
+    prune.set_defaults(handler=_prune)
+    sandbox.set_defaults(handler=lambda _args: sandbox.print_help() or 2)
+
+    doctor = commands.add_parser("doctor", help="check what sandboxes need on this machine")
+    doctor.set_defaults(handler=_doctor)
+
+
+def _exec_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="send stdin (automatic when stdin is not a terminal)")  # fmt: skip
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("-w", "--workdir")
+    parser.add_argument("-u", "--user")
+    parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command = list(args.command)
+    return command[1:] if command[:1] == ["--"] else command
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            value = os.environ.get(name, "")
+        env[name] = value
+    return env
+
+
+def _ports(specs: list[str]) -> dict[int, int]:
+    ports = {}
+    for spec in specs:
+        host, _, guest = spec.rpartition(":")
+        try:
+            ports[int(guest)] = int(host) if host else 0
+        except ValueError:
+            raise SandboxError("-", f"bad --publish {spec!r}: want GUEST or HOST:GUEST") from None
+    return ports
+
+
+def _run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_async(args))
+
+
+async def _run_async(args: argparse.Namespace) -> int:
+    command = _command(args)
+    if args.detach and command:
+        hint = "--detach starts an idle sandbox; run commands with `vmr sandbox exec`"
+        raise SandboxError("-", hint)
+    sandbox = await AsyncSandbox.create(
+        args.image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
+        ports=_ports(args.publish), name=args.name, writable_size=args.writable_size << 20,
+        detached=args.detach, keep=args.keep,
+    )  # fmt: skip
+    if args.detach:
+        await sandbox.detach()
+        print(sandbox.id)
+        return 0
+    try:
+        for guest, host in sandbox.ports.items():
+            print(f"vmr: forwarding 127.0.0.1:{host} -> sandbox port {guest}", file=sys.stderr)
+        result = await _interact(sandbox, sandbox.default_command(command), args)
+    finally:
+        await sandbox.stop()
+    return _status(result)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    return asyncio.run(_exec_async(args))
+
+
+async def _exec_async(args: argparse.Namespace) -> int:
+    command = _command(args)
+    if not command:
+        raise SandboxError(args.sandbox, "no command given (vmr sandbox exec ID -- CMD …)")
+    sandbox = await AsyncSandbox.attach(args.sandbox)
+    try:
+        result = await _interact(sandbox, command, args)
+    finally:
+        await sandbox.detach()
+    return _status(result)
+
+
+def _status(result: ExecResult) -> int:
+    return 128 + result.signal if result.signal else result.returncode
+
+
+async def _interact(sandbox: AsyncSandbox, argv: list[str], args: argparse.Namespace) -> ExecResult:
+    """Run ``argv`` with this terminal's stdio; a tty if asked for and we have one."""
+    use_tty = args.tty and os.isatty(0)
+    send_stdin = args.interactive or use_tty or not os.isatty(0)
+    rows, cols = shutil.get_terminal_size()
+    process = await sandbox.exec_stream(
+        argv, env=_env(args.env), cwd=args.workdir, user=args.user, tty=use_tty,
+        rows=rows, cols=cols, stdin=send_stdin, timeout=args.timeout,
+    )  # fmt: skip
+    with _raw_terminal(use_tty), _forward_winch(process, use_tty):
+        feeder = asyncio.ensure_future(_pump_stdin(process)) if send_stdin else None
+        try:
+            async for stream, data in process:
+                out = sys.stderr.buffer if stream == "stderr" else sys.stdout.buffer
+                out.write(data)
+                out.flush()
+            return await process.wait()
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+
+
+async def _pump_stdin(process: AsyncProcess) -> None:
+    """Copy our stdin to the process; a daemon thread reads, since stdin may be any file."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="vmr-stdin", daemon=True).start()
+    while data := await queue.get():
+        await process.write(data)
+    await process.close_stdin()
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _forward_winch(process: AsyncProcess, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Future[None]] = set()
+
+    def resized() -> None:
+        size = shutil.get_terminal_size()
+        future = asyncio.ensure_future(process.resize(size.lines, size.columns))
+        pending.add(future)
+        future.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGWINCH, resized)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    records = state.list_records()
+    if args.json:
+        rows = [{**record.__dict__, "status": record.status} for record in records]
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'ID':<13} {'NAME':<16} {'STATUS':<9} {'ACCEL':<5} {'CREATED':<20} IMAGE")
+    for record in records:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        print(
+            f"{record.id:<13} {record.name or '-':<16} {record.status:<9} "
+            f"{record.accelerator:<5} {created:<20} {record.image}"
+        )
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    for name in args.sandboxes:
+        record = state.find_record(name)
+        asyncio.run(_stop_one(record))
+        print(f"stopped {record.id}")
+    return 0
+
+
+async def _stop_one(record: state.SandboxRecord) -> None:
+    paths = state.SandboxPaths(record.id)
+    if record.vm_running:
+        try:
+            sandbox = await AsyncSandbox.attach(record.id)
+        except SandboxError:
+            # Its owner holds the agent; stop the VM from outside instead.
+            from vmruntime.vm.qemu import adopt_vm
+
+            vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
+            with contextlib.suppress(Exception):
+                await vm.quit()
+            if await vm.wait(5) is None:
+                vm.kill()
+        else:
+            sandbox._record.keep = True  # `stop` keeps files; `rm` removes them
+            await sandbox.stop()
+    state.mark_stopped(paths)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    for name in args.sandboxes:
+        record = state.find_record(name)
+        if record.vm_running:
+            if not args.force:
+                raise SandboxError(record.id, "is running; stop it first or use rm -f")
+            _kill(record)
+        state.SandboxPaths(record.id).remove()
+        print(f"removed {record.id}")
+    return 0
+
+
+def _kill(record: state.SandboxRecord) -> None:
+    if state.process_alive(record.vmm_pid, record.vmm_start):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.vmm_pid, signal.SIGKILL)
+        for _ in range(100):
+            if not state.process_alive(record.vmm_pid, record.vmm_start):
+                break
+            time.sleep(0.02)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    record = state.find_record(args.sandbox)
+    path = state.SandboxPaths(record.id).console_log
+    try:
+        sys.stdout.buffer.write(path.read_bytes())
+    except FileNotFoundError:
+        raise SandboxError(record.id, "has no console log (yet)") from None
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    removed = prune_sandboxes()
+    for record in removed:
+        print(f"removed {record.id} ({record.status})")
+    print(f"pruned {len(removed)} sandboxes")
+    return 0
+
+
+def prune_sandboxes() -> list[state.SandboxRecord]:
+    """Remove stopped sandboxes and kill + remove those whose owning process died."""
+    removed = []
+    for record in state.list_records():
+        if record.status in ("stopped", "orphaned"):
+            _kill(record)
+            state.SandboxPaths(record.id).remove()
+            removed.append(record)
+    return removed
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from vmruntime.doctor import format_report, run_checks
+
+    checks = run_checks()
+    print(format_report(checks))
+    return 0 if all(check.ok for check in checks) else 1
