@@ -1,17 +1,23 @@
-"""Shared fixtures: real local registries, an isolated image cache per test."""
+"""Shared fixtures: real local registries, an isolated image cache per test, and a
+session environment for the tests that boot real microVMs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 from registry_support import LocalRegistry
+from vm_support import load_busybox_image, qemu_processes
 
-from vmruntime.images.store import ImageStore
+from vmruntime.images.store import ImageStore, default_cache_dir
 
 # CI explores the same examples every run, so a red build is reproducible; developers'
 # runs keep drawing new ones (and remember failures in .hypothesis/).
@@ -77,3 +83,42 @@ def mount_erofs(tmp_path: Path) -> Iterator:
     yield mount
     for target in reversed(mounted):
         subprocess.run(["umount", str(target)], check=False)
+
+
+@dataclass(frozen=True)
+class VmSession:
+    cache: Path
+    state: Path
+    runtime: Path
+    image: str
+    real_cache: Path
+
+
+@pytest.fixture(scope="session")
+def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
+    """Private cache, state and runtime dirs holding the busybox test image.
+
+    The guest kernel, agent and initramfs are taken from the cache scripts/setup.sh
+    prepared (they are content-addressed), so no session downloads a kernel. At the
+    end, any QEMU still running from this session fails the run.
+    """
+    real_cache = default_cache_dir()
+    root = tmp_path_factory.mktemp("vm")
+    cache = root / "cache"
+    cache.mkdir()
+    (real_cache / "guest").mkdir(parents=True, exist_ok=True)
+    (cache / "guest").symlink_to(real_cache / "guest")
+    # Unix socket paths are short-lived and must stay under 108 bytes.
+    runtime = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VMRUNTIME_CACHE", str(cache))
+        patch.setenv("VMRUNTIME_STATE", str(root / "state"))
+        patch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        patch.setenv("VMRUNTIME_AUTH_FILE", str(root / "no-auth.json"))
+        image = load_busybox_image(root)
+        yield VmSession(cache, root / "state", runtime, image, real_cache)
+    leftovers = qemu_processes(str(runtime))
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(runtime, ignore_errors=True)
+    assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"

@@ -1,0 +1,346 @@
+"""Sandboxes as real QEMU microVMs booting the real guest kernel (slow tier).
+
+One sandbox is shared by the tests that only run commands; tests about
+lifecycle, isolation between sandboxes, disk, memory and death boot their own.
+Under TCG (these machines) a boot takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VmSession
+from vm_support import IMAGE_MARKER, allocated_bytes, qemu_processes
+
+from vmruntime import Sandbox
+from vmruntime.errors import (
+    AgentDiedError,
+    ExecTimeoutError,
+    GuestFileError,
+    GuestOutOfMemoryError,
+    ImageNotFoundError,
+)
+from vmruntime.vm import state
+from vmruntime.vm.sync import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sandbox(vm_session: VmSession) -> Iterator[Sandbox]:
+    with Sandbox.create(vm_session.image, cpus=2) as shared:
+        yield shared
+
+
+def sh(sandbox: Sandbox, script: str, **options: object) -> str:
+    result = sandbox.exec(["sh", "-c", script], **options)
+    assert result.returncode == 0, result
+    return result.stdout.decode()
+
+
+# --- what the guest is ------------------------------------------------------------
+
+
+def test_guest_runs_its_own_kernel(sandbox: Sandbox) -> None:
+    release = sh(sandbox, "uname -r").strip()
+    assert release == sandbox.kernel_release
+    assert release != os.uname().release
+    assert "cloud-amd64" in release
+
+
+def test_guest_sees_the_image_and_nothing_of_the_host(sandbox: Sandbox) -> None:
+    assert sandbox.fs.read("/etc/image-marker") == IMAGE_MARKER
+    top = set(sh(sandbox, "ls -A /").split())
+    assert {"bin", "etc", "work", "root", "www", "proc", "sys", "dev", "tmp", "run"} <= top
+    assert not top & {"usr", "lib", "var", "opt"} - {"run"}, top  # the host's dirs are absent
+    result = sandbox.exec(["ls", str(Path(__file__).parent)])
+    assert result.returncode != 0
+    # The upper layer's whiteout hides the lower layer's file.
+    assert sandbox.exec(["cat", "/etc/doomed"]).returncode == 1
+
+
+def test_guest_has_no_network_device(sandbox: Sandbox) -> None:
+    assert sh(sandbox, "ls /sys/class/net").split() == ["lo"]
+
+
+def test_pseudo_filesystems_are_mounted_like_a_container(sandbox: Sandbox) -> None:
+    lines = sh(sandbox, "cat /proc/mounts").splitlines()
+    mounts = {line.split()[1]: line.split()[2] for line in lines}
+    assert mounts["/"] == "overlay"
+    for point, fstype in {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs",
+                          "/dev/pts": "devpts", "/dev/shm": "tmpfs", "/tmp": "tmpfs",
+                          "/run": "tmpfs"}.items():  # fmt: skip
+        assert mounts.get(point) == fstype, (point, mounts)
+
+
+def test_image_config_env_workdir_and_cmd_are_honoured(sandbox: Sandbox) -> None:
+    assert sh(sandbox, 'echo "$GREETING"; pwd') == "hello from the image\n/work\n"
+    assert sandbox.default_command() == ["sh", "-c", "echo default command ran"]
+    assert sh(sandbox, "echo $X", env={"X": "per exec"}) == "per exec\n"
+    assert sh(sandbox, "pwd", cwd="/www") == "/www\n"
+
+
+def test_user_by_name(sandbox: Sandbox) -> None:
+    assert sh(sandbox, "id -u; id -g", user="app") == "1000\n1000\n"
+
+
+# --- processes ------------------------------------------------------------------
+
+
+def test_exit_codes_signals_and_missing_commands(sandbox: Sandbox) -> None:
+    assert sandbox.exec(["sh", "-c", "exit 7"]).returncode == 7
+    killed = sandbox.exec(["sh", "-c", "kill -TERM $$"])
+    assert killed.returncode == -signal.SIGTERM and killed.signal == signal.SIGTERM
+    missing = sandbox.exec(["no-such-command", "x"])
+    assert missing.returncode == 127
+    assert b"no-such-command" in missing.stderr
+
+
+def test_stdout_and_stderr_stay_apart(sandbox: Sandbox) -> None:
+    result = sandbox.exec(["sh", "-c", "echo out; echo err >&2"])
+    assert (result.stdout, result.stderr) == (b"out\n", b"err\n")
+
+
+def test_ten_megabytes_of_stdin_come_back_intact(sandbox: Sandbox) -> None:
+    data = os.urandom(10 * 1024 * 1024)
+    result = sandbox.exec(["cat"], input=data, timeout=300)
+    assert result.returncode == 0
+    assert len(result.stdout) == len(data) and result.stdout == data
+
+
+def test_signal_reaches_the_process(sandbox: Sandbox) -> None:
+    script = 'trap "echo got-usr1; exit 3" USR1; echo ready; while true; do sleep 0.1; done'
+    process = sandbox.exec_stream(["sh", "-c", script], stdin=False)
+    assert process.read() == ("stdout", b"ready\n")
+    process.signal(signal.SIGUSR1)
+    output = b"".join(data for _, data in process)
+    assert output == b"got-usr1\n"
+    assert process.wait().returncode == 3
+
+
+def test_concurrent_execs_run_at_the_same_time(sandbox: Sandbox) -> None:
+    # Each waits for the other's file: this finishes only if both run at once.
+    def waiter(mine: str, theirs: str) -> list[str]:
+        return ["sh", "-c", f"touch /tmp/{mine}; while [ ! -e /tmp/{theirs} ]; do sleep 0.05; done;"
+                f" echo {mine}"]  # fmt: skip
+
+    async def both() -> list[object]:
+        inner = sandbox.asynchronous
+        return await asyncio.gather(
+            inner.exec(waiter("a", "b"), timeout=60), inner.exec(waiter("b", "a"), timeout=60),
+            inner.exec(["echo", "third"]),
+        )  # fmt: skip
+
+    first, second, third = run(both())
+    assert (first.stdout, second.stdout, third.stdout) == (b"a\n", b"b\n", b"third\n")
+
+
+def test_timeout_is_an_error_not_an_exit_code(sandbox: Sandbox) -> None:
+    started = time.monotonic()
+    with pytest.raises(ExecTimeoutError) as caught:
+        sandbox.exec(["sleep", "60"], timeout=1)
+    assert caught.value.argv == ["sleep", "60"]
+    assert time.monotonic() - started < 30
+    assert sh(sandbox, "echo still alive") == "still alive\n"
+
+
+def test_tty_and_resize(sandbox: Sandbox) -> None:
+    process = sandbox.exec_stream(["sh", "-c", "tty; stty size; read x; stty size"], tty=True,
+                                  rows=30, cols=100)  # fmt: skip
+    seen = b""
+    while b"30 100" not in seen:
+        item = process.read()
+        assert item is not None, seen
+        seen += item[1]
+    assert b"/dev/pts/" in seen
+    process.resize(40, 120)
+    process.write(b"go\n")
+    rest = b"".join(data for _, data in process)
+    assert b"40 120" in rest
+    assert process.wait().returncode == 0
+
+
+def test_files_put_and_get(sandbox: Sandbox) -> None:
+    payload = os.urandom(300_000)
+    sandbox.fs.write("/root/blob", payload, mode=0o600)
+    assert sandbox.fs.read("/root/blob") == payload
+    assert sh(sandbox, "stat -c %a /root/blob") == "600\n"
+    with pytest.raises(GuestFileError) as caught:
+        sandbox.fs.read("/no/such/file")
+    assert caught.value.errno == 2
+
+
+def test_port_forwarding_reaches_a_guest_server(vm_session: VmSession) -> None:
+    with Sandbox.create(vm_session.image, ports=[8080]) as box:
+        sh(box, "httpd -p 127.0.0.1:8080 -h /www")
+        host_port = box.ports[8080]
+        with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/index.html", timeout=60) as r:
+            assert r.read() == b"served from the guest\n"
+
+
+# --- isolation between sandboxes, disk and lifecycle ------------------------------------
+
+
+def layer_files_of(pid: int) -> set[tuple[int, int]]:
+    identities = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.endswith(".erofs"):
+            info = os.stat(target)
+            identities.add((info.st_dev, info.st_ino))
+    return identities
+
+
+def test_writes_are_private_and_layers_are_shared(vm_session: VmSession) -> None:
+    first = Sandbox.create(vm_session.image, keep=True)
+    try:
+        sh(first, "echo mine > /root/written; rm /etc/image-marker")
+        with Sandbox.create(vm_session.image) as second:
+            assert second.exec(["cat", "/root/written"]).returncode == 1
+            assert second.fs.read("/etc/image-marker") == IMAGE_MARKER
+            shared = layer_files_of(first.vmm_pid)
+            assert len(shared) == 2
+            assert shared == layer_files_of(second.vmm_pid)
+    finally:
+        first.stop()
+    writable = state.SandboxPaths(first.id).writable
+    listing = subprocess.run(["debugfs", "-R", "ls -l /upper/root", str(writable)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "written" in listing
+    etc = subprocess.run(["debugfs", "-R", "stat /upper/etc/image-marker", str(writable)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "Type: character special" in etc  # the deletion is an overlayfs whiteout
+    subprocess.run([sys.executable, "-m", "vmruntime", "sandbox", "rm", first.id], check=True)
+    assert not state.SandboxPaths(first.id).state.exists()
+
+
+def test_full_writable_layer_is_enospc_in_the_guest_only(vm_session: VmSession) -> None:
+    size = 32 << 20
+    with Sandbox.create(vm_session.image, writable_size=size, keep=True) as box:
+        result = box.exec(["dd", "if=/dev/zero", "of=/root/big", "bs=1M", "count=100"])
+        assert result.returncode != 0
+        assert b"No space left on device" in result.stderr
+        assert sh(box, "echo usable") == "usable\n"
+        writable = state.SandboxPaths(box.id).writable
+        assert allocated_bytes(writable) <= size
+    subprocess.run([sys.executable, "-m", "vmruntime", "sandbox", "rm", box.id], check=True)
+
+
+def test_guest_out_of_memory_is_reported(vm_session: VmSession) -> None:
+    with Sandbox.create(vm_session.image, memory_mib=128) as box:
+        result = box.exec(["dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1"])
+        assert result.signal == signal.SIGKILL
+        assert result.oom_killed
+        assert sh(box, "echo agent survived") == "agent survived\n"
+
+
+def test_guest_kernel_panic_is_an_error_with_the_console_tail(vm_session: VmSession) -> None:
+    box = Sandbox.create(vm_session.image)
+    vmm_pid = box.vmm_pid
+    try:
+        with pytest.raises(AgentDiedError) as caught:
+            box.exec(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=120)
+        assert not isinstance(caught.value, GuestOutOfMemoryError)
+        assert "sysrq" in caught.value.console_tail.lower()
+    finally:
+        box.kill()
+    assert not Path(f"/proc/{vmm_pid}").exists()
+
+
+def test_unknown_image_suggests_pull_or_load(vm_session: VmSession) -> None:
+    with pytest.raises(ImageNotFoundError, match="vmr image pull"):
+        Sandbox.create("example.invalid/nothing:here")
+    assert not any(state.list_records())
+
+
+def test_a_crashed_host_process_leaves_no_vm_and_prune_cleans_up(vm_session: VmSession) -> None:
+    script = (
+        "import os, sys\n"
+        "from vmruntime import Sandbox\n"
+        f"box = Sandbox.create({vm_session.image!r})\n"
+        "print(box.id, box.vmm_pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    sandbox_id, vmm_pid = child.stdout.split()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{vmm_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{vmm_pid}").exists(), "QEMU outlived its host process"
+    ls = vmr("sandbox", "ls")
+    assert sandbox_id in ls.stdout and "stopped" in ls.stdout
+    pruned = vmr("sandbox", "prune")
+    assert sandbox_id in pruned.stdout
+    assert sandbox_id not in vmr("sandbox", "ls").stdout
+
+
+# --- the CLI -----------------------------------------------------------------------
+
+
+def vmr(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmruntime", *args], capture_output=True,
+                          text=input is None, input=input, timeout=300)  # fmt: skip
+
+
+def test_vmr_run_streams_and_propagates_the_exit_code(vm_session: VmSession) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vmruntime", "run", vm_session.image, "--",
+         "sh", "-c", "cat; echo to-stderr >&2; exit 5"],
+        input=b"piped in\n", capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert result.stdout == b"piped in\n"
+    assert result.stderr.endswith(b"to-stderr\n")
+    assert state.list_records() == []  # `vmr run` leaves nothing behind
+
+
+def test_detached_sandbox_lifecycle_through_the_cli(vm_session: VmSession) -> None:
+    started = vmr("run", "-d", "--name", "lifecycle", vm_session.image)
+    assert started.returncode == 0, started.stderr
+    sandbox_id = started.stdout.strip()
+    try:
+        assert "running" in vmr("sandbox", "ls").stdout
+        first = vmr("sandbox", "exec", "lifecycle", "--", "sh", "-c", "echo kept > /root/f")
+        assert first.returncode == 0, first.stderr
+        second = vmr("sandbox", "exec", sandbox_id[:6], "--", "cat", "/root/f")
+        assert (second.returncode, second.stdout) == (0, "kept\n")
+        assert vmr("sandbox", "exec", "lifecycle", "--", "sh", "-c", "exit 9").returncode == 9
+        assert vmr("sandbox", "logs", "lifecycle").returncode == 0
+        refused = vmr("sandbox", "rm", "lifecycle")
+        assert refused.returncode == 1 and "stop it first" in refused.stderr
+        assert vmr("sandbox", "stop", "lifecycle").returncode == 0
+        assert "stopped" in vmr("sandbox", "ls").stdout
+    finally:
+        vmr("sandbox", "rm", "-f", sandbox_id)
+    assert sandbox_id not in vmr("sandbox", "ls").stdout
+    assert not qemu_processes(sandbox_id)
+
+
+# --- the built-in default image -----------------------------------------------------
+
+
+def test_default_image_runs_python(vm_session: VmSession) -> None:
+    from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image
+    from vmruntime.images.store import ImageStore
+
+    os.environ["VMRUNTIME_CACHE"] = str(vm_session.real_cache)
+    try:
+        ensure_default_image()
+        store = ImageStore(vm_session.real_cache)
+        with Sandbox.create(DEFAULT_IMAGE, store=store, memory_mib=1024) as box:
+            result = box.exec(["python3", "-c", "import sys; print(sys.version_info[:2])"],
+                              timeout=300)  # fmt: skip
+            assert result.stdout == b"(3, 11)\n", result
+    finally:
+        os.environ["VMRUNTIME_CACHE"] = str(vm_session.cache)

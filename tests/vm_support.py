@@ -1,0 +1,85 @@
+"""Support for the tests that boot real microVMs (slow tier).
+
+A small two-layer test image is made from the host's busybox-static (no network),
+loaded into a session cache through the real loader, and booted under QEMU with
+the real guest kernel, initramfs and agent. The guest assets come from the
+cache ``scripts/setup.sh`` prepared, so the session does not download a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from imagefactory import directory, file, make_layer_tar, symlink, whiteout, write_oci_layout
+
+BUSYBOX_IMAGE = "test/busybox:1"
+IMAGE_MARKER = b"made by tests/vm_support.py\n"
+PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+
+
+def busybox_layers() -> list[bytes]:
+    """Layer 0: busybox, its applets, /etc; layer 1: a marker, /work, a deletion."""
+    applets = subprocess.run(
+        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    base = [
+        directory("bin"),
+        file("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755),
+        *(symlink(f"bin/{name}", "busybox") for name in applets if name != "busybox"),
+        directory("etc"),
+        file("etc/passwd", PASSWD),
+        file("etc/group", "root:x:0:\napp:x:1000:\n"),
+        file("etc/doomed", "deleted by the upper layer\n"),
+        directory("root", mode=0o700),
+        directory("home"),
+        directory("home/app", uid=1000, gid=1000),
+        directory("www"),
+        file("www/index.html", "served from the guest\n"),
+    ]
+    top = [
+        directory("etc"),
+        file("etc/image-marker", IMAGE_MARKER),
+        whiteout("etc/doomed"),
+        directory("work"),
+    ]
+    return [make_layer_tar(base), make_layer_tar(top)]
+
+
+def load_busybox_image(workdir: Path) -> str:
+    from vmruntime import images
+
+    layout = workdir / "busybox-layout"
+    write_oci_layout(
+        layout,
+        busybox_layers(),
+        config_overrides={
+            "config": {
+                "Env": ["PATH=/bin", "GREETING=hello from the image"],
+                "WorkingDir": "/work",
+                "Cmd": ["sh", "-c", "echo default command ran"],
+            }
+        },
+    )
+    images.load(layout, BUSYBOX_IMAGE)
+    return BUSYBOX_IMAGE
+
+
+def qemu_processes(marker: str) -> list[int]:
+    """Pids of QEMU processes whose command line mentions ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and marker.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def allocated_bytes(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
