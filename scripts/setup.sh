@@ -49,3 +49,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     || { tail -n 30 "$log" >&2; echo "setup: pip install failed, see $log" >&2; exit 1; }
   echo "$wanted" > "$stamp"
 fi
+
+# The guest kernel (downloaded once), the agent (compiled once) and the initramfs;
+# all cached, so a second run only checks that they are there.
+.venv/bin/python -m vmruntime.guest prepare
