@@ -50,7 +50,7 @@ DEFAULT_WRITABLE_SIZE = 4 << 30
 DEFAULT_BOOT_TIMEOUT = 120.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
-_CONSOLE_TAIL_LINES = 30
+_CONSOLE_TAIL_LINES = 60
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class AsyncSandbox:
             spec = MachineSpec(
                 kernel=assets.kernel,
                 initramfs=assets.initramfs,
-                cmdline=_kernel_cmdline(len(image_record.layer_paths), paths.id),
+                cmdline=_kernel_cmdline(len(image_record.layer_paths), paths.id, accel.name),
                 cpus=cpus,
                 memory_mib=memory_mib,
                 accelerator=accel.name,
@@ -569,11 +569,27 @@ class AsyncSandbox:
         await self.stop()
 
 
-def _kernel_cmdline(layers: int, sandbox_id: str) -> str:
-    return (
-        "console=ttyS0 quiet panic=-1 "
-        f"vmr.layers={layers} vmr.writable=1 vmr.hostname=vmr-{sandbox_id}"
-    )
+def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str) -> str:
+    # reboot=t: microvm has no reset device, so the agent's reboot (and panic=-1)
+    # must triple-fault for QEMU's -no-reboot to end the VM.
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    if accelerator == "tcg" and (khz := host_tsc_khz()):
+        # Under TCG the guest's TSC is the host's; calibrating it against the emulated
+        # PIT sometimes hangs early boot, so the kernel is told the rate instead.
+        args.append(f"tsc_early_khz={khz}")
+    args += [f"vmr.layers={layers}", "vmr.writable=1", f"vmr.hostname=vmr-{sandbox_id}"]
+    return " ".join(args)
+
+
+def host_tsc_khz() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return None
 
 
 def _start_time_of(pid: int) -> int | None:
