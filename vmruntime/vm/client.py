@@ -154,6 +154,7 @@ class AgentClient:
         self._shutdown_ack = asyncio.Event()
         self._failure: SandboxError | None = None
         self._send_lock = asyncio.Lock()
+        self.last_error: p.GuestError | None = None
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -282,8 +283,12 @@ class AgentClient:
             self._shutdown_ack.set()
         elif kind is p.MsgType.ERROR:
             error = p.parse_error(body)
-            reason = f"the agent refused the connection: {error.message}"
-            raise SandboxError(self.sandbox_id, reason)
+            if not self._hello.done():
+                reason = f"the agent refused the connection: {error.message}"
+                raise SandboxError(self.sandbox_id, reason)
+            # After the handshake, the agent's complaint about one of our frames ends
+            # nothing (docs/agent-protocol.md, "Bad host frames"); keep it for debugging.
+            self.last_error = error
         else:
             raise AgentProtocolError(self.sandbox_id, f"unexpected {kind.name} on channel 0")
 

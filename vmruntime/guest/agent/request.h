@@ -1,0 +1,17 @@
+/* Handlers of host requests (request.c), called by the dispatcher in serve.c. */
+#ifndef VMR_REQUEST_H
+#define VMR_REQUEST_H
+
+#include "channel.h"
+
+void request_exec(uint32_t id, const uint8_t *body, size_t len);
+void request_file_read(uint32_t id, const uint8_t *body, size_t len);
+void request_file_write(uint32_t id, const uint8_t *body, size_t len);
+void request_port_connect(uint32_t id, const uint8_t *body, size_t len);
+void request_stdin(struct channel *ch, const uint8_t *data, size_t len);
+void request_stdin_eof(struct channel *ch);
+void request_window(struct channel *ch, const uint8_t *body, size_t len);
+void request_signal(struct channel *ch, const uint8_t *body, size_t len);
+void request_resize(struct channel *ch, const uint8_t *body, size_t len);
+
+#endif

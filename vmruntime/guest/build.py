@@ -1,0 +1,102 @@
+"""Compiling the guest agent (``vmruntime/guest/agent/*.c``) into a static binary.
+
+Who calls it: the initramfs builder (which puts the binary at ``/init``) and the tests
+that run the agent on the host in ``--serve-fd`` mode.
+
+What it promises: :func:`ensure_agent` returns the path of an executable built from
+exactly the current sources, flags and compiler, cached under
+``<cache>/guest/agent/<hash16>/vmr-agent``. The file appears atomically (built in a
+temporary directory under the cache, renamed into place) and concurrent callers,
+threads or processes, are serialized by an flock on ``<cache>/guest/agent/.lock``.
+A failure raises :class:`~vmruntime.errors.GuestAssetError` with the compiler's
+last lines of output.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from vmruntime.errors import GuestAssetError
+from vmruntime.images.store import default_cache_dir
+
+AGENT_SOURCE_DIR = Path(__file__).resolve().parent / "agent"
+AGENT_BINARY_NAME = "vmr-agent"
+COMPILER = "gcc"
+CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
+_STDERR_TAIL = 2000
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in AGENT_SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
+
+
+def _compiler_version() -> str:
+    try:
+        result = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise GuestAssetError("agent", f"cannot run {COMPILER}: {exc}") from exc
+    return result.stdout
+
+
+def agent_hash() -> str:
+    """sha256 over the sources (names and bytes), the flags and ``gcc --version``."""
+    digest = hashlib.sha256()
+    for path in _sources():
+        content = path.read_bytes()
+        digest.update(f"{path.name}\0{len(content)}\0".encode())
+        digest.update(content)
+    digest.update("\0".join(CFLAGS).encode())
+    digest.update(_compiler_version().encode())
+    return digest.hexdigest()
+
+
+def _compile(workdir: Path) -> Path:
+    output = workdir / AGENT_BINARY_NAME
+    c_files = [str(p) for p in _sources() if p.suffix == ".c"]
+    command = [COMPILER, *CFLAGS, "-o", str(output), *c_files]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not output.is_file():
+        tail = (result.stderr or result.stdout)[-_STDERR_TAIL:].strip()
+        raise GuestAssetError(
+            "agent", f"{COMPILER} exited with {result.returncode}: {tail or 'no output'}"
+        )
+    output.chmod(0o755)
+    return output
+
+
+def ensure_agent(cache_root: Path | None = None) -> Path:
+    """The cached agent binary for the current sources, compiling it first if needed."""
+    root = Path(cache_root) if cache_root is not None else default_cache_dir()
+    agent_dir = root / "guest" / "agent"
+    final = agent_dir / agent_hash()[:16] / AGENT_BINARY_NAME
+    if final.is_file():
+        return final
+    try:
+        agent_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(agent_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise GuestAssetError("agent", f"cannot use cache {agent_dir}: {exc}") from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        if final.is_file():  # another caller built it while we waited
+            return final
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=agent_dir) as tmp:
+            staged = Path(tmp) / final.parent.name
+            staged.mkdir()
+            _compile(staged)
+            try:
+                # The directory is renamed as a whole, so the binary is never seen half-written.
+                os.rename(staged, final.parent)
+            except OSError as exc:
+                if not final.is_file():
+                    raise GuestAssetError("agent", f"cannot install into {final}: {exc}") from exc
+        return final
+    except OSError as exc:
+        raise GuestAssetError("agent", f"cannot build into {agent_dir}: {exc}") from exc
+    finally:
+        os.close(lock_fd)
