@@ -231,3 +231,34 @@ def test_guest_error_on_a_channel_fails_only_that_channel() -> None:
         await client.close()
 
     run(scenario)
+
+
+def test_agent_complaint_on_channel_zero_ends_nothing() -> None:
+    async def scenario() -> None:
+        client, guest, failures = await connected()
+        await guest.send(guest_hello())
+        await client.hello()
+        channel = await client.exec(p.ExecRequest(["true"], {}))
+        request = await guest.expect(Msg.EXEC)
+        body = p.encode_fields([(Tag.ERRNO, 75), (Tag.MESSAGE, "STDIN beyond the window")])
+        await guest.send(p.encode_frame(Msg.ERROR, 0, body))
+        await guest.send(exit_frame(request.channel, code=0))
+        assert (await channel.wait()).code == 0
+        assert client.last_error is not None and client.last_error.errno == 75
+        assert failures == []
+        await client.close()
+
+    run(scenario)
+
+
+def test_agent_refusing_the_handshake_is_an_error() -> None:
+    async def scenario() -> None:
+        client, guest, failures = await connected()
+        body = p.encode_fields([(Tag.ERRNO, 93), (Tag.MESSAGE, "no common version")])
+        await guest.send(p.encode_frame(Msg.ERROR, 0, body))
+        with pytest.raises(SandboxError, match="refused the connection: no common version"):
+            await client.hello()
+        assert len(failures) == 1
+        await client.close()
+
+    run(scenario)
