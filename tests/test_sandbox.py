@@ -347,3 +347,33 @@ def test_default_image_runs_python(vm_session: VmSession) -> None:
             assert result.stdout == b"(3, 11)\n", result
     finally:
         os.environ["VMRUNTIME_CACHE"] = str(vm_session.cache)
+
+
+def test_exiting_without_stop_leaves_nothing(vm_session: VmSession) -> None:
+    script = (
+        "from vmruntime import Sandbox\n"
+        f"box = Sandbox.create({vm_session.image!r})\n"
+        "print(box.id, box.vmm_pid, flush=True)\n"
+    )
+    before = state.list_records()
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    sandbox_id, vmm_pid = child.stdout.split()
+    assert not Path(f"/proc/{vmm_pid}").exists()
+    assert state.list_records() == before
+    assert not state.SandboxPaths(sandbox_id).state.exists()
+
+
+def test_stopping_a_sandbox_another_process_owns_goes_through_qmp(vm_session: VmSession) -> None:
+    box = Sandbox.create(vm_session.image, keep=True)
+    try:
+        stopped = vmr("sandbox", "stop", box.id)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not Path(f"/proc/{box.vmm_pid}").exists()
+        with pytest.raises(AgentDiedError):
+            box.exec(["true"])
+    finally:
+        box.kill()
+    assert "stopped" in vmr("sandbox", "ls").stdout
+    assert vmr("sandbox", "rm", box.id).returncode == 0

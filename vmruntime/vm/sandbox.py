@@ -17,6 +17,7 @@ promises:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import fcntl
 import os
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from weakref import WeakSet
 
 from vmruntime.errors import (
     AgentDiedError,
@@ -51,6 +53,8 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
+# Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
+_live: WeakSet[AsyncSandbox] = WeakSet()
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,8 @@ class AsyncSandbox:
             }
             sandbox = cls(paths, record, image_config, vm)
             await sandbox._connect(boot_timeout)
+            if not detached:
+                _live.add(sandbox)
             sandbox.boot_seconds = time.monotonic() - started
             await sandbox._forward_ports(ports or {})
             return sandbox
@@ -549,6 +555,7 @@ class AsyncSandbox:
 
     async def _finish(self) -> None:
         self._closed = True
+        _live.discard(self)
         if self._client is not None:
             await self._client.close()
         self._release_lock()
@@ -567,6 +574,22 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+@atexit.register
+def _end_owned_sandboxes_at_exit() -> None:
+    """A process that exits without stopping its sandboxes still leaves nothing behind.
+
+    The parent-death signal would end QEMU anyway; this also removes the files of
+    ephemeral sandboxes (it runs before the facade's daemon loop thread is gone,
+    and needs no event loop: killing and removing are synchronous).
+    """
+    for sandbox in list(_live):
+        sandbox._vm.kill()
+        if sandbox._record.keep:
+            state.mark_stopped(sandbox._paths)
+        else:
+            sandbox._paths.remove()
 
 
 def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str) -> str:
