@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -91,6 +92,11 @@ def test_image_config_env_workdir_and_cmd_are_honoured(sandbox: Sandbox) -> None
 
 def test_user_by_name(sandbox: Sandbox) -> None:
     assert sh(sandbox, "id -u; id -g", user="app") == "1000\n1000\n"
+
+
+def test_rlimits_apply_to_the_process(sandbox: Sandbox) -> None:
+    limits = {resource.RLIMIT_NOFILE: (64, 128)}
+    assert sh(sandbox, "ulimit -n; ulimit -Hn", rlimits=limits) == "64\n128\n"
 
 
 # --- processes ------------------------------------------------------------------
