@@ -601,6 +601,8 @@ def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str) -> str:
         # PIT sometimes hangs early boot, so the kernel is told the rate instead.
         args.append(f"tsc_early_khz={khz}")
     args += [f"vmr.layers={layers}", "vmr.writable=1", f"vmr.hostname=vmr-{sandbox_id}"]
+    if os.environ.get("VMRUNTIME_GUEST_DEBUG"):
+        args.append("vmr.debug=1")  # the agent logs each boot step to the console
     return " ".join(args)
 
 

@@ -20,7 +20,11 @@ int g_log_fd = 2;
 static void vlog(const char *fmt, va_list ap)
 {
     char line[1024];
-    int n = snprintf(line, sizeof line, "vmr-agent: ");
+    struct timespec up;
+    /* The kernel's own lines carry uptime stamps; ours do too, so boot steps can be timed. */
+    clock_gettime(CLOCK_BOOTTIME, &up);
+    int n = snprintf(line, sizeof line, "[%5ld.%06ld] vmr-agent: ", (long)up.tv_sec,
+                     up.tv_nsec / 1000);
     int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
     size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
     if (len > sizeof line - 2)
