@@ -384,3 +384,15 @@ def test_stopping_a_sandbox_another_process_owns_goes_through_qmp(vm_session: Vm
         box.kill()
     assert "stopped" in vmr("sandbox", "ls").stdout
     assert vmr("sandbox", "rm", box.id).returncode == 0
+
+
+def test_guest_dying_of_memory_exhaustion_says_so(vm_session: VmSession) -> None:
+    # A hog the OOM killer may not kill leaves the kernel nothing to kill but itself.
+    box = Sandbox.create(vm_session.image, memory_mib=128)
+    try:
+        with pytest.raises(GuestOutOfMemoryError) as caught:
+            box.exec(["sh", "-c", "echo -1000 > /proc/self/oom_score_adj; exec tail /dev/zero"],
+                     timeout=300)  # fmt: skip
+        assert "Kernel panic - not syncing: System is deadlocked on memory" in str(caught.value)
+    finally:
+        box.kill()

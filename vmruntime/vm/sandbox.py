@@ -53,6 +53,8 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
+# What the guest kernel prints when memory exhaustion is what killed it.
+_OUT_OF_MEMORY_SIGNS = ("Out of memory", "oom-kill", "deadlocked on memory", "out_of_memory")
 # Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
 _live: WeakSet[AsyncSandbox] = WeakSet()
 
@@ -390,7 +392,7 @@ class AsyncSandbox:
         tail = self._tail()
         if isinstance(client.failure, AgentProtocolError):
             return AgentProtocolError(self.id, client.failure.reason, tail)
-        if "Out of memory" in tail or "oom-kill" in tail:
+        if any(sign in tail for sign in _OUT_OF_MEMORY_SIGNS):
             return GuestOutOfMemoryError(self.id, "the guest ran out of memory and died", tail)
         return AgentDiedError(self.id, f"the VM died ({client.failure.reason})", tail)
 
