@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -219,6 +220,11 @@ def test_writes_are_private_and_layers_are_shared(vm_session: VmSession) -> None
     finally:
         first.stop()
     writable = state.SandboxPaths(first.id).writable
+    # Stopped cleanly: the agent synced and remounted the layer read-only first.
+    fsck = subprocess.run(["e2fsck", "-fn", str(writable)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(writable)], capture_output=True, text=True)
+    assert re.search(r"^Filesystem state:\s+clean$", header.stdout, re.MULTILINE), header.stdout
     listing = subprocess.run(["debugfs", "-R", "ls -l /upper/root", str(writable)],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "written" in listing

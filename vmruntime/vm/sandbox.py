@@ -524,9 +524,15 @@ class AsyncSandbox:
             return
         await self._close_forwards()
         client = self._client
+        acknowledged = False
         if client is not None and client.failure is None and self._vm.running():
-            await client.shutdown(timeout)
-        if await self._vm.wait(timeout) is None:
+            acknowledged = await client.shutdown(timeout)
+        if acknowledged:
+            # The agent acknowledges only after every guest process is gone and the
+            # writable layer is synced and read-only: nothing is left to lose, so the
+            # guest's reboot (and QEMU's teardown of it) is not worth waiting for.
+            self._vm.kill()
+        elif await self._vm.wait(timeout) is None:
             with contextlib.suppress(VmmError):
                 await self._vm.quit()
             if await self._vm.wait(5) is None:
