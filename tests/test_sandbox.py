@@ -74,6 +74,12 @@ def test_guest_has_no_network_device(sandbox: Sandbox) -> None:
     assert sh(sandbox, "ls /sys/class/net").split() == ["lo"]
 
 
+def test_only_the_boot_modules_are_loaded(sandbox: Sandbox) -> None:
+    modules = set(sh(sandbox, "cut -d' ' -f1 /proc/modules").split())
+    assert {"virtio_blk", "virtio_console", "erofs", "overlay"} <= modules
+    assert not modules & {"fuse", "virtiofs"}  # on demand only (vmr.modules=virtiofs)
+
+
 def test_pseudo_filesystems_are_mounted_like_a_container(sandbox: Sandbox) -> None:
     lines = sh(sandbox, "cat /proc/mounts").splitlines()
     mounts = {line.split()[1]: line.split()[2] for line in lines}

@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import GuestAssetError
-from vmruntime.guest.kernel import GuestKernel, module_load_order
+from vmruntime.guest.kernel import ON_DEMAND_MODULES, GuestKernel, module_load_order
 from vmruntime.images.store import ImageStore
 
 # Bump when the layout or the writer changes, so old cached archives are not reused.
@@ -117,8 +117,22 @@ def initramfs_entries(
         raise GuestAssetError("initramfs", f"two modules share a file name: {flat}")
     for rel, name in zip(order, flat, strict=True):
         entries.append(regular(f"lib/modules/{name}", (kernel.modules_dir / rel).read_bytes()))
-    entries.append(regular("lib/modules/load.order", "".join(f"{n}\n" for n in flat).encode()))
+    entries.append(regular("lib/modules/load.order", load_order_text(flat).encode()))
     return entries
+
+
+def load_order_text(modules: list[str]) -> str:
+    """``load.order``: boot modules first, then one ``[group]`` section per on-demand group.
+
+    ``modules`` is in dependency order; a section keeps that order, and a module of
+    a group that a boot module needs stays in the boot part.
+    """
+    grouped = {f"{name}.ko": group for group, names in ON_DEMAND_MODULES.items() for name in names}
+    boot = [m for m in modules if m not in grouped]
+    text = "".join(f"{m}\n" for m in boot)
+    for group in ON_DEMAND_MODULES:
+        text += f"[{group}]\n" + "".join(f"{m}\n" for m in modules if grouped.get(m) == group)
+    return text
 
 
 def entries_digest(entries: Iterable[CpioEntry]) -> str:

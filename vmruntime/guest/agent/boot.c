@@ -30,6 +30,7 @@ struct boot_params {
     bool writable;
     bool bare;
     char hostname[65];
+    char modules[256]; /* vmr.modules=: on-demand module groups, comma-separated */
 };
 
 static _Noreturn void boot_fail(int err, const char *fmt, ...)
@@ -94,6 +95,8 @@ static void parse_cmdline(struct boot_params *bp)
             bp->bare = true;
         else if (strncmp(tok, "vmr.hostname=", 13) == 0)
             snprintf(bp->hostname, sizeof bp->hostname, "%s", tok + 13);
+        else if (strncmp(tok, "vmr.modules=", 12) == 0)
+            snprintf(bp->modules, sizeof bp->modules, "%s", tok + 12);
     }
     if (bp->layers < 1 || bp->layers > MAX_LAYERS)
         boot_fail(EINVAL, "vmr.layers=%d (want 1..%d)", bp->layers, MAX_LAYERS);
@@ -111,15 +114,36 @@ static void open_console(void)
     g_log_fd = fd >= 3 ? fd : 2;
 }
 
-static void load_modules(void)
+/* Is `group` one of the comma-separated names in `list`? */
+static bool in_list(const char *list, const char *group, size_t len)
+{
+    for (const char *p = list; *p;) {
+        size_t n = strcspn(p, ",");
+        if (n == len && strncmp(p, group, len) == 0)
+            return true;
+        p += n + (p[n] == ',');
+    }
+    return false;
+}
+
+/* load.order: boot modules, then "[group]" sections loaded only if vmr.modules names them. */
+static void load_modules(const char *wanted_groups)
 {
     FILE *f = fopen("/lib/modules/load.order", "re");
     if (!f)
         return; /* a kernel with everything built in */
     char line[512], path[600];
+    bool active = true;
     while (fgets(line, sizeof line, f)) {
         line[strcspn(line, "\r\n")] = 0;
         if (!line[0] || line[0] == '#')
+            continue;
+        if (line[0] == '[') {
+            size_t len = strcspn(line + 1, "]");
+            active = in_list(wanted_groups, line + 1, len);
+            continue;
+        }
+        if (!active)
             continue;
         snprintf(path, sizeof path, "/lib/modules/%s", line);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -334,7 +358,7 @@ int boot(void)
     parse_cmdline(&bp);
     debugmsg("booting: %d layer(s)%s", bp.layers, bp.writable ? " + writable" : "");
     mount_fs("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-    load_modules();
+    load_modules(bp.modules);
     int wfd = assemble_root(&bp);
     enter_root();
     setup_root_mounts();
