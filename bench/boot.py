@@ -47,6 +47,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import samples  # noqa: E402  (bench/samples.py, beside this script)
+
 from vmruntime import AsyncSandbox, ImageStore, resolve  # noqa: E402
 from vmruntime.guest.assets import GuestAssets, ensure_guest_assets  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
@@ -84,20 +86,10 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-@dataclass
-class Samples:
-    """Wall times of one measurement, one per counted run."""
-
-    label: str
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
+class Samples(samples.Samples):
     def line(self) -> str:
-        low, high = min(self.seconds), max(self.seconds)
-        return f"{self.label}: median {fmt(self.median)} (min {fmt(low)}, max {fmt(high)})"
+        spread = f"min {fmt(self.low)}, max {fmt(self.high)}"
+        return f"{self.label}: median {fmt(self.median)} ({spread})"
 
 
 @dataclass

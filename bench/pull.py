@@ -60,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
+import samples  # noqa: E402  (bench/samples.py, beside this script)
 from imagefactory import (  # noqa: E402
     OCI_CONFIG,
     OCI_INDEX,
@@ -308,17 +309,7 @@ def build_image(workdir: Path, size_mb: float) -> BuiltImage:
 # --- the measurements -------------------------------------------------------------------
 
 
-@dataclass
-class Samples:
-    """Wall times of one measurement, one per repetition."""
-
-    label: str
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
+class Samples(samples.Samples):
     def line(self) -> str:
         runs = ", ".join(f"{s:.2f}" for s in self.seconds)
         return f"  {self.label:<48} median {self.median:7.2f} s   (runs: {runs})"
@@ -600,8 +591,8 @@ def _measure(args: argparse.Namespace, work: Path, image: BuiltImage, ref: str, 
         _fresh(out)
 
     print(f"results, {args.repeat} repetition(s), wall time:")
-    for samples in (skopeo, skopeo_sync, vmr, download, decompress, build):
-        print(samples.line())
+    for measured in (skopeo, skopeo_sync, vmr, download, decompress, build):
+        print(measured.line())
     print(f"  EROFS images from (c) byte-identical to the pull's: {'yes' if identical else 'NO'}")
 
     blob_mb, tar_mb = image.compressed / MB, image.uncompressed / MB

@@ -170,23 +170,26 @@ def test_hostile_guest_frame_ends_the_connection_cleanly(attack: str) -> None:
     run(scenario)
 
 
-def test_guest_speaking_another_version_is_refused() -> None:
+REFUSED_HANDSHAKES: dict[str, tuple[bytes, type[SandboxError], str]] = {
+    "another version": (guest_hello(version=2), AgentProtocolError, "version 2"),
+    "data before HELLO": (p.encode_frame(Msg.STDOUT, 1, b"early"), AgentProtocolError,
+                          "before HELLO"),
+    "the agent's refusal": (
+        p.encode_frame(Msg.ERROR, 0, p.encode_fields([(Tag.ERRNO, 93),
+                                                      (Tag.MESSAGE, "no common version")])),
+        SandboxError, "refused the connection: no common version",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_HANDSHAKES))
+def test_a_failed_handshake_is_an_error(case: str) -> None:
+    frame, error, message = REFUSED_HANDSHAKES[case]
+
     async def scenario() -> None:
         client, guest, failures = await connected()
-        await guest.send(guest_hello(version=2))
-        with pytest.raises(AgentProtocolError, match="version 2"):
-            await client.hello()
-        assert len(failures) == 1
-        await client.close()
-
-    run(scenario)
-
-
-def test_data_before_hello_is_a_violation() -> None:
-    async def scenario() -> None:
-        client, guest, failures = await connected()
-        await guest.send(p.encode_frame(Msg.STDOUT, 1, b"early"))
-        with pytest.raises(AgentProtocolError, match="before HELLO"):
+        await guest.send(frame)
+        with pytest.raises(error, match=message):
             await client.hello()
         assert len(failures) == 1
         await client.close()
@@ -246,19 +249,6 @@ def test_agent_complaint_on_channel_zero_ends_nothing() -> None:
         assert (await channel.wait()).code == 0
         assert client.last_error is not None and client.last_error.errno == 75
         assert failures == []
-        await client.close()
-
-    run(scenario)
-
-
-def test_agent_refusing_the_handshake_is_an_error() -> None:
-    async def scenario() -> None:
-        client, guest, failures = await connected()
-        body = p.encode_fields([(Tag.ERRNO, 93), (Tag.MESSAGE, "no common version")])
-        await guest.send(p.encode_frame(Msg.ERROR, 0, body))
-        with pytest.raises(SandboxError, match="refused the connection: no common version"):
-            await client.hello()
-        assert len(failures) == 1
         await client.close()
 
     run(scenario)
