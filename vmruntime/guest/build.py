@@ -4,7 +4,7 @@ Who calls it: the initramfs builder (which puts the binary at ``/init``) and the
 that run the agent on the host in ``--serve-fd`` mode.
 
 What it promises: :func:`ensure_agent` returns the path of an executable built from
-exactly the current sources, flags and compiler, cached under
+exactly the current sources and flags, cached under
 ``<cache>/guest/agent/<hash16>/vmr-agent``. The file appears atomically (built in a
 temporary directory under the cache, renamed into place) and concurrent callers,
 threads or processes, are serialized by an flock on ``<cache>/guest/agent/.lock``.
@@ -35,23 +35,18 @@ def _sources() -> list[Path]:
     return sorted(p for p in AGENT_SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
 
 
-def _compiler_version() -> str:
-    try:
-        result = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise GuestAssetError("agent", f"cannot run {COMPILER}: {exc}") from exc
-    return result.stdout
-
-
 def agent_hash() -> str:
-    """sha256 over the sources (names and bytes), the flags and ``gcc --version``."""
+    """sha256 over the sources (names and bytes) and the flags.
+
+    Not the compiler's version: a machine whose cache setup filled must start
+    sandboxes without gcc, and any gcc that builds these sources builds the same agent.
+    """
     digest = hashlib.sha256()
     for path in _sources():
         content = path.read_bytes()
         digest.update(f"{path.name}\0{len(content)}\0".encode())
         digest.update(content)
     digest.update("\0".join(CFLAGS).encode())
-    digest.update(_compiler_version().encode())
     return digest.hexdigest()
 
 
@@ -59,7 +54,11 @@ def _compile(workdir: Path) -> Path:
     output = workdir / AGENT_BINARY_NAME
     c_files = [str(p) for p in _sources() if p.suffix == ".c"]
     command = [COMPILER, *CFLAGS, "-o", str(output), *c_files]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as exc:
+        reason = f"cannot run {COMPILER}: {exc}; run scripts/setup.sh"
+        raise GuestAssetError("agent", reason) from exc
     if result.returncode != 0 or not output.is_file():
         tail = (result.stderr or result.stdout)[-_STDERR_TAIL:].strip()
         raise GuestAssetError(
