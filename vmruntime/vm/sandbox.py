@@ -240,8 +240,13 @@ class AsyncSandbox:
         image_record = resolve(image, store)
         assets = ensure_guest_assets(store.root)
         accel = choose_accelerator()
+        if writable_size < 16 << 20 or writable_size % (1 << 20):
+            raise SandboxError("-", f"writable_size={writable_size}: want whole MiB, ≥ 16 MiB")
         paths = state.SandboxPaths(state.new_sandbox_id())
-        paths.create()
+        try:
+            paths.create()
+        except OSError as exc:
+            raise SandboxError(paths.id, f"cannot create its directories: {exc}") from exc
         record = state.SandboxRecord(
             id=paths.id,
             image=image_record.reference,
@@ -294,10 +299,12 @@ class AsyncSandbox:
             sandbox.boot_seconds = time.monotonic() - started
             await sandbox._forward_ports(ports or {})
             return sandbox
-        except BaseException:
+        except BaseException as exc:
             if vm is not None:
                 vm.kill()
             paths.remove()
+            if isinstance(exc, OSError):  # e.g. a full disk while cloning the writable layer
+                raise SandboxError(paths.id, f"cannot prepare the sandbox: {exc}") from exc
             raise
 
     @classmethod
