@@ -435,3 +435,40 @@ def test_bad_writable_size_is_refused_before_anything_is_made(vm_session: VmSess
     with pytest.raises(SandboxError, match="writable_size=1000"):
         Sandbox.create(vm_session.image, writable_size=1000)
     assert state.list_records() == before
+
+
+def test_vmr_run_with_a_tty_from_a_terminal(vm_session: VmSession) -> None:
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmruntime", "run", "-t", vm_session.image, "--",
+         "sh", "-c", "tty; stty size; read line; echo got:$line; exit 4"],
+        stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    seen = b""
+
+    def read_until(wanted: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 300
+        while wanted not in seen and time.monotonic() < deadline:
+            if select.select([controller], [], [], 1)[0]:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    return
+
+    try:
+        read_until(b"\r\n33 111")  # stty size: rows, then columns
+        os.write(controller, b"typed\r")
+        read_until(b"got:typed")
+        assert child.wait(timeout=120) == 4
+    finally:
+        child.kill()
+        os.close(controller)
+    assert b"/dev/pts/0" in seen and b"33 111" in seen and b"got:typed" in seen, seen

@@ -158,10 +158,10 @@ async def _interact(sandbox: AsyncSandbox, argv: list[str], args: argparse.Names
     """Run ``argv`` with this terminal's stdio; a tty if asked for and we have one."""
     use_tty = args.tty and os.isatty(0)
     send_stdin = args.interactive or use_tty or not os.isatty(0)
-    rows, cols = shutil.get_terminal_size()
+    size = _terminal_size()
     process = await sandbox.exec_stream(
         argv, env=_env(args.env), cwd=args.workdir, user=args.user, tty=use_tty,
-        rows=rows, cols=cols, stdin=send_stdin, timeout=args.timeout,
+        rows=size.lines, cols=size.columns, stdin=send_stdin, timeout=args.timeout,
     )  # fmt: skip
     with _raw_terminal(use_tty), _forward_winch(process, use_tty):
         feeder = asyncio.ensure_future(_pump_stdin(process)) if send_stdin else None
@@ -197,6 +197,14 @@ async def _pump_stdin(process: AsyncProcess) -> None:
     await process.close_stdin()
 
 
+def _terminal_size() -> os.terminal_size:
+    # Our terminal's own size: COLUMNS/LINES in the environment may describe another.
+    try:
+        return os.get_terminal_size(0)
+    except OSError:
+        return shutil.get_terminal_size()
+
+
 @contextlib.contextmanager
 def _raw_terminal(enabled: bool) -> Iterator[None]:
     if not enabled:
@@ -219,7 +227,7 @@ def _forward_winch(process: AsyncProcess, enabled: bool) -> Iterator[None]:
     pending: set[asyncio.Future[None]] = set()
 
     def resized() -> None:
-        size = shutil.get_terminal_size()
+        size = _terminal_size()
         future = asyncio.ensure_future(process.resize(size.lines, size.columns))
         pending.add(future)
         future.add_done_callback(pending.discard)
