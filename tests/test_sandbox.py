@@ -328,6 +328,15 @@ def test_vmr_run_streams_and_propagates_the_exit_code(vm_session: VmSession) -> 
     assert state.list_records() == before  # `vmr run` leaves nothing behind
 
 
+def test_vmr_run_options_env_workdir_user_and_default_command(vm_session: VmSession) -> None:
+    result = vmr("run", "-e", "A=from the cli", "-w", "/www", "-u", "app", vm_session.image,
+                 "--", "sh", "-c", 'echo "$A|$GREETING"; pwd; id -u')  # fmt: skip
+    expected = "from the cli|hello from the image\n/www\n1000\n"
+    assert (result.returncode, result.stdout) == (0, expected), result.stderr
+    default = vmr("run", vm_session.image)
+    assert (default.returncode, default.stdout) == (0, "default command ran\n")
+
+
 def test_detached_sandbox_lifecycle_through_the_cli(vm_session: VmSession) -> None:
     started = vmr("run", "-d", "--name", "lifecycle", vm_session.image)
     assert started.returncode == 0, started.stderr
