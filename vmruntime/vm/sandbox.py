@@ -221,7 +221,8 @@ class AsyncSandbox:
         """Boot a sandbox of ``image`` (a reference or a manifest digest).
 
         ``ports`` maps guest ports to host ports on 127.0.0.1 (0 picks a free one);
-        a list means "the same port number, or a free one". A ``detached``
+        a list forwards each guest port from a free host port; ``.ports`` then
+        says which host port serves each guest port. A ``detached``
         sandbox outlives this process (``vmr sandbox exec|stop`` reach it); a
         ``keep`` sandbox keeps its writable layer and logs after ``stop``.
         """
@@ -500,6 +501,9 @@ class AsyncSandbox:
 
     async def _forward_ports(self, ports: Mapping[int, int] | Sequence[int]) -> None:
         wanted = dict(ports) if isinstance(ports, Mapping) else {port: 0 for port in ports}
+        for guest_port, host_port in wanted.items():
+            if not (0 < guest_port < 65536 and 0 <= host_port < 65536):
+                raise SandboxError(self.id, f"bad port forward {host_port} -> {guest_port}")
         for guest_port, host_port in wanted.items():
             server = await asyncio.start_server(
                 lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
