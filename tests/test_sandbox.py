@@ -23,7 +23,7 @@ import pytest
 from conftest import VmSession
 from vm_support import IMAGE_MARKER, allocated_bytes, qemu_processes
 
-from vmruntime import Sandbox
+from vmruntime import AsyncSandbox, Sandbox, resolve
 from vmruntime.errors import (
     AgentDiedError,
     ExecTimeoutError,
@@ -219,7 +219,8 @@ def test_writes_are_private_and_layers_are_shared(vm_session: VmSession) -> None
     first = Sandbox.create(vm_session.image, keep=True)
     try:
         sh(first, "echo mine > /root/written; rm /etc/image-marker")
-        with Sandbox.create(vm_session.image) as second:
+        digest = resolve(vm_session.image).manifest_digest
+        with Sandbox.create(digest) as second:  # by manifest digest, same image
             assert second.exec(["cat", "/root/written"]).returncode == 1
             assert second.fs.read("/etc/image-marker") == IMAGE_MARKER
             shared = layer_files_of(first.vmm_pid)
@@ -481,3 +482,20 @@ def test_vmr_run_with_a_tty_from_a_terminal(vm_session: VmSession) -> None:
         child.kill()
         os.close(controller)
     assert b"/dev/pts/0" in seen and b"33 111" in seen and b"got:typed" in seen, seen
+
+
+def test_async_api_in_the_callers_own_event_loop(vm_session: VmSession) -> None:
+    async def scenario() -> None:
+        async with await AsyncSandbox.create(vm_session.image) as box:
+            process = await box.exec_stream(["sh", "-c", "read x; echo got-$x; echo oops >&2"])
+            await process.write(b"input\n")
+            await process.close_stdin()
+            streams = [item async for item in process]
+            assert sorted(streams) == [("stderr", b"oops\n"), ("stdout", b"got-input\n")]
+            assert (await process.wait()).returncode == 0
+            await box.fs.write("/tmp/f", b"async")
+            assert await box.fs.read("/tmp/f") == b"async"
+            vmm_pid = box.vmm_pid
+        assert state.process_start_time(vmm_pid) is None
+
+    asyncio.run(scenario())
