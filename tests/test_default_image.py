@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import small_tmpfs
 
 from vmruntime.errors import ImageBuildError
 from vmruntime.images import default_image
@@ -100,17 +101,9 @@ def skopeo_inspect(layout: Path, *extra: str) -> dict:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a real full disk, in milliseconds."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs that fills up")
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
+def tiny(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mount_point:
+        yield mount_point
 
 
 # --- the OCI layout writer ------------------------------------------------------
@@ -199,16 +192,16 @@ def test_layout_rejects_config_with_rootfs(tmp_path: Path) -> None:
         write_image_layout(tmp_path / "l", [tar], tag="t", config={"rootfs": {}})
 
 
-def test_layout_on_a_full_disk_names_the_path(tmp_path: Path, small_tmpfs: Path) -> None:
+def test_layout_on_a_full_disk_names_the_path(tmp_path: Path, tiny: Path) -> None:
     # The tar is on another filesystem, so it is copied, and the copy hits ENOSPC.
     tar = make_tar(tmp_path / "layer.tar", {"big": os.urandom(4 << 20)})
     with pytest.raises(ImageBuildError) as caught:
-        write_image_layout(small_tmpfs / "layout", [tar], tag="t", config=ImageConfigSpec())
+        write_image_layout(tiny / "layout", [tar], tag="t", config=ImageConfigSpec())
     message = str(caught.value)
     assert "no space left on device" in message
-    assert str(small_tmpfs / "layout" / "blobs" / "sha256") in message
-    assert not list((small_tmpfs / "layout" / "blobs" / "sha256").iterdir())
-    assert not (small_tmpfs / "layout" / "index.json").exists()
+    assert str(tiny / "layout" / "blobs" / "sha256") in message
+    assert not list((tiny / "layout" / "blobs" / "sha256").iterdir())
+    assert not (tiny / "layout" / "index.json").exists()
 
 
 # --- mirrors and inputs ------------------------------------------------------------
@@ -347,12 +340,7 @@ def test_mmdebstrap_failure_names_step_and_output(
 def test_full_disk_during_mmdebstrap_names_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs that fills up")
-    workdir = tmp_path / "small"
-    workdir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(workdir)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "200m") as workdir:
         monkeypatch.setattr(default_image, "REQUIRED_FREE_BYTES", 0)  # let it run into the wall
         with pytest.raises(ImageBuildError) as caught:
             ensure_default_image(
@@ -362,8 +350,6 @@ def test_full_disk_during_mmdebstrap_names_the_path(
         assert "no space left on device" in message
         assert str(workdir) in message
         assert sorted(p.name for p in workdir.iterdir()) == [default_image.LOCK_NAME]
-    finally:
-        subprocess.run(["umount", str(workdir)], check=True)
 
 
 # --- the real default image ---------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VmSession
+from helpers import small_tmpfs
 from vm_support import IMAGE_MARKER, allocated_bytes, qemu_processes
 
 from vmruntime import AsyncSandbox, Sandbox, resolve
@@ -425,19 +426,12 @@ def test_guest_dying_of_memory_exhaustion_says_so(vm_session: VmSession) -> None
 def test_full_disk_while_preparing_is_a_clear_error_and_leaves_nothing(
     vm_session: VmSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tiny tmpfs")
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as tiny:
         monkeypatch.setenv("VMRUNTIME_STATE", str(tiny))
         with pytest.raises(VmruntimeError, match="No space left on device"):
             Sandbox.create(vm_session.image)  # its 4 GiB layer needs 2 MB on disk
         assert list((tiny / "sandboxes").iterdir()) == []
         assert not qemu_processes(str(vm_session.runtime / "vmruntime"))
-    finally:
-        subprocess.run(["umount", str(tiny)], check=True)
 
 
 def test_bad_writable_size_is_refused_before_anything_is_made(vm_session: VmSession) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import small_tmpfs
 
 from vmruntime.errors import CacheError, DigestMismatchError, SizeMismatchError
 from vmruntime.images.store import ImageStore, RefRecord
@@ -143,19 +144,8 @@ def test_live_process_temp_files_survive_open(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
     """A 2 MiB tmpfs: a full disk on demand (root is available on these machines)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_full_disk_is_a_clear_error_and_leaves_nothing(tiny_fs: Path) -> None:

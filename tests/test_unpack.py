@@ -5,13 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import unpack_workers
+from helpers import small_tmpfs, unpack_workers
 from imagefactory import directory, file, make_layer_tar
 
 from vmruntime.errors import CacheError, DigestMismatchError, LayerError
@@ -114,13 +113,8 @@ def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) 
 
 @pytest.fixture
 def tiny_cache(tmp_path: Path):
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mount_point:
         yield ImageStore(mount_point / "cache")
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_full_disk_in_the_worker_process_is_a_cache_error(tiny_cache: ImageStore) -> None:
