@@ -69,6 +69,13 @@ async def connected() -> tuple[AgentClient, FakeGuest, list[SandboxError]]:
     return client, guest, failures
 
 
+async def handshaken() -> tuple[AgentClient, FakeGuest, list[SandboxError]]:
+    client, guest, failures = await connected()
+    await guest.send(guest_hello())
+    await client.hello()
+    return client, guest, failures
+
+
 def run(coro_fn: Callable[[], object]) -> None:
     asyncio.run(asyncio.wait_for(coro_fn(), 20))  # type: ignore[arg-type]
 
@@ -151,9 +158,7 @@ HOSTILE_FRAMES: dict[str, Callable[[int], bytes]] = {
 @pytest.mark.parametrize("attack", sorted(HOSTILE_FRAMES))
 def test_hostile_guest_frame_ends_the_connection_cleanly(attack: str) -> None:
     async def scenario() -> None:
-        client, guest, failures = await connected()
-        await guest.send(guest_hello())
-        await client.hello()
+        client, guest, failures = await handshaken()
         channel = await client.exec(p.ExecRequest(["true"], {}))
         request = await guest.expect(Msg.EXEC)
         await guest.send(HOSTILE_FRAMES[attack](request.channel))
@@ -199,9 +204,7 @@ def test_a_failed_handshake_is_an_error(case: str) -> None:
 
 def test_guest_hanging_up_fails_open_channels_without_protocol_blame() -> None:
     async def scenario() -> None:
-        client, guest, failures = await connected()
-        await guest.send(guest_hello())
-        await client.hello()
+        client, guest, failures = await handshaken()
         channel = await client.exec(p.ExecRequest(["sleep", "9"], {}))
         guest.sock.close()
         with pytest.raises(SandboxError) as caught:
@@ -217,9 +220,7 @@ def test_guest_hanging_up_fails_open_channels_without_protocol_blame() -> None:
 
 def test_guest_error_on_a_channel_fails_only_that_channel() -> None:
     async def scenario() -> None:
-        client, guest, failures = await connected()
-        await guest.send(guest_hello())
-        await client.hello()
+        client, guest, failures = await handshaken()
         bad = await client.exec(p.ExecRequest(["x"], {}, cwd="/nope"))
         good = await client.exec(p.ExecRequest(["y"], {}))
         first = await guest.expect(Msg.EXEC)
@@ -238,9 +239,7 @@ def test_guest_error_on_a_channel_fails_only_that_channel() -> None:
 
 def test_agent_complaint_on_channel_zero_ends_nothing() -> None:
     async def scenario() -> None:
-        client, guest, failures = await connected()
-        await guest.send(guest_hello())
-        await client.hello()
+        client, guest, failures = await handshaken()
         channel = await client.exec(p.ExecRequest(["true"], {}))
         request = await guest.expect(Msg.EXEC)
         body = p.encode_fields([(Tag.ERRNO, 75), (Tag.MESSAGE, "STDIN beyond the window")])
