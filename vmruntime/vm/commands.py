@@ -278,8 +278,7 @@ async def _stop_one(record: state.SandboxRecord) -> None:
             if await vm.wait(5) is None:
                 vm.kill()
         else:
-            sandbox._record.keep = True  # `stop` keeps files; `rm` removes them
-            await sandbox.stop()
+            await sandbox.stop(keep=True)  # `stop` keeps files; `rm` removes them
     state.mark_stopped(paths)
 
 

@@ -529,8 +529,13 @@ class AsyncSandbox:
 
     # Ending.
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Shut the guest down cleanly (the VM is killed if it does not comply)."""
+    async def stop(self, timeout: float = 10.0, *, keep: bool | None = None) -> None:
+        """Shut the guest down cleanly (the VM is killed if it does not comply).
+
+        ``keep`` overrides, for this stop, whether the sandbox's files stay behind.
+        """
+        if keep is not None:
+            self._record.keep = keep
         if self._closed:
             return
         await self._close_forwards()

@@ -134,8 +134,8 @@ class Sandbox:
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         return self._inner.default_command(args)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        run(self._inner.stop(timeout))
+    def stop(self, timeout: float = 10.0, *, keep: bool | None = None) -> None:
+        run(self._inner.stop(timeout, keep=keep))
 
     def kill(self) -> None:
         run(self._inner.kill())
