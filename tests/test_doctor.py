@@ -35,3 +35,23 @@ def test_missing_qemu_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
     assert not checks["gcc"].ok and "apt-get install gcc" in checks["gcc"].fix
     report = format_report(list(checks.values()))
     assert "[FAIL] qemu:" in report and "fix: apt-get install qemu-system-x86" in report
+
+
+def test_vmr_doctor_fails_only_for_required_checks(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from vmruntime.images.store import default_cache_dir
+
+    def doctor(path: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PATH": path, "VMRUNTIME_CACHE": str(default_cache_dir())}
+        return subprocess.run([sys.executable, "-m", "vmruntime", "doctor"], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+
+    # This machine has everything; KVM at most warns (VMs run under TCG then).
+    healthy = doctor(os.environ["PATH"])
+    assert healthy.returncode == 0, healthy.stdout
+    assert "[FAIL]" not in healthy.stdout
+    broken = doctor(str(tmp_path / "empty"))
+    assert broken.returncode == 1 and "[FAIL] qemu:" in broken.stdout
