@@ -283,7 +283,7 @@ class AsyncSandbox:
             spec.attach_disk(paths.writable, serial="W", readonly=False)
             spec.attach_console_port(AGENT_PORT, paths.agent_socket)
             vm = await QemuDriver().boot(spec, detached=detached)
-            record.vmm_pid, record.vmm_start = vm.pid, _start_time_of(vm.pid)
+            record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
             state.write_record(paths, record)
             config = image_record.config
             image_config: dict[str, object] = {
@@ -639,10 +639,6 @@ def host_tsc_khz() -> int | None:
         if line.startswith("cpu MHz"):
             return int(float(line.split(":")[1]) * 1000)
     return None
-
-
-def _start_time_of(pid: int) -> int | None:
-    return state.process_start_time(pid)
 
 
 async def _feed(process: AsyncProcess, data: bytes) -> None:

@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import stat
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,7 +210,3 @@ def mark_stopped(paths: SandboxPaths) -> None:
         record.stopped = True
         write_record(paths, record)
     shutil.rmtree(paths.runtime, ignore_errors=True)
-
-
-def now() -> float:
-    return time.time()
