@@ -494,3 +494,19 @@ def test_async_api_in_the_callers_own_event_loop(vm_session: VmSession) -> None:
         assert state.process_start_time(vmm_pid) is None
 
     asyncio.run(scenario())
+
+
+def test_ctrl_c_on_vmr_run_ends_the_sandbox(vm_session: VmSession) -> None:
+    before = state.list_records()
+    running = qemu_processes(str(vm_session.runtime))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmruntime", "run", vm_session.image, "--",
+         "sh", "-c", "echo started; sleep 600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"started\n"
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=60) == 130
+    assert state.list_records() == before
+    assert qemu_processes(str(vm_session.runtime)) == running
