@@ -17,6 +17,7 @@ from hypothesis import settings
 from registry_support import LocalRegistry
 from vm_support import load_busybox_image, qemu_processes
 
+from vmruntime.guest.kernel import ensure_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
 
 # CI explores the same examples every run, so a red build is reproducible; developers'
@@ -98,16 +99,17 @@ class VmSession:
 def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
     """Private cache, state and runtime dirs holding the busybox test image.
 
-    The guest kernel, agent and initramfs are taken from the cache scripts/setup.sh
-    prepared (they are content-addressed), so no session downloads a kernel. At the
+    The guest kernel is the one scripts/setup.sh downloaded into the user's cache
+    (linked, read-only), so no session downloads a kernel; the agent, initramfs
+    and writable-layer templates are built in the session's own cache. At the
     end, any QEMU still running from this session fails the run.
     """
     real_cache = default_cache_dir()
+    ensure_kernel(real_cache)  # a no-op once setup has run
     root = tmp_path_factory.mktemp("vm")
     cache = root / "cache"
-    cache.mkdir()
-    (real_cache / "guest").mkdir(parents=True, exist_ok=True)
-    (cache / "guest").symlink_to(real_cache / "guest")
+    (cache / "guest").mkdir(parents=True)
+    (cache / "guest" / "kernel").symlink_to(real_cache / "guest" / "kernel")
     # Unix socket paths are short-lived and must stay under 108 bytes.
     runtime = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
     with pytest.MonkeyPatch.context() as patch:

@@ -503,6 +503,9 @@ def test_ctrl_c_on_vmr_run_ends_the_sandbox(vm_session: VmSession) -> None:
         [sys.executable, "-m", "vmruntime", "run", vm_session.image, "--",
          "sh", "-c", "echo started; sleep 600"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # A shell starts background jobs with SIGINT ignored, and an ignored signal
+        # stays ignored across exec: give vmr the disposition a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert child.stdout is not None
     assert child.stdout.readline() == b"started\n"
