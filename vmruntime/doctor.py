@@ -63,7 +63,13 @@ def format_report(checks: list[Check]) -> str:
         if not c.ok and c.fix:
             lines.append(f"       fix: {c.fix}")
     failed = [c.name for c in checks if c.required and not c.ok]
-    lines.append(f"{len(failed)} problem(s): {', '.join(failed)}" if failed else "all good")
+    warned = [c.name for c in checks if not c.required and not c.ok]
+    if failed:
+        lines.append(f"{len(failed)} problem(s): {', '.join(failed)}")
+    elif warned:
+        lines.append(f"ready; advice above for: {', '.join(warned)}")
+    else:
+        lines.append("all good")
     return "\n".join(lines) + "\n"
 
 
