@@ -53,7 +53,7 @@ def test_vmr_doctor_fails_only_for_required_checks(tmp_path: Path) -> None:
     healthy = doctor(os.environ["PATH"])
     assert healthy.returncode == 0, healthy.stdout
     assert "[FAIL]" not in healthy.stdout
-    verdict = healthy.stdout.splitlines()[-1]
+    verdict = healthy.stdout.rstrip("\n").splitlines()[-1]
     assert verdict == ("ready; advice above for: kvm" if "[warn] kvm" in healthy.stdout
                        else "all good")  # fmt: skip
     broken = doctor(str(tmp_path / "empty"))

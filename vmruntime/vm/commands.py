@@ -337,6 +337,6 @@ def _doctor(args: argparse.Namespace) -> int:
     from vmruntime.doctor import format_report, run_checks
 
     checks = run_checks()
-    print(format_report(checks))
+    print(format_report(checks), end="")
     # A warning (say, no KVM: VMs then run under TCG) is no reason to fail.
     return 0 if all(check.ok or not check.required for check in checks) else 1
