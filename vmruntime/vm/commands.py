@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from vmruntime.errors import SandboxError
 from vmruntime.vm import state
+from vmruntime.vm.qemu import adopt_vm
 from vmruntime.vm.sandbox import DEFAULT_MEMORY_MIB, AsyncProcess, AsyncSandbox, ExecResult
 
 
@@ -270,8 +271,6 @@ async def _stop_one(record: state.SandboxRecord) -> None:
             sandbox = await AsyncSandbox.attach(record.id)
         except SandboxError:
             # Its owner holds the agent; stop the VM from outside instead.
-            from vmruntime.vm.qemu import adopt_vm
-
             vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
             with contextlib.suppress(Exception):
                 await vm.quit()
@@ -295,13 +294,8 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _kill(record: state.SandboxRecord) -> None:
-    if state.process_alive(record.vmm_pid, record.vmm_start):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record.vmm_pid, signal.SIGKILL)
-        for _ in range(100):
-            if not state.process_alive(record.vmm_pid, record.vmm_start):
-                break
-            time.sleep(0.02)
+    paths = state.SandboxPaths(record.id)
+    adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket).kill()
 
 
 def _logs(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from vmruntime.errors import VmmError
@@ -134,6 +135,11 @@ class QemuVm(VmHandle):
                 os.killpg(self.pid, signal.SIGKILL)
         if self._process is not None:
             self._process.wait()
+            return
+        # Not our child, so it cannot be reaped here: wait (briefly) until it is gone.
+        deadline = time.monotonic() + 2
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def adopt_vm(pid: int, start_time: int | None, control_socket: Path) -> VmHandle:

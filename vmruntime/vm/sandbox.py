@@ -23,7 +23,7 @@ import fcntl
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 from weakref import WeakSet
@@ -78,6 +78,20 @@ class ExecResult:
             detail = self.stderr.decode(errors="replace").strip()[-2000:]
             raise SandboxError("-", f"{list(self.argv)} exited with {self.returncode}: {detail}")
         return self
+
+
+@dataclass(frozen=True)
+class ExecDefaults:
+    """What an exec gets unless it says otherwise: the image config plus the sandbox's env.
+
+    A sandbox attached by id knows nothing of its image, so everything has a neutral default.
+    """
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    user: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
 
 
 def console_tail(path: Path, lines: int = _CONSOLE_TAIL_LINES) -> str:
@@ -168,10 +182,10 @@ class AsyncSandbox:
     """One microVM running an image; create with :meth:`create` or :meth:`attach`."""
 
     def __init__(self, paths: state.SandboxPaths, record: state.SandboxRecord,
-                 image_config: dict[str, object], vm: VmHandle) -> None:  # fmt: skip
+                 defaults: ExecDefaults, vm: VmHandle) -> None:  # fmt: skip
         self._paths = paths
         self._record = record
-        self._image_config = image_config
+        self._defaults = defaults
         self._vm = vm
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
@@ -286,14 +300,14 @@ class AsyncSandbox:
             record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
             state.write_record(paths, record)
             config = image_record.config
-            image_config: dict[str, object] = {
-                "env": {**_image_env(config.env), **(env or {})},
-                "cwd": config.working_dir or "/",
-                "user": config.user,
-                "entrypoint": list(config.entrypoint or ()),
-                "cmd": list(config.cmd or ()),
-            }
-            sandbox = cls(paths, record, image_config, vm)
+            defaults = ExecDefaults(
+                env={**_image_env(config.env), **(env or {})},
+                cwd=config.working_dir or "/",
+                user=config.user,
+                entrypoint=tuple(config.entrypoint or ()),
+                cmd=tuple(config.cmd or ()),
+            )
+            sandbox = cls(paths, record, defaults, vm)
             await sandbox._connect(boot_timeout)
             if not detached:
                 _live.add(sandbox)
@@ -316,13 +330,20 @@ class AsyncSandbox:
             raise SandboxError(record.id, f"is {record.status}, not running")
         paths = state.SandboxPaths(record.id)
         vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
-        sandbox = cls(paths, record, {"env": {}, "cwd": "/", "user": ""}, vm)
+        sandbox = cls(paths, record, ExecDefaults(), vm)
         await sandbox._connect(DEFAULT_BOOT_TIMEOUT)
         return sandbox
 
     async def _connect(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         self._take_agent_lock()
+        try:
+            await self._connect_locked(timeout)
+        except BaseException:
+            self._release_lock()  # a failed attach must not keep others out
+            raise
+
+    async def _connect_locked(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while not self._paths.agent_socket.exists():
             await self._check_boot_alive(deadline)
             await asyncio.sleep(0.005)
@@ -412,10 +433,10 @@ class AsyncSandbox:
                       rlimits: Mapping[int, tuple[int, int]] | None) -> p.ExecRequest:  # fmt: skip
         if isinstance(argv, str | bytes) or not argv:
             raise ValueError("argv must be a non-empty list of strings")
-        merged: dict[str, str] = dict(self._image_config["env"])  # type: ignore[call-overload]
+        merged = dict(self._defaults.env)
         merged.update(env or {})
         merged.setdefault("PATH", DEFAULT_PATH)
-        effective_user = user if user is not None else str(self._image_config["user"])
+        effective_user = user if user is not None else self._defaults.user
         if effective_user in ("", "root", "0", "0:0"):
             merged.setdefault("HOME", "/root")
         if tty:
@@ -424,7 +445,7 @@ class AsyncSandbox:
         return p.ExecRequest(
             argv=[str(a) for a in argv],
             env=merged,
-            cwd=cwd or str(self._image_config["cwd"]),
+            cwd=cwd or self._defaults.cwd,
             user=effective_user,
             tty=tty,
             rows=rows,
@@ -493,8 +514,8 @@ class AsyncSandbox:
 
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         """The image's Entrypoint + (``args`` or its Cmd), as ``docker run`` does."""
-        entrypoint = list(self._image_config.get("entrypoint") or [])  # type: ignore[call-overload]
-        cmd = list(args) or list(self._image_config.get("cmd") or [])  # type: ignore[call-overload]
+        entrypoint = list(self._defaults.entrypoint)
+        cmd = list(args) or list(self._defaults.cmd)
         return entrypoint + cmd or ["/bin/sh"]
 
     # Ports.
