@@ -207,3 +207,51 @@ class VmmError(VmruntimeError):
         super().__init__(reason)
         self.reason = reason
         self.argv = argv or []
+
+
+# --- shares: the virtio-fs broker, bind mounts, volumes, disk images --------
+
+
+class BrokerError(VmruntimeError):
+    """The virtio-fs broker could not serve a share (bad root, socket, transport)."""
+
+    def __init__(self, root: Path | str, reason: str) -> None:
+        super().__init__(f"share {root}: {reason}")
+        self.root = Path(root)
+        self.reason = reason
+
+
+class MountError(VmruntimeError, ValueError):
+    """A mount request that cannot be honoured (bad guest path, missing host path...)."""
+
+    def __init__(self, mount: str, reason: str) -> None:
+        super().__init__(f"mount {mount}: {reason}")
+        self.mount = mount
+        self.reason = reason
+
+
+class VolumeError(VmruntimeError):
+    """A named volume that cannot be created, found, attached or removed."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"volume {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class VolumeNotFoundError(VolumeError, LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "no such volume (see `vmr volume ls`)")
+
+
+class DiskInUseError(VmruntimeError):
+    """A disk image (a disk volume or a user's own image) already has a writer attached."""
+
+    def __init__(self, path: Path | str, holder: str = "") -> None:
+        who = f" (held by {holder})" if holder else ""
+        super().__init__(
+            f"disk {path} is attached writable elsewhere{who}; attach it read-only or stop that"
+            " sandbox first"
+        )
+        self.path = Path(path)
+        self.holder = holder

@@ -1,0 +1,35 @@
+"""The few system calls the os module does not expose the way the broker needs them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+def _check(result: int, what: bytes | str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        name = what.decode(errors="replace") if isinstance(what, bytes) else what
+        raise OSError(code, os.strerror(code), name)
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    _check(_libc.renameat2(old_dir, old, new_dir, new, flags), old)
+
+
+def link_inode(fd: int, new_dir: int, name: bytes) -> None:
+    """A new name for the inode ``fd`` (an O_PATH descriptor) refers to."""
+    if _libc.linkat(fd, b"", new_dir, name, AT_EMPTY_PATH) == 0:
+        return
+    if ctypes.get_errno() != 2:  # ENOENT: no CAP_DAC_READ_SEARCH; the /proc form needs none
+        _check(-1, name)
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=new_dir, follow_symlinks=True)
+
+
+def chown_inode(fd: int, uid: int, gid: int) -> None:
+    """chown of the inode ``fd`` refers to, a symlink included (never what it points at)."""
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), f"fd {fd}")
