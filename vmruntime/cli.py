@@ -11,6 +11,7 @@ from vmruntime import images
 from vmruntime.errors import VmruntimeError
 from vmruntime.images.progress import terminal_progress
 from vmruntime.vm.commands import add_commands
+from vmruntime.volumes.commands import add_commands as add_volume_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_image_build_default)
     image.set_defaults(handler=lambda _args: _usage(image))
     add_commands(commands)
+    add_volume_commands(commands)
     return parser
 
 
