@@ -33,3 +33,33 @@ def link_inode(fd: int, new_dir: int, name: bytes) -> None:
 def chown_inode(fd: int, uid: int, gid: int) -> None:
     """chown of the inode ``fd`` refers to, a symlink included (never what it points at)."""
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), f"fd {fd}")
+
+
+# Kernel pseudo-filesystems a share must never lead into: a bind of /proc inside a
+# share would otherwise hand the guest /proc/<broker>/mem, a regular "file".
+_PSEUDO_FS_MAGIC = frozenset({
+    0x9FA0,  # proc
+    0x62656572,  # sysfs
+    0x64626720,  # debugfs
+    0x74726163,  # tracefs
+    0x73636673,  # securityfs
+    0x63677270,  # cgroup2
+    0x27E0EB,  # cgroup
+    0xCAFE4A11,  # bpf
+    0xDE5E81E4,  # efivarfs
+    0x62656570,  # configfs
+    0x6E736673,  # nsfs
+})  # fmt: skip
+
+
+def is_pseudo_fs(fd: int) -> bool:
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+    _check(_libc.fstatfs(fd, buffer), f"fd {fd}")
+    f_type = ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+    return f_type in _PSEUDO_FS_MAGIC
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) itself: glibc's posix_fallocate would write zeros instead of failing."""
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _check(_libc.fallocate(fd, mode, offset, length), f"fd {fd}")

@@ -219,8 +219,13 @@ def unpack(layout: struct.Struct, body: bytes | memoryview, offset: int = 0) -> 
     return layout.unpack_from(body, offset)
 
 
-def split_names(body: bytes | memoryview, offset: int, count: int) -> list[bytes]:
-    """``count`` NUL-terminated strings starting at ``offset`` (each must have its NUL)."""
+def split_names(body: bytes | memoryview, offset: int, count: int, *,
+                exact: bool = True) -> list[bytes]:  # fmt: skip
+    """``count`` NUL-terminated strings starting at ``offset`` (each must have its NUL).
+
+    With ``exact`` the body must end at the last NUL: bytes after it would mean the
+    guest and the broker disagree about which name was meant.
+    """
     data = bytes(body[offset:])
     names: list[bytes] = []
     start = 0
@@ -230,6 +235,8 @@ def split_names(body: bytes | memoryview, offset: int, count: int) -> list[bytes
             raise WireError("a name without its terminating NUL")
         names.append(data[start:end])
         start = end + 1
+    if exact and start != len(data):
+        raise WireError(f"{len(data) - start} bytes after the last name")
     return names
 
 

@@ -35,8 +35,10 @@ def check_name(name: bytes) -> bytes:
     GHSA-2gv2-cffp-j227 (virtiofsd): an unchecked name in MKDIR, SYMLINK, MKNOD,
     LINK or RENAME created entries outside the share.
     """
-    if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise OSError(errno.EINVAL, f"bad name {name[:300]!r}")
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"a name of {len(name)} bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, f"bad name {name!r}")
     return name
 
 

@@ -86,7 +86,8 @@ class FuseHandler:
         self._initialized = False
         self._entry_ns = int(self.options.entry_timeout * 1e9)
         self._attr_ns = int(self.options.attr_timeout * 1e9)
-        self._max_request = self.options.max_write + 4096 + _WRITE_ARGS_END
+        self._max_request = self.options.max_write + 4096
+        self._closed = False
         self._dispatch: dict[int, Callable[[abi.InHeader, bytes], bytes | None]] = {
             Op.LOOKUP: self._lookup, Op.FORGET: self._forget, Op.BATCH_FORGET: self._batch_forget,
             Op.GETATTR: self._getattr, Op.SETATTR: self._setattr, Op.READLINK: self._readlink,
@@ -138,8 +139,11 @@ class FuseHandler:
         return _scatter(answer, reply)
 
     def close(self) -> None:
+        """Release every descriptor; later requests get EIO and touch nothing."""
         with self._lock:
-            self._passthrough.close()
+            if not self._closed:
+                self._closed = True
+                self._passthrough.close()
 
     # Decoding and dispatch.
 
@@ -157,6 +161,8 @@ class FuseHandler:
         carried = sum(len(v) for v in write_data)  # WRITE data left in the transport's buffers
         if header.length != len(request) + carried or header.length > self._max_request:
             return abi.error_reply(header.unique, errno.EINVAL), None
+        if self._closed:  # its descriptor numbers may belong to someone else by now
+            return abi.error_reply(header.unique, errno.EIO), None
         if not self._initialized and header.opcode != Op.INIT:
             return abi.error_reply(header.unique, errno.EIO), None
         body = request[_HEADER:]
@@ -363,7 +369,7 @@ class FuseHandler:
 
     def _setxattr(self, header: abi.InHeader, body: bytes) -> bytes:
         size, flags = unpack(abi.SETXATTR_IN, body)
-        (name,) = abi.split_names(body, abi.SETXATTR_IN.size, 1)
+        (name,) = abi.split_names(body, abi.SETXATTR_IN.size, 1, exact=False)
         value = body[abi.SETXATTR_IN.size + len(name) + 1 :]
         if size != len(value) or size > abi.XATTR_SIZE_MAX:
             raise OSError(errno.EINVAL, f"SETXATTR says {size} bytes and carries {len(value)}")

@@ -67,10 +67,10 @@ def is_private_xattr(name: bytes) -> bool:
     return name.startswith(XATTR_NAMESPACE)
 
 
-def read_record(path: str) -> StatRecord | None:
+def read_record(path: str, *, follow_symlinks: bool = True) -> StatRecord | None:
     """The record on the inode at ``path`` (a ``/proc/self/fd`` path), if any."""
     try:
-        return StatRecord.unpack(os.getxattr(path, XATTR))
+        return StatRecord.unpack(os.getxattr(path, XATTR, follow_symlinks=follow_symlinks))
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return None

@@ -45,6 +45,7 @@ _ALLOWED_OPEN_FLAGS = (
 _SAFE_OPEN = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _HOST_PERMS = 0o777  # never a setuid, setgid or sticky bit on a host file made by a guest
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+_FALLOCATE_MODES = 0x01 | 0x02 | 0x10  # KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE
 _DT = {
     stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFCHR: 2, stat.S_IFBLK: 6,
     stat.S_IFIFO: 1, stat.S_IFSOCK: 12,
@@ -147,11 +148,13 @@ class Passthrough:
     def lookup(self, parent_id: int, name: bytes) -> Entry:
         parent = self._dir(parent_id)
         fd = self.resolver.open_child(parent.fd, name, os.O_PATH)
-        return self._remember(fd)
+        return self._remember(fd, parent)
 
-    def _remember(self, fd: int) -> Entry:
+    def _remember(self, fd: int, parent: Inode) -> Entry:
         try:
             st = os.fstat(fd)
+            if st.st_dev != parent.key[0] and _libc.is_pseudo_fs(fd):
+                raise OSError(errno.EACCES, "a kernel pseudo-filesystem inside the share")
         except OSError:
             os.close(fd)
             raise
@@ -237,7 +240,7 @@ class Passthrough:
         check_name(name)
         os.mkdir(name, mode & _HOST_PERMS, dir_fd=parent.fd)
         entry = self.lookup(parent_id, name)
-        self._adopt(entry.inode, mode | stat.S_IFDIR, caller)
+        self._adopt(entry.inode, parent, mode | stat.S_IFDIR, caller)
         return Entry(entry.inode, self.attr(entry.inode))
 
     def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
@@ -245,16 +248,19 @@ class Passthrough:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind not in identity.SPECIAL_TYPES:
             raise OSError(errno.EINVAL, f"mknod of type {kind:o}")
-        if not self.virtual and kind != stat.S_IFREG:
-            raise OSError(errno.EPERM, "device nodes and FIFOs need identity virtualization")
-        # Whatever the guest asked for, the host gets an empty regular file.
-        fd = self.resolver.open_child(
-            parent.fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600 if kind != stat.S_IFREG
-            else mode & _HOST_PERMS,
-        )  # fmt: skip
-        os.close(fd)
+        if not self.virtual and kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise OSError(errno.EPERM, "device nodes on the host need identity virtualization")
+        if self.virtual or kind == stat.S_IFREG:
+            # In virtual mode, whatever the guest asked for, the host gets a regular file.
+            host_mode = mode & _HOST_PERMS if kind == stat.S_IFREG else 0o600
+            os.close(self.resolver.open_child(
+                parent.fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, host_mode
+            ))  # fmt: skip
+        else:  # a FIFO or socket of a trusted share
+            os.mknod(check_name(name), kind | (mode & _HOST_PERMS), dir_fd=parent.fd)
         entry = self.lookup(parent_id, name)
-        self._adopt(entry.inode, kind | stat.S_IMODE(mode), caller, rdev=rdev, force=True)
+        self._adopt(entry.inode, parent, kind | stat.S_IMODE(mode), caller, rdev=rdev,
+                    force=True)  # fmt: skip
         return Entry(entry.inode, self.attr(entry.inode))
 
     def symlink(self, parent_id: int, name: bytes, target: bytes, caller: Caller) -> Entry:
@@ -265,7 +271,7 @@ class Passthrough:
         os.symlink(target, name, dir_fd=parent.fd)  # stored as given, never followed by us
         entry = self.lookup(parent_id, name)
         if not self.virtual:
-            self._chown_new(entry.inode, caller)
+            _libc.chown_inode(entry.inode.fd, caller.uid, caller.gid)
         return entry
 
     def link(self, nodeid: int, parent_id: int, name: bytes) -> Entry:
@@ -296,24 +302,31 @@ class Passthrough:
             raise OSError(errno.EINVAL, f"rename flags {flags:#x}")
         _libc.renameat2(parent.fd, name, new_parent.fd, new_name, flags)
 
-    def _adopt(self, inode: Inode, mode: int, caller: Caller, *, rdev: int = 0,
+    def _adopt(self, inode: Inode, parent: Inode, mode: int, caller: Caller, *, rdev: int = 0,
                force: bool = False) -> None:  # fmt: skip
-        """Give a new inode the owner and mode the guest meant."""
+        """Give a new inode the owner and mode the guest meant.
+
+        As on any Unix filesystem, a setgid directory passes its group on (and, to
+        subdirectories, its setgid bit).
+        """
+        parent_attr = self.attr(parent)
+        inherit_group = bool(parent_attr.mode & stat.S_ISGID)
         if not self.virtual:
-            self._chown_new(inode, caller)
+            # The host kernel has already given the new inode the setgid parent's group.
+            _libc.chown_inode(inode.fd, caller.uid, -1 if inherit_group else caller.gid)
             return
+        gid = parent_attr.gid if inherit_group else caller.gid
+        if inherit_group and stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
         wants_mode = force or bool(stat.S_IMODE(mode) & ~_HOST_PERMS)
         record = identity.StatRecord(
             uid=caller.uid if caller.uid != self.uid else None,
-            gid=caller.gid if caller.gid != self.gid else None,
+            gid=gid if gid != self.gid else None,
             mode=mode if wants_mode else None,
             rdev=rdev if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
         )
         if record != identity.StatRecord():
             identity.write_record(inode.proc_path, record)
-
-    def _chown_new(self, inode: Inode, caller: Caller) -> None:
-        _libc.chown_inode(inode.fd, caller.uid, caller.gid)
 
     # Symlinks.
 
@@ -348,7 +361,7 @@ class Passthrough:
             return self._open_existing(parent_id, name, wanted)
         try:
             entry = self.lookup(parent_id, name)
-            self._adopt(entry.inode, mode | stat.S_IFREG, caller)
+            self._adopt(entry.inode, parent, mode | stat.S_IFREG, caller)
         except BaseException:
             os.close(fd)
             raise
@@ -405,9 +418,9 @@ class Passthrough:
         (os.fdatasync if datasync else os.fsync)(fd)
 
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
-        if mode != 0:
+        if mode & ~_FALLOCATE_MODES:
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
-        os.posix_fallocate(self.handles.get(fh, is_dir=False).fd, offset, length)
+        _libc.fallocate(self.handles.get(fh, is_dir=False).fd, mode, offset, length)
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
@@ -438,11 +451,25 @@ class Passthrough:
         handle = self.handles.get(fh, is_dir=True)
         if offset == 0 or handle.listing is None:
             handle.listing = _list_dir(handle)
+            if self.virtual:
+                handle.listing = [self._shown_dirent(handle, *item) for item in handle.listing]
         return [
             DirEntry(name, ino, d_type, index + 1)
             for index, (name, ino, d_type) in enumerate(handle.listing)
             if index >= offset
         ]
+
+    def _shown_dirent(self, handle: Handle, name: bytes, ino: int,
+                      d_type: int) -> tuple[bytes, int, int]:  # fmt: skip
+        """A host regular file may be a guest's device or FIFO: list it as one."""
+        if d_type != _DT[stat.S_IFREG]:
+            return name, ino, d_type
+        path = f"/proc/self/fd/{handle.fd}/{os.fsdecode(name)}"
+        try:
+            record = identity.read_record(path, follow_symlinks=False)
+        except OSError:
+            return name, ino, d_type
+        return name, ino, _DT[identity.shown_type(stat.S_IFREG, record)]
 
     def dir_nodeid(self, fh: int) -> int:
         return self.handles.get(fh, is_dir=True).inode.nodeid
