@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from registry_support import LocalRegistry
-from vm_support import load_busybox_image, qemu_processes
+from vm_support import broker_processes, load_busybox_image, qemu_processes
 
 from vmruntime.guest.kernel import ensure_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
@@ -102,7 +102,7 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
     The guest kernel is the one scripts/setup.sh downloaded into the user's cache
     (linked, read-only), so no session downloads a kernel; the agent, initramfs
     and writable-layer templates are built in the session's own cache. At the
-    end, any QEMU still running from this session fails the run.
+    end, any QEMU or virtio-fs broker still running from this session fails the run.
     """
     real_cache = default_cache_dir()
     ensure_kernel(real_cache)  # a no-op once setup has run
@@ -120,7 +120,9 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
         image = load_busybox_image(root)
         yield VmSession(cache, root / "state", runtime, image, real_cache)
     leftovers = qemu_processes(str(runtime))
-    for pid in leftovers:
+    brokers = broker_processes(str(runtime))
+    for pid in leftovers + brokers:
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(runtime, ignore_errors=True)
     assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"
+    assert not brokers, f"broker processes outlived the test session: {brokers}"

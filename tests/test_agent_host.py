@@ -465,6 +465,57 @@ def test_port_connect_round_trip_and_refused(agent: AgentConn) -> None:
     assert agent.error_on(channel).errno == errno.ECONNREFUSED
 
 
+# --- mounts --------------------------------------------------------------------
+# A successful MOUNT needs the guest's devices: tests/test_sandbox_mounts.py (slow) has
+# those. Here: every refusal, answered on the request's own id, and nothing is created.
+
+
+def test_mount_requests_that_break_the_spec_are_refused(agent: AgentConn, tmp_path: Path) -> None:
+    target = str(tmp_path / "never")
+    good = [(Tag.SOURCE, "vmr0"), (Tag.FSTYPE, "virtiofs"), (Tag.PATH, target)]
+    bodies = {
+        "no SOURCE": fields(*good[1:]),
+        "no FSTYPE": fields(good[0], good[2]),
+        "no PATH": fields(*good[:2]),
+        "relative PATH": fields(*good[:2], (Tag.PATH, "mnt/x")),
+        "unknown FSTYPE": fields(good[0], (Tag.FSTYPE, "nfs"), good[2]),
+        "empty SOURCE": fields((Tag.SOURCE, ""), *good[1:]),
+        "SOURCE with a slash": fields((Tag.SOURCE, "/dev/vda"), *good[1:]),
+        "READONLY not 0/1": fields(*good, (Tag.READONLY, 2)),
+        "repeated PATH": fields(*good, (Tag.PATH, target)),
+        "unknown tag": fields(*good, (Tag.ARG, "x")),
+        "NUL in PATH": fields(*good[:2], (Tag.PATH, b"/a\0b")),
+    }
+    for reason, body in bodies.items():
+        channel = agent.new_id()
+        agent.send(p.encode_frame(MsgType.MOUNT, channel, body))
+        error = agent.error_on(channel)
+        assert error.errno == errno.EINVAL, reason
+        assert error.message.startswith("MOUNT: "), (reason, error.message)
+    assert not Path(target).exists()
+    agent.send(p.MountRequest("vmr0", "virtiofs", target).encode(0))  # channel 0: not a request id
+    assert agent.error_on(0).errno == errno.EINVAL
+    assert agent.run(["echo", "still here"]).stdout == b"still here\n"
+
+
+def test_mount_of_a_missing_disk_names_the_serial_and_creates_nothing(
+    agent: AgentConn, tmp_path: Path
+) -> None:
+    target = tmp_path / "a" / "b"
+    channel = agent.new_id()
+    agent.send(p.MountRequest("D9", "ext4", str(target), readonly=True).encode(channel))
+    error = agent.error_on(channel)
+    assert error.errno == errno.ENODEV
+    assert str(target) in error.message and "serial D9" in error.message
+    assert not (tmp_path / "a").exists()
+
+
+def test_mount_before_hello_is_refused(raw_agent: AgentConn, tmp_path: Path) -> None:
+    raw_agent.send(p.MountRequest("D0", "ext4", str(tmp_path / "m")).encode(2))
+    assert raw_agent.error_on(0).errno == errno.EPROTO
+    raw_agent.hello()
+
+
 # --- hostile host ------------------------------------------------------------
 
 

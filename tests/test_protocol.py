@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,3 +50,20 @@ def test_exec_request_encodes_every_field() -> None:
     assert (p.Tag.ENV, b"A=1") in fields and (p.Tag.USER, b"app") in fields
     assert (p.Tag.RLIMIT, p.RLIMIT.pack(7, 64, 128)) in fields
     assert (p.Tag.TIMEOUT_MS, (1500).to_bytes(8, "little")) in fields
+
+
+def test_mount_request_encodes_every_field() -> None:
+    request = p.MountRequest("D3", "ext4", "/data/disk", readonly=True)
+    [frame] = p.FrameDecoder().feed(request.encode(5))
+    assert (frame.type, frame.channel) == (p.MsgType.MOUNT, 5)
+    assert p.decode_fields(frame.body) == [
+        (p.Tag.SOURCE, b"D3"), (p.Tag.FSTYPE, b"ext4"), (p.Tag.PATH, b"/data/disk"),
+        (p.Tag.READONLY, (1).to_bytes(8, "little")),
+    ]  # fmt: skip
+    assert (p.MsgType.MOUNT, p.Tag.SOURCE, p.Tag.FSTYPE, p.Tag.READONLY) == (17, 33, 34, 35)
+
+
+@pytest.mark.parametrize(("fstype", "path"), [("nfs", "/mnt"), ("virtiofs", "mnt")])
+def test_mount_request_refuses_what_the_agent_would(fstype: str, path: str) -> None:
+    with pytest.raises(ValueError):
+        p.MountRequest("vmr0", fstype, path).encode(1)

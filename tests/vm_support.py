@@ -66,19 +66,30 @@ def load_busybox_image(workdir: Path) -> str:
     return BUSYBOX_IMAGE
 
 
-def qemu_processes(marker: str) -> list[int]:
-    """Pids of QEMU processes whose command line mentions ``marker``."""
+def processes(program: bytes, marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions both ``program`` and ``marker``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if b"qemu-system" in cmdline and marker.encode() in cmdline:
+        if program in cmdline and marker.encode() in cmdline and state != b"Z":
             found.append(int(entry.name))
     return found
+
+
+def qemu_processes(marker: str) -> list[int]:
+    """Pids of QEMU processes whose command line mentions ``marker``."""
+    return processes(b"qemu-system", marker)
+
+
+def broker_processes(marker: str) -> list[int]:
+    """Pids of virtio-fs brokers whose command line (their socket path) mentions ``marker``."""
+    return processes(b"vmruntime.broker", marker)
 
 
 def allocated_bytes(path: Path) -> int:

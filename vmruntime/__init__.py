@@ -16,6 +16,7 @@ _EXPORTS = {
     "VmruntimeError": "vmruntime.errors",
     "AsyncSandbox": "vmruntime.vm",
     "ExecResult": "vmruntime.vm",
+    "Mount": "vmruntime.vm",
     "Sandbox": "vmruntime.vm",
     "ImageRecord": "vmruntime.images",
     "ImageStore": "vmruntime.images",
@@ -31,6 +32,7 @@ __all__ = [
     "ExecResult",
     "ImageRecord",
     "ImageStore",
+    "Mount",
     "Reference",
     "Sandbox",
     "VmruntimeError",
@@ -62,4 +64,4 @@ if TYPE_CHECKING:
         pull,
         resolve,
     )
-    from vmruntime.vm import AsyncSandbox, ExecResult, Sandbox
+    from vmruntime.vm import AsyncSandbox, ExecResult, Mount, Sandbox

@@ -44,6 +44,7 @@ class MsgType(IntEnum):
     FILE_WRITE = 14
     PORT_CONNECT = 15
     SHUTDOWN = 16
+    MOUNT = 17
 
 
 class Tag(IntEnum):
@@ -76,11 +77,15 @@ class Tag(IntEnum):
     BYTES = 30
     GROUP = 31
     PORT = 32
+    SOURCE = 33
+    FSTYPE = 34
+    READONLY = 35
 
 
 _STRING_TAGS = frozenset(
-    {Tag.AGENT, Tag.KERNEL, Tag.ARG, Tag.ENV, Tag.CWD, Tag.USER, Tag.MESSAGE, Tag.PATH}
-)
+    {Tag.AGENT, Tag.KERNEL, Tag.ARG, Tag.ENV, Tag.CWD, Tag.USER, Tag.MESSAGE, Tag.PATH,
+     Tag.SOURCE, Tag.FSTYPE}
+)  # fmt: skip
 _DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR})
 FieldValue = int | bytes | str
 
@@ -274,6 +279,30 @@ def port_connect(channel: int, port: int) -> bytes:
     return encode_frame(MsgType.PORT_CONNECT, channel, encode_fields([(Tag.PORT, port)]))
 
 
+MOUNT_FSTYPES = ("virtiofs", "ext4")
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    """Mount a share (``virtiofs``, by its device tag) or a disk (``ext4``, by its serial)."""
+
+    source: str
+    fstype: str
+    path: str
+    readonly: bool = False
+
+    def encode(self, channel: int) -> bytes:
+        if self.fstype not in MOUNT_FSTYPES:
+            raise ValueError(f"fstype {self.fstype!r}: want one of {MOUNT_FSTYPES}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"mount path {self.path!r} is not absolute")
+        fields: list[tuple[int, FieldValue]] = [
+            (Tag.SOURCE, self.source), (Tag.FSTYPE, self.fstype), (Tag.PATH, self.path),
+            (Tag.READONLY, int(self.readonly)),
+        ]  # fmt: skip
+        return encode_frame(MsgType.MOUNT, channel, encode_fields(fields))
+
+
 # Guest messages, parsed and validated.
 
 
@@ -301,9 +330,7 @@ class GuestError:
 
 
 _HELLO_TAGS = frozenset({Tag.VERSION, Tag.AGENT, Tag.KERNEL, Tag.UPTIME_MS})
-_EXIT_TAGS = frozenset(
-    {Tag.CODE, Tag.SIGNAL, Tag.CORE_DUMPED, Tag.TIMED_OUT, Tag.OOM_KILLED}
-)
+_EXIT_TAGS = frozenset({Tag.CODE, Tag.SIGNAL, Tag.CORE_DUMPED, Tag.TIMED_OUT, Tag.OOM_KILLED})
 
 
 def parse_hello(body: bytes) -> Hello:

@@ -220,6 +220,16 @@ class AgentClient:
             error = exc.error
             raise GuestFileError(self.sandbox_id, path, error.errno, error.message) from None
 
+    async def mount(self, request: p.MountRequest) -> p.GuestError | None:
+        """Ask the agent to mount a share or disk; None once mounted, else its error."""
+        channel = self._new_channel()
+        await self.send(request.encode(channel.id))
+        try:
+            await channel.wait()
+        except _GuestChannelError as exc:
+            return exc.error
+        return None
+
     async def connect_port(self, port: int) -> Channel:
         channel = self._new_channel()
         await self.send(p.port_connect(channel.id, port))

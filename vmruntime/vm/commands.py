@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from vmruntime.errors import SandboxError
 from vmruntime.vm import state
+from vmruntime.vm.mounts import Mount
 from vmruntime.vm.qemu import adopt_vm
 from vmruntime.vm.sandbox import DEFAULT_MEMORY_MIB, AsyncProcess, AsyncSandbox, ExecResult
 
@@ -40,6 +41,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                      help="leave the sandbox running (see `vmr sandbox exec`)")  # fmt: skip
     run.add_argument("--keep", action="store_true", help="keep the stopped sandbox's files")
     run.add_argument("--writable-size", type=int, default=4096, help="writable layer, MiB")
+    run.add_argument("--mount", action="append", default=[], metavar="HOST:GUEST[:ro]",
+                     help="share the host directory HOST at GUEST (through a broker)")  # fmt: skip
+    run.add_argument("--volume", action="append", default=[], metavar="NAME:GUEST[:ro]",
+                     help="mount the named volume NAME (see `vmr volume`) at GUEST")  # fmt: skip
+    run.add_argument("--disk", action="append", default=[], metavar="PATH:GUEST[:ro]",
+                     help="attach the raw ext4 disk image PATH and mount it at GUEST")  # fmt: skip
     run.add_argument("image")
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(handler=_run)
@@ -108,6 +115,13 @@ def _ports(specs: list[str]) -> dict[int, int]:
     return ports
 
 
+def _mounts(args: argparse.Namespace) -> list[Mount]:
+    """--mount, --volume and --disk, in that order (each keeps the order given)."""
+    mounts = [Mount.parse(spec, "bind") for spec in args.mount]
+    mounts += [Mount.parse(spec, "volume") for spec in args.volume]
+    return mounts + [Mount.parse(spec, "disk") for spec in args.disk]
+
+
 def _run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_async(args))
 
@@ -119,8 +133,8 @@ async def _run_async(args: argparse.Namespace) -> int:
         raise SandboxError("-", hint)
     sandbox = await AsyncSandbox.create(
         args.image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
-        ports=_ports(args.publish), name=args.name, writable_size=args.writable_size << 20,
-        detached=args.detach, keep=args.keep,
+        ports=_ports(args.publish), mounts=_mounts(args), name=args.name,
+        writable_size=args.writable_size << 20, detached=args.detach, keep=args.keep,
     )  # fmt: skip
     if args.detach:
         await sandbox.detach()
@@ -278,6 +292,7 @@ async def _stop_one(record: state.SandboxRecord) -> None:
                 vm.kill()
         else:
             await sandbox.stop(keep=True)  # `stop` keeps files; `rm` removes them
+    state.end_brokers(record)
     state.mark_stopped(paths)
 
 
@@ -296,6 +311,7 @@ def _rm(args: argparse.Namespace) -> int:
 def _kill(record: state.SandboxRecord) -> None:
     paths = state.SandboxPaths(record.id)
     adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket).kill()
+    state.end_brokers(record)
 
 
 def _logs(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 Who calls it: :mod:`vmruntime.vm.sandbox` builds a :class:`MachineSpec`, attaches
 disks, console ports and vhost-user sockets to it, and hands it to a
 :class:`VmmDriver`. What a driver promises: ``boot`` starts the VM as a child in
-its own process group; ``kill`` ends it at once; and, unless the VM was booted
-detached, the VM dies with the host process that booted it. QEMU is the only
+its own process group, holding ``pass_fds`` (and no other descriptor of ours) for
+its whole life; ``kill`` ends it at once; and, unless the VM was booted detached,
+the VM dies with the host process that booted it. QEMU is the only
 driver today (:mod:`vmruntime.vm.qemu`); another VMM goes beside it.
 """
 
@@ -20,6 +21,9 @@ class Disk:
     path: Path
     serial: str
     readonly: bool
+    # False: the VMM takes no lock of its own on the image (a read-only attach of a disk
+    # that another VM writes; vmruntime's own attach locks decide who may write).
+    locking: bool = True
 
 
 @dataclass(frozen=True)
@@ -50,17 +54,24 @@ class MachineSpec:
     disks: list[Disk] = field(default_factory=list)
     console_ports: list[ConsolePort] = field(default_factory=list)
     vhost_user_fs: list[VhostUserFs] = field(default_factory=list)
+    # Descriptors the VMM inherits and holds for its whole life (disk attach locks).
+    pass_fds: list[int] = field(default_factory=list)
 
-    def attach_disk(self, path: Path, *, serial: str, readonly: bool) -> None:
+    def attach_disk(self, path: Path, *, serial: str, readonly: bool, locking: bool = True) -> None:
         if len(serial) > 20:
             raise ValueError(f"virtio-blk serial {serial!r} is longer than 20 characters")
-        self.disks.append(Disk(path, serial, readonly))
+        self.disks.append(Disk(path, serial, readonly, locking))
 
     def attach_console_port(self, name: str, socket: Path) -> None:
         self.console_ports.append(ConsolePort(name, socket))
 
     def attach_vhost_user_fs(self, socket: Path, tag: str) -> None:
+        if not 0 < len(tag.encode()) <= 36:
+            raise ValueError(f"virtio-fs tag {tag!r}: want 1 to 36 bytes")
         self.vhost_user_fs.append(VhostUserFs(socket, tag))
+
+    def hold_fds(self, fds: list[int]) -> None:
+        self.pass_fds.extend(fds)
 
 
 class VmHandle(ABC):

@@ -57,8 +57,10 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
     for index, disk in enumerate(spec.disks):
-        drive = f"id=disk{index},file={disk.path},format=raw,if=none"
+        drive = f"id=disk{index},file={_escape(str(disk.path))},format=raw,if=none"
         drive += ",readonly=on" if disk.readonly else ",discard=unmap,detect-zeroes=unmap"
+        if not disk.locking:
+            drive += ",file.locking=off"
         argv += ["-drive", drive]
         argv += ["-device", f"virtio-blk-device,drive=disk{index},serial={disk.serial}"]
     if spec.console_ports:
@@ -67,9 +69,14 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         argv += ["-chardev", f"socket,id=port{index},path={port.socket},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev=port{index},name={port.name}"]
     for index, share in enumerate(spec.vhost_user_fs):
-        argv += ["-chardev", f"socket,id=fs{index},path={share.socket}"]
+        argv += ["-chardev", f"socket,id=fs{index},path={_escape(str(share.socket))}"]
         argv += ["-device", f"vhost-user-fs-device,chardev=fs{index},tag={share.tag}"]
     return argv
+
+
+def _escape(value: str) -> str:
+    """A value inside a QEMU option list, where a comma must be doubled."""
+    return value.replace(",", ",,")
 
 
 def _die_with_parent() -> None:
@@ -160,6 +167,7 @@ class QemuDriver(VmmDriver):
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
+                    pass_fds=spec.pass_fds,
                     preexec_fn=None if detached else _die_with_parent,
                 )
             except OSError as exc:

@@ -5,10 +5,13 @@ Who calls it: users of ``vmruntime.Sandbox`` / ``vmruntime.AsyncSandbox``, the
 promises:
 
 - the guest sees exactly the image's layers (attached read-only, shared by every
-  sandbox, never copied) plus a private writable layer, with no network device;
+  sandbox, never copied) plus a private writable layer, with no network device,
+  plus the mounts the caller asks for (:mod:`vmruntime.vm.mounts`), each mounted
+  before ``create`` returns or the creation fails with the guest's reason;
 - every exit path (an error during create, ``stop``, ``kill``, leaving the
-  ``with`` block, a crashed host process) ends the VM; an ephemeral sandbox
-  (the default) also leaves no files behind;
+  ``with`` block, a crashed host process) ends the VM and its brokers and
+  releases its disk locks; an ephemeral sandbox (the default) also leaves no
+  files behind;
 - failures are errors, never hangs: an unknown image suggests ``vmr image
   pull``; a VM that dies reports the tail of its console; a timeout raises
   :class:`ExecTimeoutError`, not an exit code.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -34,6 +38,7 @@ from vmruntime.errors import (
     BootError,
     ExecTimeoutError,
     GuestOutOfMemoryError,
+    MountError,
     SandboxError,
     VmmError,
 )
@@ -42,6 +47,7 @@ from vmruntime.images.store import ImageStore
 from vmruntime.vm import state
 from vmruntime.vm.client import STDERR, AgentClient, Channel
 from vmruntime.vm.driver import MachineSpec, VmHandle
+from vmruntime.vm.mounts import Mount, SandboxMounts, guest_owner, resolve_mounts
 from vmruntime.vm.qemu import QemuDriver, adopt_vm
 
 AGENT_PORT = "org.vmruntime.agent"
@@ -55,6 +61,8 @@ _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
 # What the guest kernel prints when memory exhaustion is what killed it.
 _OUT_OF_MEMORY_SIGNS = ("Out of memory", "oom-kill", "deadlocked on memory", "out_of_memory")
+# microvm's virtio-mmio transports (QEMU 7.2): layers + writable + console + mounts.
+_VIRTIO_SLOTS = 24
 # Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
 _live: WeakSet[AsyncSandbox] = WeakSet()
 
@@ -182,11 +190,13 @@ class AsyncSandbox:
     """One microVM running an image; create with :meth:`create` or :meth:`attach`."""
 
     def __init__(self, paths: state.SandboxPaths, record: state.SandboxRecord,
-                 defaults: ExecDefaults, vm: VmHandle) -> None:  # fmt: skip
+                 defaults: ExecDefaults, vm: VmHandle,
+                 mounts: SandboxMounts | None = None) -> None:  # fmt: skip
         self._paths = paths
         self._record = record
         self._defaults = defaults
         self._vm = vm
+        self._mounts = mounts  # None when attached: the record names its brokers
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
         self._forwards: list[asyncio.Server] = []
@@ -224,7 +234,7 @@ class AsyncSandbox:
         memory_mib: int = DEFAULT_MEMORY_MIB,
         env: Mapping[str, str] | None = None,
         ports: Mapping[int, int] | Sequence[int] | None = None,
-        mounts: Sequence[object] | None = None,
+        mounts: Sequence[Mount | str] | None = None,
         name: str = "",
         writable_size: int = DEFAULT_WRITABLE_SIZE,
         detached: bool = False,
@@ -236,23 +246,25 @@ class AsyncSandbox:
 
         ``ports`` maps guest ports to host ports on 127.0.0.1 (0 picks a free one);
         a list forwards each guest port from a free host port; ``.ports`` then
-        says which host port serves each guest port. A ``detached``
-        sandbox outlives this process (``vmr sandbox exec|stop`` reach it); a
-        ``keep`` sandbox keeps its writable layer and logs after ``stop``.
+        says which host port serves each guest port. ``mounts`` are
+        :class:`Mount` values (or ``"HOST:GUEST[:ro]"`` strings), all mounted in
+        the guest before this returns. A ``detached`` sandbox outlives this
+        process (``vmr sandbox exec|stop`` reach it, and its brokers live on with
+        it); a ``keep`` sandbox keeps its writable layer and logs after ``stop``.
         """
         from vmruntime.guest.assets import ensure_guest_assets
         from vmruntime.images.catalog import resolve
         from vmruntime.rootfs.writable import create_writable_layer
         from vmruntime.vm.accel import choose_accelerator
 
-        if mounts:
-            raise SandboxError("-", "mounts arrive with the virtio-fs broker; not supported yet")
         if detached and ports:
             raise SandboxError("-", "a detached sandbox cannot forward ports (nobody serves them)")
         if cpus < 1 or memory_mib < 64:
             raise SandboxError("-", f"cpus={cpus}, memory_mib={memory_mib}: need ≥1 cpu, ≥64 MiB")
+        resolved = resolve_mounts(mounts)  # a bad mount fails before anything is made
         store = store or ImageStore()
         image_record = resolve(image, store)
+        _check_device_budget(len(image_record.layer_paths), len(resolved))
         assets = ensure_guest_assets(store.root)
         accel = choose_accelerator()
         if writable_size < 16 << 20 or writable_size % (1 << 20):
@@ -278,13 +290,22 @@ class AsyncSandbox:
         )
         started = time.monotonic()
         vm: VmHandle | None = None
+        attached: SandboxMounts | None = None
+        config = image_record.config
         try:
             state.write_record(paths, record)
             create_writable_layer(paths.writable, writable_size, cache_root=store.root)
+            # Before QEMU: it connects to the brokers' sockets as it starts.
+            attached = SandboxMounts.prepare(
+                resolved, paths, owner=guest_owner(config.user), detached=detached
+            )
+            record.mounts, record.brokers = attached.describe(), attached.broker_processes
+            state.write_record(paths, record)
+            layers = len(image_record.layer_paths)
             spec = MachineSpec(
                 kernel=assets.kernel,
                 initramfs=assets.initramfs,
-                cmdline=_kernel_cmdline(len(image_record.layer_paths), paths.id, accel.name),
+                cmdline=_kernel_cmdline(layers, paths.id, accel.name, shares=bool(attached.shares)),
                 cpus=cpus,
                 memory_mib=memory_mib,
                 accelerator=accel.name,
@@ -295,11 +316,11 @@ class AsyncSandbox:
             for index, layer in enumerate(image_record.layer_paths):
                 spec.attach_disk(layer, serial=f"L{index}", readonly=True)
             spec.attach_disk(paths.writable, serial="W", readonly=False)
+            attached.attach(spec)
             spec.attach_console_port(AGENT_PORT, paths.agent_socket)
             vm = await QemuDriver().boot(spec, detached=detached)
             record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
             state.write_record(paths, record)
-            config = image_record.config
             defaults = ExecDefaults(
                 env={**_image_env(config.env), **(env or {})},
                 cwd=config.working_dir or "/",
@@ -307,8 +328,9 @@ class AsyncSandbox:
                 entrypoint=tuple(config.entrypoint or ()),
                 cmd=tuple(config.cmd or ()),
             )
-            sandbox = cls(paths, record, defaults, vm)
+            sandbox = cls(paths, record, defaults, vm, attached)
             await sandbox._connect(boot_timeout)
+            await sandbox._mount_all(started + boot_timeout)
             if not detached:
                 _live.add(sandbox)
             sandbox.boot_seconds = time.monotonic() - started
@@ -317,6 +339,8 @@ class AsyncSandbox:
         except BaseException as exc:
             if vm is not None:
                 vm.kill()
+            if attached is not None:
+                attached.close()
             paths.remove()
             if isinstance(exc, OSError):  # e.g. a full disk while cloning the writable layer
                 raise SandboxError(paths.id, f"cannot prepare the sandbox: {exc}") from exc
@@ -344,13 +368,8 @@ class AsyncSandbox:
 
     async def _connect_locked(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self._paths.agent_socket.exists():
-            await self._check_boot_alive(deadline)
-            await asyncio.sleep(0.005)
+        self._client = await self._open_agent_socket(deadline)
         try:
-            self._client = await AgentClient.connect(
-                self._paths.agent_socket, self.id, self._on_agent_failure
-            )
             hello_task = asyncio.ensure_future(self._client.hello())
             exited = asyncio.ensure_future(self._vm.wait())
             done, _ = await asyncio.wait(
@@ -368,6 +387,41 @@ class AsyncSandbox:
                 raise
             raise BootError(self.id, f"cannot reach the agent: {exc}", self._tail()) from exc
         self.kernel_release = hello.kernel
+
+    async def _mount_all(self, deadline: float) -> None:
+        """Have the agent mount every share and disk; the first failure is a MountError."""
+        if self._mounts is None:
+            return
+        client = self._agent()
+        for mount, request in self._mounts.requests():
+            # A virtio-fs mount waits for the broker's answer to FUSE_INIT inside the
+            # guest's mount(2): bound it, so a server that never answers is an error.
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                error = await self._guard(asyncio.wait_for(client.mount(request), left))
+            except TimeoutError:
+                raise MountError(str(mount), "the guest did not finish mounting it") from None
+            if error is not None:
+                name = errno.errorcode.get(error.errno, str(error.errno))
+                raise MountError(str(mount), f"in the guest: {error.message} ({name})")
+
+    async def _open_agent_socket(self, deadline: float) -> AgentClient:
+        """Connect once QEMU listens; a QEMU that died on the way is a BootError."""
+        while True:
+            # QEMU binds the socket before it listens: the file alone is not enough, and a
+            # refused connection means "not yet" while QEMU lives.
+            if self._paths.agent_socket.exists():
+                try:
+                    return await AgentClient.connect(
+                        self._paths.agent_socket, self.id, self._on_agent_failure
+                    )
+                except ConnectionRefusedError:
+                    pass
+                except OSError as exc:
+                    reason = f"cannot reach the agent: {exc}"
+                    raise BootError(self.id, reason, self._tail()) from exc
+            await self._check_boot_alive(deadline)
+            await asyncio.sleep(0.005)
 
     async def _check_boot_alive(self, deadline: float) -> None:
         if not self._vm.running():
@@ -589,6 +643,8 @@ class AsyncSandbox:
         if self._client is not None:
             await self._client.close()
         self._release_lock()
+        if self._mounts is not None:
+            self._mounts.release_locks()  # QEMU holds its own copies for the VM's life
         self._closed = True
 
     async def _close_forwards(self) -> None:
@@ -604,6 +660,7 @@ class AsyncSandbox:
         if self._client is not None:
             await self._client.close()
         self._release_lock()
+        self._end_mounts()
         if self._record.keep:
             state.mark_stopped(self._paths)
         else:
@@ -613,6 +670,12 @@ class AsyncSandbox:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    def _end_mounts(self) -> None:
+        """Once the VM is gone: end the brokers and release the disk locks."""
+        if self._mounts is not None:
+            self._mounts.close()
+        state.end_brokers(self._record)  # an attached sandbox knows them from the record only
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
@@ -631,13 +694,22 @@ def _end_owned_sandboxes_at_exit() -> None:
     """
     for sandbox in list(_live):
         sandbox._vm.kill()
+        sandbox._end_mounts()
         if sandbox._record.keep:
             state.mark_stopped(sandbox._paths)
         else:
             sandbox._paths.remove()
 
 
-def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str) -> str:
+def _check_device_budget(layers: int, mounts: int) -> None:
+    used = layers + 2 + mounts  # + the writable layer and the console
+    if used > _VIRTIO_SLOTS:
+        reason = (f"{layers} layers + {mounts} mounts need {used} virtio devices; the"
+                  f" microVM has {_VIRTIO_SLOTS}")  # fmt: skip
+        raise SandboxError("-", reason)
+
+
+def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str, *, shares: bool = False) -> str:
     # reboot=t: microvm has no reset device, so the agent's reboot (and panic=-1)
     # must triple-fault for QEMU's -no-reboot to end the VM.
     args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
@@ -646,6 +718,8 @@ def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str) -> str:
         # PIT sometimes hangs early boot, so the kernel is told the rate instead.
         args.append(f"tsc_early_khz={khz}")
     args += [f"vmr.layers={layers}", "vmr.writable=1", f"vmr.hostname=vmr-{sandbox_id}"]
+    if shares:
+        args.append("vmr.modules=virtiofs")  # fuse + virtiofs cost boot time: only on demand
     if os.environ.get("VMRUNTIME_GUEST_DEBUG"):
         args.append("vmr.debug=1")  # the agent logs each boot step to the console
     return " ".join(args)

@@ -22,7 +22,9 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import stat
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from typing import Any
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import SandboxError, SandboxNotFoundError
 
-RECORD_VERSION = 1
+# 2: adds `mounts` and `brokers`; a version 1 record reads as one with neither.
+RECORD_VERSION = 2
 _RECORD = "sandbox.json"
 
 
@@ -74,6 +77,31 @@ def process_alive(pid: int | None, start_time: int | None) -> bool:
     return bool(pid) and start_time is not None and process_start_time(pid) == start_time
 
 
+def kill_process(pid: int | None, start_time: int | None, wait: float = 2.0) -> None:
+    """SIGKILL a process named by pid and start time, and wait (briefly) until it is gone.
+
+    For processes another (maybe gone) process started, e.g. a detached sandbox's
+    brokers; a child of ours is reaped too.
+    """
+    if not pid or not process_alive(pid, start_time):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while process_alive(pid, start_time) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def end_brokers(record: SandboxRecord) -> None:
+    """Kill whatever is left of a sandbox's brokers (they normally exit with QEMU)."""
+    for pid, start in record.brokers:
+        kill_process(pid, start)
+
+
 @dataclass
 class SandboxRecord:
     """What ``sandbox.json`` holds."""
@@ -94,6 +122,9 @@ class SandboxRecord:
     ports: dict[str, int] = field(default_factory=dict)
     keep: bool = False
     stopped: bool = False
+    mounts: list[str] = field(default_factory=list)
+    # [pid, start time] of each virtio-fs broker: ended with QEMU by stop/kill/prune.
+    brokers: list[list[int | None]] = field(default_factory=list)
     version: int = RECORD_VERSION
 
     @property
@@ -148,6 +179,13 @@ class SandboxPaths:
     @property
     def agent_lock(self) -> Path:
         return self.runtime / "agent.lock"
+
+    def share_socket(self, index: int) -> Path:
+        """The vhost-user socket of the broker serving share ``index``."""
+        return self.runtime / f"fs{index}.sock"
+
+    def broker_log(self, index: int) -> Path:
+        return self.state / f"broker{index}.log"
 
     def create(self) -> None:
         self.state.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
  * Files: agent.c (entry, logging, memory), boot.c (building the root),
  * wire.c (frames and fields), serve.c (the event loop and requests),
  * stream.c (moving bytes of a channel), exec.c (starting processes),
- * user.c (/etc/passwd and /etc/group).
+ * user.c (/etc/passwd and /etc/group), mount.c (shares and disks the host asks for).
  */
 #ifndef VMR_AGENT_H
 #define VMR_AGENT_H
@@ -31,7 +31,7 @@
 enum msg_type {
     MSG_HELLO = 1, MSG_EXEC, MSG_STARTED, MSG_STDIN, MSG_STDOUT, MSG_STDERR,
     MSG_STDIN_EOF, MSG_WINDOW, MSG_SIGNAL, MSG_RESIZE, MSG_EXIT, MSG_ERROR,
-    MSG_FILE_READ, MSG_FILE_WRITE, MSG_PORT_CONNECT, MSG_SHUTDOWN,
+    MSG_FILE_READ, MSG_FILE_WRITE, MSG_PORT_CONNECT, MSG_SHUTDOWN, MSG_MOUNT,
 };
 
 enum tag {
@@ -39,6 +39,7 @@ enum tag {
     T_ARG = 10, T_ENV, T_CWD, T_USER, T_TTY, T_ROWS, T_COLS, T_RLIMIT, T_TIMEOUT_MS,
     T_STDIN, T_PID, T_CODE, T_SIGNAL, T_CORE_DUMPED, T_TIMED_OUT, T_OOM_KILLED,
     T_ERRNO, T_MESSAGE, T_PATH, T_MODE, T_BYTES, T_GROUP, T_PORT,
+    T_SOURCE, T_FSTYPE, T_READONLY,
 };
 
 /* ---- agent.c ---- */
@@ -123,6 +124,18 @@ struct spawned {
 /* 0 with *sp filled, or an errno and a message in why[] for an ERROR frame. */
 int spawn_exec(const struct exec_req *req, struct spawned *sp, char *why, size_t whylen);
 
+/* ---- mount.c ---- */
+struct mount_req {
+    char *source; /* virtiofs: the device's tag; ext4: the virtio-blk serial */
+    char *fstype; /* "virtiofs" or "ext4" */
+    char *path;   /* absolute guest path, created (mkdir -p) if missing */
+    bool readonly;
+};
+/* 0 once mounted, or an errno and a message in why[] for an ERROR frame. */
+int mount_request(const struct mount_req *m, char *why, size_t whylen);
+/* At shutdown: sync and remount read-only every writable disk the host attached. */
+void mounts_remount_readonly(void);
+
 /* ---- serve.c ---- */
 /* Serve connections on fd until it is gone (test mode) or forever (PID 1). */
 _Noreturn void serve(int fd, bool reconnecting);
@@ -131,5 +144,7 @@ void set_writable_mount_fd(int fd);
 /* ---- boot.c ---- */
 /* Builds the root and returns the agent port's fd; never returns on failure. */
 int boot(void);
+/* Whole small file into buf (NUL-terminated, trailing whitespace removed); -1 if absent. */
+ssize_t read_small(const char *path, char *buf, size_t size);
 
 #endif

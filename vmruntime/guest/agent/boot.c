@@ -61,8 +61,7 @@ static void mount_fs(const char *src, const char *target, const char *type, unsi
     debugmsg("mounted %s on %s", type, target);
 }
 
-/* Whole small file into buf (NUL-terminated, trailing whitespace removed); -1 if absent. */
-static ssize_t read_small(const char *path, char *buf, size_t size)
+ssize_t read_small(const char *path, char *buf, size_t size)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)

@@ -1,6 +1,6 @@
-/* Host requests: opening channels (EXEC, FILE_READ, FILE_WRITE, PORT_CONNECT) and the
- * frames that act on an open one (STDIN, STDIN_EOF, WINDOW, SIGNAL, RESIZE). Every field
- * is checked here; a bad opening request is answered with ERROR on its own id. */
+/* Host requests: opening channels (EXEC, FILE_READ, FILE_WRITE, PORT_CONNECT), MOUNT,
+ * and the frames that act on an open channel (STDIN, STDIN_EOF, WINDOW, SIGNAL, RESIZE).
+ * Every field is checked here; a bad opening request is answered with ERROR on its own id. */
 #define _GNU_SOURCE
 #include "channel.h"
 #include "request.h"
@@ -375,6 +375,84 @@ void request_port_connect(uint32_t id, const uint8_t *body, size_t len)
     ch->connecting = true;
     if (!err)
         chan_finish_connect(ch);
+}
+
+/* ---- MOUNT ---- */
+
+static bool mount_field(struct parse *p, const struct field *f, struct mount_req *m)
+{
+    char **slot = f->tag == T_SOURCE ? &m->source
+                  : f->tag == T_FSTYPE ? &m->fstype
+                  : f->tag == T_PATH   ? &m->path
+                                       : NULL;
+    if (slot) {
+        char *s = get_str(p, f, true);
+        if (!s)
+            return false;
+        *slot = s;
+        return true;
+    }
+    if (f->tag == T_READONLY) {
+        uint64_t v;
+        if (!get_u64(p, f, 1, &v))
+            return false;
+        m->readonly = v;
+        return true;
+    }
+    return unknown_tag(p, f);
+}
+
+/* SOURCE, FSTYPE and PATH are required; READONLY defaults to 0. */
+static bool parse_mount(const uint8_t *body, size_t len, struct mount_req *m, struct parse *p)
+{
+    struct field f;
+    int got;
+    parse_init(p, body, len);
+    while ((got = parse_next(p, &f)) > 0)
+        if (!mount_field(p, &f, m))
+            return false;
+    if (got < 0)
+        return false;
+    if (!m->source || !m->fstype || !m->path) {
+        snprintf(p->why, sizeof p->why, "SOURCE, FSTYPE and PATH are required");
+        return false;
+    }
+    if (strcmp(m->fstype, "virtiofs") != 0 && strcmp(m->fstype, "ext4") != 0) {
+        snprintf(p->why, sizeof p->why, "FSTYPE %.64s: want virtiofs or ext4", m->fstype);
+        return false;
+    }
+    /* A virtiofs tag is at most 36 bytes, a virtio-blk serial at most 20. */
+    if (!m->source[0] || strlen(m->source) > 36 || strchr(m->source, '/')) {
+        snprintf(p->why, sizeof p->why, "SOURCE: want a device tag or serial");
+        return false;
+    }
+    if (m->path[0] != '/') {
+        snprintf(p->why, sizeof p->why, "PATH missing or not absolute");
+        return false;
+    }
+    return true;
+}
+
+void request_mount(uint32_t id, const uint8_t *body, size_t len)
+{
+    struct mount_req m = {0};
+    struct parse p;
+    char why[MAX_ERROR_MESSAGE];
+    if (!parse_mount(body, len, &m, &p)) {
+        send_error(id, EINVAL, "MOUNT: %s", p.why);
+    } else {
+        int err = mount_request(&m, why, sizeof why);
+        if (err) {
+            send_error(id, err, "%s", why);
+        } else {
+            size_t fr = frame_begin(&g_outq, MSG_EXIT, id);
+            field_u64(&g_outq, T_CODE, 0);
+            frame_end(&g_outq, fr);
+        }
+    }
+    free(m.source);
+    free(m.fstype);
+    free(m.path);
 }
 
 /* ---- frames on an open channel ---- */

@@ -8,6 +8,8 @@ void request_exec(uint32_t id, const uint8_t *body, size_t len);
 void request_file_read(uint32_t id, const uint8_t *body, size_t len);
 void request_file_write(uint32_t id, const uint8_t *body, size_t len);
 void request_port_connect(uint32_t id, const uint8_t *body, size_t len);
+/* Answered at once: EXIT CODE 0 once mounted, or ERROR; no channel stays open. */
+void request_mount(uint32_t id, const uint8_t *body, size_t len);
 void request_stdin(struct channel *ch, const uint8_t *data, size_t len);
 void request_stdin_eof(struct channel *ch);
 void request_window(struct channel *ch, const uint8_t *body, size_t len);

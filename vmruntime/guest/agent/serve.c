@@ -192,6 +192,7 @@ static void handle_hello(const uint8_t *body, size_t len)
 
 static void remount_readonly(void)
 {
+    mounts_remount_readonly(); /* disks above the root first */
     if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
         debugmsg("remount / read-only: %s", strerror(errno));
     if (writable_fd < 0)
@@ -257,6 +258,9 @@ static void open_channel(uint8_t type, uint32_t id, const uint8_t *body, size_t 
     case MSG_FILE_WRITE:
         request_file_write(id, body, len);
         break;
+    case MSG_MOUNT:
+        request_mount(id, body, len);
+        break;
     default:
         request_port_connect(id, body, len);
         break;
@@ -313,6 +317,7 @@ static void dispatch(const uint8_t *h, const uint8_t *body, size_t len)
     case MSG_FILE_READ:
     case MSG_FILE_WRITE:
     case MSG_PORT_CONNECT:
+    case MSG_MOUNT:
         open_channel(type, id, body, len);
         break;
     case MSG_STDIN:
