@@ -195,12 +195,15 @@ def attach_volume(
     return Attachment(target, readonly=readonly, holder=holder, fds=fds, sidecars=sidecars)
 
 
-def volume_in_use(directory: Path) -> bool:
-    """Whether some attachment holds the volume's lock (probe: an instant LOCK_EX)."""
+def lock_held(path: Path) -> bool | None:
+    """Does some open file hold a flock on ``path``? None if there is no such file.
+
+    A probe: an instant ``LOCK_EX`` that is dropped at once.
+    """
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -208,6 +211,11 @@ def volume_in_use(directory: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def volume_in_use(directory: Path) -> bool:
+    """Whether some attachment holds the volume's lock."""
+    return lock_held(directory / LOCK_NAME) is True
 
 
 def exclusive_volume_lock(name: str, directory: Path) -> int:

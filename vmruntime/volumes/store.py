@@ -38,6 +38,7 @@ from vmruntime.volumes.attach import (
     Attachment,
     attach_volume,
     exclusive_volume_lock,
+    lock_held,
     volume_holders,
     volume_in_use,
 )
@@ -288,37 +289,21 @@ class VolumeStore:
 
 
 def _writer_attached(image: Path) -> bool:
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(image) is True
 
 
 def _abandoned(temp: Path) -> bool:
     try:
-        fd = os.open(temp / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        held = lock_held(temp / LOCK_NAME)
+    except OSError:
+        return False
+    if held is None:
         # Its creator died between mkdir and taking the lock (or is just there now).
         try:
             return time.time() - temp.stat().st_mtime > _STALE_TEMP_AGE
         except OSError:
             return False
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return not held
 
 
 def _read_volume(name: str, directory: Path) -> Volume:
