@@ -118,7 +118,7 @@ class FuseHandler:
 
         Returns the reply's length, or None when the request has no reply.
         """
-        total = sum(len(v) for v in request)
+        total = sum(map(len, request))
         if total > self._max_request:
             head = _gather(request, _HEADER)
             return _scatter(self._refusal(head, errno.EINVAL), reply)
@@ -158,7 +158,7 @@ class FuseHandler:
             header = abi.decode_in_header(request)
         except WireError:
             return abi.error_reply(0, errno.EIO), None
-        carried = sum(len(v) for v in write_data)  # WRITE data left in the transport's buffers
+        carried = sum(map(len, write_data))  # WRITE data left in the transport's buffers
         if header.length != len(request) + carried or header.length > self._max_request:
             return abi.error_reply(header.unique, errno.EINVAL), None
         if self._closed:  # its descriptor numbers may belong to someone else by now
@@ -171,7 +171,7 @@ class FuseHandler:
                 count = self._read_into(header, body, reply_views)
                 return abi.out_header(header.unique, 0, count), count
             if header.opcode == Op.WRITE:
-                return self._write_views(header, body, write_data), None
+                return self._write_views(header, body, write_data, carried), None
             handler = self._dispatch.get(header.opcode)
             if handler is None:
                 return abi.error_reply(header.unique, errno.ENOSYS), None
@@ -318,7 +318,7 @@ class FuseHandler:
     def _read_into(self, header: abi.InHeader, body: memoryview,
                    reply_views: Sequence[memoryview]) -> int:  # fmt: skip
         fh, offset, size, *_ = unpack(abi.READ_IN, body)
-        room = sum(len(v) for v in reply_views) - abi.OUT_HEADER.size
+        room = sum(map(len, reply_views)) - abi.OUT_HEADER.size
         if room < 0:
             raise OSError(errno.EINVAL, "no room for the reply")
         target = _slice(reply_views, abi.OUT_HEADER.size, min(size, room, self._max_read))
@@ -328,15 +328,15 @@ class FuseHandler:
     def _max_read(self) -> int:
         return self.options.max_write
 
-    def _write_views(self, header: abi.InHeader, body: memoryview,
-                     data: list[memoryview]) -> bytes:  # fmt: skip
+    def _write_views(self, header: abi.InHeader, body: memoryview, data: list[memoryview],
+                     available: int) -> bytes:  # fmt: skip
         fh, offset, size, *_ = unpack(abi.WRITE_IN, body)
         if not data:  # a whole request: the data follows the arguments
             data = [body[abi.WRITE_IN.size :]]
-        available = sum(len(v) for v in data)
+            available = len(data[0])
         if size != available:
             raise OSError(errno.EINVAL, f"WRITE says {size} bytes and carries {available}")
-        written = self._ops.write(fh, offset, data)
+        written = self._ops.write(fh, offset, data, size)
         return abi.reply(header.unique, abi.WRITE_OUT.pack(written, 0))
 
     def _statfs(self, header: abi.InHeader, body: bytes) -> bytes:
@@ -482,8 +482,13 @@ def _slice(views: Sequence[memoryview], start: int, length: int) -> list[memoryv
     for view in views:
         if length <= 0:
             break
-        if start >= len(view):
-            start -= len(view)
+        size = len(view)
+        if start >= size:
+            start -= size
+            continue
+        if start == 0 and size <= length:  # the common case: whole guest pages
+            result.append(view)
+            length -= size
             continue
         piece = view[start : start + length]
         result.append(piece)
@@ -494,10 +499,10 @@ def _slice(views: Sequence[memoryview], start: int, length: int) -> list[memoryv
 
 def _scatter(data: bytes, views: Sequence[memoryview]) -> int:
     """Copy ``data`` into ``views``; a reply that does not fit becomes an error reply."""
-    if len(data) > sum(len(v) for v in views):
+    if len(data) > sum(map(len, views)):
         unique = abi.OUT_HEADER.unpack_from(data)[2]
         data = abi.error_reply(unique, errno.EOVERFLOW)
-        if len(data) > sum(len(v) for v in views):
+        if len(data) > sum(map(len, views)):
             return 0
     offset = 0
     for view in views:

@@ -395,16 +395,17 @@ class Passthrough:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self.handles.get(fh, is_dir=False).fd, size, offset)
 
-    def write(self, fh: int, offset: int, buffers: Sequence[memoryview | bytes]) -> int:
-        handle = self.handles.get(fh, is_dir=False)
-        total = 0
-        pending = [memoryview(b) for b in buffers if len(b)]
-        while pending:  # pwritev may write less than asked; the guest wants it all
-            written = os.pwritev(handle.fd, pending, offset + total)
+    def write(self, fh: int, offset: int, buffers: Sequence[memoryview], size: int) -> int:
+        """Write all ``size`` bytes of ``buffers`` at ``offset`` (one pwritev, as a rule)."""
+        fd = self.handles.get(fh, is_dir=False).fd
+        if not size:
+            return 0
+        total = os.pwritev(fd, buffers, offset)
+        while 0 < total < size:  # a short write (a signal, a nearly full disk): go on
+            written = os.pwritev(fd, _advance(list(buffers), total), offset + total)
             if written <= 0:
                 break
             total += written
-            pending = _advance(pending, written)
         return total
 
     def release(self, fh: int) -> None:
@@ -536,12 +537,12 @@ def _d_type(item: os.DirEntry[str]) -> int:
 
 
 def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
-    while buffers and count >= len(buffers[0]):
-        count -= len(buffers[0])
-        buffers = buffers[1:]
-    if buffers and count:
-        buffers = [buffers[0][count:], *buffers[1:]]
-    return buffers
+    """``buffers`` without their first ``count`` bytes."""
+    for index, view in enumerate(buffers):
+        if count < len(view):
+            return [view[count:], *buffers[index + 1 :]]
+        count -= len(view)
+    return []
 
 
 def _now_ns() -> int:

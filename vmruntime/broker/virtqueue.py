@@ -27,7 +27,6 @@ load (notification suppression, see :func:`full_fence`) takes a real barrier.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
 import logging
 import mmap
@@ -194,6 +193,7 @@ class GuestMemory:
             self.close()
             raise
         self._starts = [r.guest_addr for r in self.regions]
+        self._last: MemoryRegion | None = None
 
     @classmethod
     def empty(cls) -> GuestMemory:
@@ -204,6 +204,7 @@ class GuestMemory:
             region.close()
         self.regions = []
         self._starts = []
+        self._last = None
 
     def _region_at(self, addr: int) -> MemoryRegion | None:
         pos = bisect.bisect_right(self._starts, addr) - 1
@@ -215,6 +216,10 @@ class GuestMemory:
         """``length`` bytes at guest physical ``addr``, split where regions meet."""
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise AddressError(f"range {addr:#x}+{length:#x} wraps around")
+        last = self._last
+        if last is not None and last.guest_addr <= addr and addr + length <= last.guest_end:
+            offset = addr - last.guest_addr  # the common case: inside the region used last
+            return [last.view[offset : offset + length]]
         views: list[memoryview] = []
         while length > 0:
             region = self._region_at(addr)
@@ -225,6 +230,7 @@ class GuestMemory:
             offset = addr - region.guest_addr
             take = min(length, region.guest_end - addr)
             views.append(region.view[offset : offset + take])
+            self._last = region
             addr += take
             length -= take
         return views
@@ -262,9 +268,12 @@ class Chain:
 
     def release(self) -> None:
         """Drop the views so the mappings can be closed; a view still exported stays."""
-        for view in (*self.readable, *self.writable):
-            with contextlib.suppress(BufferError):
-                view.release()
+        for views in (self.readable, self.writable):
+            for view in views:
+                try:  # noqa: SIM105 - a hot path: suppress() costs an object per view
+                    view.release()
+                except BufferError:
+                    pass
         self.readable = []
         self.writable = []
 
@@ -353,6 +362,9 @@ class SplitQueue:
     def _walk(self, chain: Chain) -> None:
         table, limit, index, steps = self._desc, self.size, chain.head, 0
         writing = False
+        # Guest pages that are neighbours in guest memory become one view: a 1 MiB
+        # WRITE is often a few runs of pages rather than 256 separate ones.
+        run_addr = run_len = 0
         try:
             while True:
                 steps += 1
@@ -366,14 +378,25 @@ class SplitQueue:
                     index, steps = 0, 0
                     continue
                 if flags & VIRTQ_DESC_F_WRITE:
+                    if not writing and run_len:
+                        chain.readable.extend(self._memory.gpa_views(run_addr, run_len))
+                        run_len = 0
                     writing = True
                     chain.writable_len += length
                 elif writing:
                     raise BadChainError("a device-readable buffer after a writable one")
                 if length:
-                    views = self._memory.gpa_views(addr, length)
-                    (chain.writable if writing else chain.readable).extend(views)
+                    if run_len and addr == run_addr + run_len:
+                        run_len += length
+                    else:
+                        if run_len:
+                            out = chain.writable if writing else chain.readable
+                            out.extend(self._memory.gpa_views(run_addr, run_len))
+                        run_addr, run_len = addr, length
                 if not flags & VIRTQ_DESC_F_NEXT:
+                    if run_len:
+                        out = chain.writable if writing else chain.readable
+                        out.extend(self._memory.gpa_views(run_addr, run_len))
                     return
                 if nxt >= limit:
                     raise BadChainError(f"next index {nxt} is outside a table of {limit}")
