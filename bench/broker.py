@@ -179,8 +179,9 @@ class Peer:
     removes what it left.
     """
 
-    def __init__(self, share: Path, socket: Path, log: Path) -> None:
+    def __init__(self, share: Path, socket: Path, log: Path, options: list[str]) -> None:
         self.share, self.socket, self.log = share, socket, log
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.workdir: Path | None = None  # the script's peer.XXXXXX inside the chroot
 
@@ -189,7 +190,7 @@ class Peer:
             print(f"peer: building the Debian 13 chroot in {PEER_ROOT} (about 2 minutes) ...")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                ["bash", str(PEER_SCRIPT), str(self.share), str(self.socket)],
+                ["bash", str(PEER_SCRIPT), str(self.share), str(self.socket), *self.options],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -507,7 +508,8 @@ def print_environment(accel: Accelerator, args: argparse.Namespace, tree: Tree) 
     version = qemu.stdout.split("\n", 1)[0].removeprefix("QEMU emulator version ")
     print(
         f"environment: cpus={len(os.sched_getaffinity(0))} python={platform.python_version()} "
-        f"qemu={version} host kernel={platform.release()} peer={virtiofsd_version()}"
+        f"qemu={version} host kernel={platform.release()} peer={virtiofsd_version()} "
+        f"peer options: {args.peer_options or '(none)'}"
     )
     print(f"accelerator: {accel.name} ({accel.reason})")
     print(
@@ -695,7 +697,10 @@ async def bench_main(args: argparse.Namespace) -> int:
         os.sync()  # the tree's write-back is not part of any step
         print(f"share: two copies of the tree written in {fmt(time.perf_counter() - built)}")
         print_environment(choose_accelerator(), args, tree)
-        peer_server = Peer(peer.share, base / "virtiofsd.sock", base / "virtiofsd-peer.log")
+        peer_server = Peer(
+            peer.share, base / "virtiofsd.sock", base / "virtiofsd-peer.log",
+            args.peer_options.split(),
+        )  # fmt: skip
         peer_server.start(args.peer_timeout)
         external = Mount.external(peer_server.socket, GUEST_MOUNT, readonly=False)
         async with (
@@ -736,6 +741,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peer-timeout", type=float, default=600.0,
         help="wait this long for virtiofsd's socket (the first run builds its chroot)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer-options", default="--xattr",
+        help="extra virtiofsd options. The default --xattr gives it the broker's feature set: "
+        "a server with extended attributes is asked for security.capability before every "
+        "guest write(2), one more round trip that virtiofsd without them is spared",
     )  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy one more broker round")
     parser.add_argument("--profile-top", type=int, default=15, help="frames to list")

@@ -134,6 +134,7 @@ def serve(args: argparse.Namespace) -> int:
             _unlink_if_ours(args.socket, inode)
     finally:
         backend.close()
+        log.info("requests by opcode: %s", handler.describe_counts() or "none")
         handler.close()
     return 0
 

@@ -58,10 +58,17 @@ class Openat2Resolver:
     name = "openat2"
     resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
 
+    def __init__(self) -> None:
+        self._hows: dict[tuple[int, int], bytes] = {}  # packed once per (flags, mode)
+
     def open_child(self, parent_fd: int, name: bytes, flags: int, mode: int = 0) -> int:
         check_name(name)
-        how = _OPEN_HOW.pack(flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, self.resolve)
-        fd = _libc.syscall(_SYS_OPENAT2, parent_fd, name, how, len(how))
+        how = self._hows.get((flags, mode))
+        if how is None:
+            how = _OPEN_HOW.pack(flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, self.resolve)
+            if len(self._hows) < 256:
+                self._hows[flags, mode] = how
+        fd = _libc.syscall(_SYS_OPENAT2, parent_fd, name, how, _OPEN_HOW.size)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), name.decode(errors="replace"))

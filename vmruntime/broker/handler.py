@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class FuseHandler:
             ReadOnly(self._passthrough) if self.options.readonly else self._passthrough  # type: ignore[assignment]
         )
         self._lock = threading.Lock()
+        self.counts: Counter[int] = Counter()  # requests by opcode, for the broker's log
         self._initialized = False
         self._entry_ns = int(self.options.entry_timeout * 1e9)
         self._attr_ns = int(self.options.attr_timeout * 1e9)
@@ -138,6 +140,13 @@ class FuseHandler:
             return len(answer) + read_count
         return _scatter(answer, reply)
 
+    def describe_counts(self) -> str:
+        """``LOOKUP 12, GETATTR 3, ...``: what the guest asked for, most frequent first."""
+        return ", ".join(
+            f"{Op(op).name if op in Op._value2member_map_ else op} {count}"
+            for op, count in self.counts.most_common()
+        )
+
     def close(self) -> None:
         """Release every descriptor; later requests get EIO and touch nothing."""
         with self._lock:
@@ -161,6 +170,7 @@ class FuseHandler:
         carried = sum(map(len, write_data))  # WRITE data left in the transport's buffers
         if header.length != len(request) + carried or header.length > self._max_request:
             return abi.error_reply(header.unique, errno.EINVAL), None
+        self.counts[header.opcode] += 1
         if self._closed:  # its descriptor numbers may belong to someone else by now
             return abi.error_reply(header.unique, errno.EIO), None
         if not self._initialized and header.opcode != Op.INIT:
