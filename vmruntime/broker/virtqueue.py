@@ -361,7 +361,10 @@ class SplitQueue:
 
     def _walk(self, chain: Chain) -> None:
         table, limit, index, steps = self._desc, self.size, chain.head, 0
-        writing = False
+        views = self._memory.gpa_views
+        unpack = _DESC.unpack_from
+        out = chain.readable
+        writable_len = 0
         # Guest pages that are neighbours in guest memory become one view: a 1 MiB
         # WRITE is often a few runs of pages rather than 256 separate ones.
         run_addr = run_len = 0
@@ -370,7 +373,7 @@ class SplitQueue:
                 steps += 1
                 if steps > limit:
                     raise BadChainError(f"chain from {chain.head} loops or exceeds its table")
-                addr, length, flags, nxt = _DESC.unpack_from(table, _DESC_SIZE * index)
+                addr, length, flags, nxt = unpack(table, _DESC_SIZE * index)
                 if flags & VIRTQ_DESC_F_INDIRECT:
                     if table is not self._desc or steps != 1:
                         raise BadChainError("an indirect descriptor must be a chain's only one")
@@ -378,30 +381,30 @@ class SplitQueue:
                     index, steps = 0, 0
                     continue
                 if flags & VIRTQ_DESC_F_WRITE:
-                    if not writing and run_len:
-                        chain.readable.extend(self._memory.gpa_views(run_addr, run_len))
-                        run_len = 0
-                    writing = True
-                    chain.writable_len += length
-                elif writing:
+                    if out is chain.readable:  # the first device-writable buffer
+                        if run_len:
+                            out.extend(views(run_addr, run_len))
+                            run_len = 0
+                        out = chain.writable
+                    writable_len += length
+                elif out is chain.writable:
                     raise BadChainError("a device-readable buffer after a writable one")
                 if length:
                     if run_len and addr == run_addr + run_len:
                         run_len += length
                     else:
                         if run_len:
-                            out = chain.writable if writing else chain.readable
-                            out.extend(self._memory.gpa_views(run_addr, run_len))
+                            out.extend(views(run_addr, run_len))
                         run_addr, run_len = addr, length
                 if not flags & VIRTQ_DESC_F_NEXT:
                     if run_len:
-                        out = chain.writable if writing else chain.readable
-                        out.extend(self._memory.gpa_views(run_addr, run_len))
+                        out.extend(views(run_addr, run_len))
                     return
                 if nxt >= limit:
                     raise BadChainError(f"next index {nxt} is outside a table of {limit}")
                 index = nxt
         finally:
+            chain.writable_len = writable_len
             if table is not self._desc:
                 table.release()
 
