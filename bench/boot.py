@@ -74,8 +74,7 @@ PYTHON_ARGV = ("python3", "-c", "print(1)")
 _CONSOLE_FAILURES = ("Kernel panic", "vmr-agent", "Oops", "BUG:")
 
 
-class BenchError(RuntimeError):
-    """A measurement did not do what it should; the run stops."""
+BenchError = samples.BenchError
 
 
 # --- samples ----------------------------------------------------------------------------
@@ -442,14 +441,6 @@ def print_environment(machine: BareMachine) -> None:
     )
 
 
-def leftover_children() -> list[int]:
-    """PIDs of this process's children still alive (there should be none)."""
-    pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return pids
-
-
 async def bench_main(args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     assert task is not None
@@ -489,17 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        status = asyncio.run(bench_main(args))
-    except BenchError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        status = 1
-    except asyncio.CancelledError:  # SIGTERM: every VM was ended by the finally blocks
-        print("terminated", file=sys.stderr)
-        status = 128 + signal.SIGTERM
-    if children := leftover_children():
-        print(f"warning: child processes still alive: {children}", file=sys.stderr)
-    return status
+    return samples.run(lambda: bench_main(args))
 
 
 if __name__ == "__main__":

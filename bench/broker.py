@@ -121,8 +121,7 @@ n=0""", settle=False),
 )  # fmt: skip
 
 
-class BenchError(RuntimeError):
-    """A measurement did not do what it should; the run stops."""
+BenchError = samples.BenchError
 
 
 def fmt(seconds: float) -> str:
@@ -759,27 +758,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def leftover_children() -> list[int]:
-    """PIDs of this process's children still alive (there should be none)."""
-    pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return pids
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        status = asyncio.run(bench_main(args))
-    except BenchError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        status = 1
-    except asyncio.CancelledError:  # SIGTERM: the finally blocks ended everything
-        print("terminated", file=sys.stderr)
-        status = 128 + signal.SIGTERM
-    if children := leftover_children():
-        print(f"warning: child processes still alive: {children}", file=sys.stderr)
-    return status
+    return samples.run(lambda: bench_main(args))
 
 
 if __name__ == "__main__":
