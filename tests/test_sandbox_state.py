@@ -290,3 +290,22 @@ def test_a_broker_that_fails_to_start_leaves_no_lock(
 def test_kernel_command_line_loads_virtiofs_only_with_shares() -> None:
     assert "vmr.modules=virtiofs" not in _kernel_cmdline(2, "abc", "kvm")
     assert "vmr.modules=virtiofs" in _kernel_cmdline(2, "abc", "kvm", shares=True)
+
+
+def test_a_sandboxs_open_files_are_capped_across_its_shares(dirs: Path, tmp_path: Path) -> None:
+    """One broker per share: the sandbox's cap is split between them, not multiplied."""
+    folders = [tmp_path / f"share{i}" for i in range(3)]
+    for folder in folders:
+        folder.mkdir()
+    paths = state.SandboxPaths("777777777777")
+    paths.create()
+    resolved = resolve_mounts([Mount(folder, f"/s{i}") for i, folder in enumerate(folders)])
+    mounts = SandboxMounts.prepare(resolved, paths, owner=(0, 0), detached=False)
+    try:
+        caps = []
+        for pid, _start in mounts.broker_processes:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            caps.append(int(argv[argv.index(b"--max-handles") + 1]))
+    finally:
+        mounts.close()
+    assert caps == [mounts_module.SANDBOX_OPEN_HANDLES // 3] * 3

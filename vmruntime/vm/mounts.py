@@ -51,6 +51,10 @@ MountKind = Literal["bind", "volume", "disk", "external"]
 _RESERVED = ("/proc", "/sys", "/dev")
 _EXT_MAGIC_OFFSET = 1080  # s_magic of the ext2/3/4 superblock (which starts at 1024)
 _EXT_MAGIC = b"\x53\xef"
+# Open files a sandbox's guest may hold across all its shares (CVE-2020-10717): each
+# broker gets its part, and never fewer than _MIN_HANDLES_PER_SHARE.
+SANDBOX_OPEN_HANDLES = 1024
+_MIN_HANDLES_PER_SHARE = 64
 _OPTION_NAMES = {"bind": "--mount", "volume": "--volume", "disk": "--disk", "external": "external"}
 
 
@@ -256,9 +260,11 @@ class SandboxMounts:
         try:
             for item in resolved:
                 made._add(item, paths)
+            served = [s for s in made.shares if s.resolved.mount.kind != "external"]
+            handles = max(_MIN_HANDLES_PER_SHARE, SANDBOX_OPEN_HANDLES // max(1, len(served)))
             for index, share in enumerate(made.shares):
-                if share.resolved.mount.kind != "external":
-                    share.broker = _start_broker(share, paths, index, owner, detached)
+                if share in served:
+                    share.broker = _start_broker(share, paths, index, owner, detached, handles)
         except BaseException:
             made.close()
             raise
@@ -338,12 +344,12 @@ def _spell(resolved: ResolvedMount) -> str:
 
 
 def _start_broker(share: _Share, paths: state.SandboxPaths, index: int, owner: tuple[int, int],
-                  detached: bool) -> BrokerProcess:  # fmt: skip
+                  detached: bool, max_handles: int) -> BrokerProcess:  # fmt: skip
     from vmruntime.broker.process import BrokerProcess, ShareConfig
 
     mount = share.resolved.mount
     config = ShareConfig(share.resolved.source, readonly=mount.readonly, uid=owner[0],
-                         gid=owner[1])  # fmt: skip
+                         gid=owner[1], max_handles=max_handles)  # fmt: skip
     return BrokerProcess.start(config, share.socket, log=paths.broker_log(index),
                                detached=detached)  # fmt: skip
 
