@@ -126,11 +126,12 @@ class FuseHandler:
             return _scatter(self._refusal(head, errno.EINVAL), reply)
         head = _gather(request, min(total, _WRITE_ARGS_END))
         opcode = abi.IN_HEADER.unpack_from(head)[1] if len(head) >= _HEADER else 0
+        data: list[memoryview] = []
+        whole = head  # most requests (READ, GETATTR, FORGET...) are no longer than this
         if opcode == Op.WRITE:
             data = _slice(request, _WRITE_ARGS_END, total - _WRITE_ARGS_END)
-            whole = head
-        else:
-            data, whole = [], _gather(request, total)
+        elif total > len(head):
+            whole = _gather(request, total)
         with self._lock:
             answer, read_count = self._serve(memoryview(whole), data, reply)
         if answer is None:

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmruntime.broker import _libc, identity
@@ -206,7 +206,7 @@ class Passthrough:
         if inode.kind == stat.S_IFLNK:
             return  # no descriptor-relative lutimes without a name; times of links matter little
         st = os.fstat(inode.fd)
-        now = _now_ns()
+        now = time.time_ns()
         atime = st.st_atime_ns
         mtime = st.st_mtime_ns
         if args.valid & FATTR_ATIME:
@@ -227,11 +227,11 @@ class Passthrough:
             return
         if inode.kind == stat.S_IFLNK:
             return  # links show the share's owner and 0777; nothing to record (no xattrs)
-        record = self._record(inode) or identity.StatRecord()
-        if mode is not None:
-            current = self.attr(inode).mode
-            mode = stat.S_IFMT(current) | stat.S_IMODE(mode)
-        identity.write_record(inode.proc_path, record.merged(uid=uid, gid=gid, mode=mode))
+        record = self._record(inode)
+        if mode is not None:  # chmod keeps the type the guest sees (a device stays one)
+            mode = identity.shown_type(os.fstat(inode.fd).st_mode, record) | stat.S_IMODE(mode)
+        merged = (record or identity.StatRecord()).merged(uid=uid, gid=gid, mode=mode)
+        identity.write_record(inode.proc_path, merged)
 
     # Creating and removing names.
 
@@ -447,18 +447,21 @@ class Passthrough:
         fd = self._reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
         return self.handles.add(fd, inode, is_dir=True)
 
-    def readdir(self, fh: int, offset: int) -> list[DirEntry]:
-        """Entries after ``offset``, from a listing taken when the guest starts (offset 0)."""
+    def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Entries after ``offset``, from a listing taken when the guest starts (offset 0).
+
+        Lazy: the caller stops when its reply is full, so a large directory read in
+        many requests costs each one only the entries it returns.
+        """
         handle = self.handles.get(fh, is_dir=True)
         if offset == 0 or handle.listing is None:
             handle.listing = _list_dir(handle)
             if self.virtual:
                 handle.listing = [self._shown_dirent(handle, *item) for item in handle.listing]
-        return [
-            DirEntry(name, ino, d_type, index + 1)
-            for index, (name, ino, d_type) in enumerate(handle.listing)
-            if index >= offset
-        ]
+        listing = handle.listing
+        for index in range(max(0, offset), len(listing)):
+            name, ino, d_type = listing[index]
+            yield DirEntry(name, ino, d_type, index + 1)
 
     def _shown_dirent(self, handle: Handle, name: bytes, ino: int,
                       d_type: int) -> tuple[bytes, int, int]:  # fmt: skip
@@ -481,15 +484,11 @@ class Passthrough:
     # Extended attributes (only user.*, and never the broker's own).
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        inode = self._xattr_target(nodeid, name)
-        if not name.startswith(b"user."):
-            raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes")
+        inode = self._xattr_target(nodeid, name, foreign=errno.EOPNOTSUPP)
         os.setxattr(inode.proc_path, name, value, flags & 3)
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
-        inode = self._xattr_target(nodeid, name)
-        if not name.startswith(b"user."):
-            raise OSError(errno.ENODATA, "only user.* extended attributes")
+        inode = self._xattr_target(nodeid, name, foreign=errno.ENODATA)
         return os.getxattr(inode.proc_path, name)
 
     def listxattr(self, nodeid: int) -> list[bytes]:
@@ -500,12 +499,15 @@ class Passthrough:
         return [n for n in names if n.startswith(b"user.") and not identity.is_private_xattr(n)]
 
     def removexattr(self, nodeid: int, name: bytes) -> None:
-        inode = self._xattr_target(nodeid, name)
-        if not name.startswith(b"user."):
-            raise OSError(errno.ENODATA, "only user.* extended attributes")
+        inode = self._xattr_target(nodeid, name, foreign=errno.ENODATA)
         os.removexattr(inode.proc_path, name)
 
-    def _xattr_target(self, nodeid: int, name: bytes) -> Inode:
+    def _xattr_target(self, nodeid: int, name: bytes, *, foreign: int) -> Inode:
+        """The inode whose ``user.*`` attribute ``name`` the guest may use.
+
+        ``foreign`` is the errno for another namespace: "no such attribute" for
+        reads and removals, "not supported" for writes.
+        """
         inode = self.inodes.get(nodeid)
         if not name or len(name) > XATTR_NAME_MAX or b"\0" in name:
             raise OSError(errno.EINVAL, "bad extended attribute name")
@@ -513,12 +515,15 @@ class Passthrough:
             raise OSError(errno.EPERM, "the broker's own attribute")
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise OSError(errno.EPERM, "extended attributes only on files and directories")
+        if not name.startswith(b"user."):
+            raise OSError(foreign, "only user.* extended attributes")
         return inode
 
 
 def _list_dir(handle: Handle) -> list[tuple[bytes, int, int]]:
     st = os.fstat(handle.fd)
-    entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", 0, 4)]
+    dot = _DT[stat.S_IFDIR]
+    entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, dot), (b"..", 0, dot)]
     os.lseek(handle.fd, 0, os.SEEK_SET)
     with os.scandir(handle.fd) as scan:
         for item in scan:
@@ -528,11 +533,11 @@ def _list_dir(handle: Handle) -> list[tuple[bytes, int, int]]:
 
 def _d_type(item: os.DirEntry[str]) -> int:
     if item.is_symlink():
-        return 10
+        return _DT[stat.S_IFLNK]
     if item.is_dir(follow_symlinks=False):
-        return 4
+        return _DT[stat.S_IFDIR]
     if item.is_file(follow_symlinks=False):
-        return 8
+        return _DT[stat.S_IFREG]
     return 0  # DT_UNKNOWN: the guest asks GETATTR
 
 
@@ -543,7 +548,3 @@ def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
             return [view[count:], *buffers[index + 1 :]]
         count -= len(view)
     return []
-
-
-def _now_ns() -> int:
-    return time.time_ns()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -13,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmruntime._child import die_with_parent, log_tail
 from vmruntime.errors import BrokerError
 
-_PR_SET_PDEATHSIG = 1
 # Generous: a broker is listening ~0.2 s after exec, but CI machines are slow.
 START_TIMEOUT = 15.0
 _LOG_TAIL_BYTES = 4096
@@ -39,26 +38,6 @@ class ShareConfig:
                 "--gid", str(self.gid), "--containment", self.containment,
                 "--max-handles", str(self.max_handles)]  # fmt: skip
         return [*args, "--readonly"] if self.readonly else args
-
-
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: SIGKILL when the starting thread dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _log_tail(log: Path) -> str:
-    try:
-        with open(log, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - _LOG_TAIL_BYTES))
-            text = file.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
 class BrokerProcess:
@@ -96,7 +75,7 @@ class BrokerProcess:
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                     pass_fds=(ready_w,), start_new_session=detached,
                     process_group=None if detached else 0,
-                    preexec_fn=None if detached else lambda: _die_with_parent(parent),
+                    preexec_fn=None if detached else lambda: die_with_parent(parent),
                 )  # fmt: skip
         except OSError as exc:
             os.close(ready_r)
@@ -131,7 +110,7 @@ class BrokerProcess:
         raise BrokerError(self.share.root, self._failure(f"exited with status {code}"))
 
     def _failure(self, what: str) -> str:
-        tail = _log_tail(self.log)
+        tail = log_tail(self.log, _LOG_TAIL_LINES, _LOG_TAIL_BYTES)
         return f"the broker {what}" + (f":\n{tail}" if tail else " (its log is empty)")
 
     def running(self) -> bool:

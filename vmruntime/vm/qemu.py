@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -20,12 +19,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from vmruntime._child import die_with_parent
 from vmruntime.errors import VmmError
 from vmruntime.vm.driver import MachineSpec, VmHandle, VmmDriver
 from vmruntime.vm.state import process_alive
 
 QEMU_BINARY = "qemu-system-x86_64"
-_PR_SET_PDEATHSIG = 1
 
 
 def qemu_binary() -> str:
@@ -77,12 +76,6 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
 def _escape(value: str) -> str:
     """A value inside a QEMU option list, where a comma must be doubled."""
     return value.replace(",", ",,")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuVm(VmHandle):
@@ -159,6 +152,7 @@ class QemuDriver(VmmDriver):
 
     async def boot(self, spec: MachineSpec, *, detached: bool = False) -> VmHandle:
         argv = qemu_argv(spec)
+        parent = os.getpid()
         with open(spec.vmm_log, "ab") as log:
             try:
                 process = subprocess.Popen(
@@ -168,7 +162,7 @@ class QemuDriver(VmmDriver):
                     stderr=log,
                     start_new_session=True,
                     pass_fds=spec.pass_fds,
-                    preexec_fn=None if detached else _die_with_parent,
+                    preexec_fn=None if detached else lambda: die_with_parent(parent),
                 )
             except OSError as exc:
                 raise VmmError(f"cannot start QEMU: {exc}", argv) from exc

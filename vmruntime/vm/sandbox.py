@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO
 from weakref import WeakSet
 
+from vmruntime._child import log_tail
 from vmruntime.errors import (
     AgentDiedError,
     AgentProtocolError,
@@ -103,15 +104,7 @@ class ExecDefaults:
 
 
 def console_tail(path: Path, lines: int = _CONSOLE_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 64 * 1024))
-            text = log.read().decode(errors="replace")
-    except OSError:
-        return ""
-    kept = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
-    return "\n".join(kept[-lines:])
+    return log_tail(path, lines)
 
 
 def _image_env(env: Sequence[str]) -> dict[str, str]:
