@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 
@@ -61,5 +65,15 @@ def is_pseudo_fs(fd: int) -> bool:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) itself: glibc's posix_fallocate would write zeros instead of failing."""
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     _check(_libc.fallocate(fd, mode, offset, length), f"fd {fd}")
+
+
+def mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+    _check(
+        _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode()),
+        str(target),
+    )
+
+
+def umount2(target: Path, flags: int) -> None:
+    _check(_libc.umount2(os.fsencode(target), flags), str(target))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -49,6 +48,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
+from vmruntime.broker import _libc
 from vmruntime.broker.abi import IN_HEADER, INIT_OUT, OUT_HEADER, Op, error_reply
 from vmruntime.errors import BrokerError
 
@@ -58,16 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["FuseMount", "serve_mount"]
 
 _log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -95,18 +85,6 @@ def _close_live_mounts() -> None:
     for mount in list(_LIVE):
         with contextlib.suppress(Exception):
             mount.close()
-
-
-def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode()):
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(target))
-
-
-def _umount2(target: Path, flags: int) -> None:
-    if _libc.umount2(os.fsencode(target), flags):
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(target))
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -218,7 +196,7 @@ class FuseMount:
             options.append("allow_other")
         before = set(_mounted_devices(mountpoint))
         try:
-            _mount(self.fsname, mountpoint, FSTYPE, MS_NOSUID | MS_NODEV, ",".join(options))
+            _libc.mount(self.fsname, mountpoint, FSTYPE, MS_NOSUID | MS_NODEV, ",".join(options))
         except OSError as e:
             raise BrokerError(self.mountpoint, f"mount(2): {e.strerror}") from None
         self._mounted = True
@@ -301,13 +279,13 @@ class FuseMount:
             return
         # The workers keep serving meanwhile: unmounting may need them (flushes, FORGETs).
         try:
-            _umount2(self.mountpoint, UMOUNT_NOFOLLOW)
+            _libc.umount2(self.mountpoint, UMOUNT_NOFOLLOW)
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise BrokerError(self.mountpoint, f"umount2: {e.strerror}") from None
             # Busy (an open file, a cwd): detach now, the rest goes when close() aborts.
             try:
-                _umount2(self.mountpoint, UMOUNT_NOFOLLOW | MNT_DETACH)
+                _libc.umount2(self.mountpoint, UMOUNT_NOFOLLOW | MNT_DETACH)
             except OSError as e2:
                 raise BrokerError(self.mountpoint, f"umount2(MNT_DETACH): {e2.strerror}") from None
 
