@@ -74,7 +74,8 @@ from imagefactory import (  # noqa: E402
 )
 from registry_support import LocalRegistry, push_layout  # noqa: E402
 
-from vmruntime.images import ImageStore, parse_reference, pull  # noqa: E402
+from vmruntime.images import ImageStore, parse_reference  # noqa: E402
+from vmruntime.rootfs import pull  # noqa: E402
 from vmruntime.images.ingest import no_progress  # noqa: E402
 from vmruntime.images.manifest import (  # noqa: E402
     Descriptor,

@@ -39,7 +39,9 @@ class ShortReads(io.RawIOBase):
 def cache_contents(store: ImageStore) -> dict[str, int]:
     """Every blob, layer image and temp file with its size (locks do not count)."""
     found = {}
-    for directory in (store.blobs_dir, store.rootfs_dir, store.tmp_dir):
+    for directory in (store.blobs_dir, store.root / "rootfs" / "sha256", store.tmp_dir):
+        if not directory.is_dir():
+            continue
         for path in directory.iterdir():
             found[str(path.relative_to(store.root))] = path.stat().st_size
     refs = store.root / "refs.json"
@@ -60,7 +62,7 @@ def unpack_workers() -> list[str]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:  # the process ended while we looked
             continue
-        if b"vmruntime.images.unpack_worker" in argv:
+        if b"vmruntime.rootfs.unpack_worker" in argv:
             found.append(b" ".join(argv).decode(errors="replace"))
     return found
 

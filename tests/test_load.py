@@ -28,7 +28,7 @@ from vmruntime.errors import (
     ImageNotFoundError,
     InvalidReferenceError,
 )
-from vmruntime.images import load, resolve
+from vmruntime.rootfs import ErofsLayers, load, resolve
 
 
 def layers() -> list[bytes]:
@@ -144,7 +144,7 @@ def test_tampered_docker_save_is_refused(store, tmp_path) -> None:
     with pytest.raises(DigestMismatchError) as caught:
         load(saved.tar_path, store=store)
     assert caught.value.expected == saved.diff_ids[0]
-    assert not store.has_rootfs(saved.diff_ids[0]) and not store.has_blob(saved.diff_ids[0])
+    assert not ErofsLayers(store).ready(saved.diff_ids[0]) and not store.has_blob(saved.diff_ids[0])
     assert store.list_refs() == []
 
 

@@ -20,6 +20,6 @@ def test_importing_the_runtime_does_not_load_the_http_stack() -> None:
     import subprocess
     import sys
 
-    probe = "import sys, vmruntime.images.unpack; print('requests' in sys.modules)"
+    probe = "import sys, vmruntime.rootfs.unpack, vmruntime.vm; print('requests' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -32,9 +32,10 @@ from vmruntime.errors import (
     RegistryError,
     SizeMismatchError,
 )
-from vmruntime.images import ImageStore, inspect, pull, resolve
+from vmruntime.images import ImageStore, inspect
 from vmruntime.images.reference import parse_reference
 from vmruntime.images.registry import RegistryClient
+from vmruntime.rootfs import ErofsLayers, load, pull, resolve
 
 
 def no_unpacker_threads_left() -> bool:
@@ -104,7 +105,7 @@ def test_shared_layers_are_downloaded_once(local_registry, store, tmp_path) -> N
     ref_a, info_a = push(local_registry, tmp_path, base)
     ref_b, info_b = push(local_registry, tmp_path, [*base, unique_layer("third")])
     pull(ref_a, store=store)
-    inodes = {d: store.rootfs_path(d).stat().st_ino for d in info_a.diff_ids}
+    inodes = {d: ErofsLayers(store).path(d).stat().st_ino for d in info_a.diff_ids}
     record_b = pull(ref_b, store=store)
     assert record_b.report.fetched == [info_b.config_digest, info_b.layer_digests[2]]
     assert set(record_b.report.reused) == set(info_a.layer_digests)
@@ -112,8 +113,8 @@ def test_shared_layers_are_downloaded_once(local_registry, store, tmp_path) -> N
         assert local_registry.blob_get_count(digest) == 1
     assert local_registry.blob_get_count(info_b.layer_digests[2]) == 1
     # one file per layer, whatever the number of images using it
-    assert {d: store.rootfs_path(d).stat().st_ino for d in info_a.diff_ids} == inodes
-    assert len(list(store.rootfs_dir.iterdir())) == 3
+    assert {d: ErofsLayers(store).path(d).stat().st_ino for d in info_a.diff_ids} == inodes
+    assert len(list(ErofsLayers(store).directory.iterdir())) == 3
 
 
 def test_tampered_blob_is_refused_and_cache_unchanged(local_registry, store, tmp_path) -> None:
@@ -128,7 +129,7 @@ def test_tampered_blob_is_refused_and_cache_unchanged(local_registry, store, tmp
     assert info.layer_digests[1] in str(caught.value)
     after = cache_contents(store)
     assert not store.has_blob(info.layer_digests[1])
-    assert not store.has_rootfs(info.diff_ids[1])
+    assert not ErofsLayers(store).ready(info.diff_ids[1])
     assert store.get_ref(ref) is None
     assert all(name.startswith(("blobs", "rootfs")) for name in set(after) - set(before))
     assert not [n for n in after if n.startswith("tmp")]
@@ -150,7 +151,7 @@ def test_diff_id_mismatch_is_refused(local_registry, store, tmp_path) -> None:
     assert caught.value.actual == info.diff_ids[0]
     assert "diff_id" in str(caught.value)
     assert not store.has_blob(info.layer_digests[0])
-    assert list(store.rootfs_dir.iterdir()) == []
+    assert list(ErofsLayers(store).directory.iterdir()) == []
     assert list(store.tmp_dir.iterdir()) == []
 
 
@@ -161,7 +162,7 @@ def test_truncated_transfer_is_retried(local_registry, store, tmp_path) -> None:
         record = pull(proxied, store=store)
         assert proxy.failures_injected == 1
     assert record.manifest_digest == info.manifest_digest
-    assert store.has_rootfs(info.diff_ids[0])
+    assert ErofsLayers(store).ready(info.diff_ids[0])
     assert list(store.tmp_dir.iterdir()) == []
     assert no_unpacker_threads_left()
 
@@ -237,7 +238,7 @@ def test_media_types_and_compressions(local_registry, store, tmp_path, compressi
     )
     record = pull(ref, store=store)
     assert record.manifest.media_type == info.manifest_media_type
-    assert store.has_rootfs(info.diff_ids[0])
+    assert ErofsLayers(store).ready(info.diff_ids[0])
 
 
 def test_whiteouts_and_opaque_dirs_through_overlayfs(
@@ -318,7 +319,7 @@ def test_unknown_repository_and_unreachable_registry(local_registry, store) -> N
     assert store.list_refs() == []
 
 
-_PULL_SCRIPT = "import sys; from vmruntime.images import pull; pull(sys.argv[1])"
+_PULL_SCRIPT = "import sys; from vmruntime.rootfs import pull; pull(sys.argv[1])"
 
 
 def test_concurrent_pulls_download_each_blob_once(local_registry, store, tmp_path) -> None:
@@ -363,7 +364,8 @@ def test_cli_pull_ls_inspect_rm_prune(local_registry, store, tmp_path) -> None:
     assert store.has_blob(info.layer_digests[0])
     pruned = vmr("image", "prune")
     assert pruned.returncode == 0 and "removed" in pruned.stdout
-    assert list(store.blobs_dir.iterdir()) == [] and list(store.rootfs_dir.iterdir()) == []
+    assert list(store.blobs_dir.iterdir()) == []
+    assert list(ErofsLayers(store).directory.iterdir()) == []
     bad = vmr("image", "pull", "Not/Valid")
     assert bad.returncode == 1
     assert "invalid image reference 'Not/Valid'" in bad.stderr
@@ -402,12 +404,12 @@ def test_progress_bars_on_a_terminal(local_registry, store, tmp_path) -> None:
 
 _SLOW_PULL = """
 import sys, time
-from vmruntime.images import pull
+from vmruntime.rootfs import pull
 from vmruntime.images import ingest
 
 real = ingest.ensure_layer
 
-def slow(store, source, desc, diff_id, report, progress):
+def slow(store, source, desc, diff_id, report, progress, layers):
     class Slow:
         def __init__(self, inner): self.inner = inner
         def advance(self, n):
@@ -416,7 +418,7 @@ def slow(store, source, desc, diff_id, report, progress):
             time.sleep(0.05)
         def reset(self): self.inner.reset()
         def done(self, status): self.inner.done(status)
-    return real(store, source, desc, diff_id, report, lambda d, l: Slow(progress(d, l)))
+    return real(store, source, desc, diff_id, report, lambda d, l: Slow(progress(d, l)), layers)
 
 ingest.ensure_layer = slow
 pull(sys.argv[1])
@@ -438,7 +440,7 @@ def test_kill_minus_9_during_a_pull_then_pull_again(local_registry, store, tmp_p
         victim.kill()
         victim.wait()
     assert not store.has_blob(info.layer_digests[0])
-    assert not store.has_rootfs(info.diff_ids[0])
+    assert not ErofsLayers(store).ready(info.diff_ids[0])
     assert store.get_ref(ref) is None
     leftovers = list(store.tmp_dir.iterdir())
     assert leftovers, "the killed pull should have left its temp files for the next open"
@@ -504,3 +506,21 @@ def test_plain_http_only_for_loopback() -> None:
     ]:
         client = RegistryClient(parse_reference(name))
         assert client.base.startswith(f"{scheme}://"), (name, client.base)
+
+
+def test_the_default_image_is_never_pulled(store, tmp_path) -> None:
+    """Its short name would be docker.io/vmruntime/default: a name anyone can publish."""
+    from vmruntime.errors import ImageNotPullableError
+
+    for name in ("vmruntime/default:latest", "localhost/vmruntime/default:latest"):
+        with pytest.raises(ImageNotPullableError, match="vmr image build-default"):
+            pull(name, store=store)
+    cli = subprocess.run([sys.executable, "-m", "vmruntime", "image", "pull", "vmruntime/default"],
+                         env=vmr_env(store), capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 1 and "run `vmr image build-default`" in cli.stderr
+    assert store.list_refs() == []
+    # A local image loaded under the short name is found under both names.
+    info = write_oci_layout(tmp_path / "layout", [make_layer_tar([file("etc/marker", "x")])])
+    record = load(info.layout_dir, "vmruntime/default:latest", store=store)
+    assert record.reference == "localhost/vmruntime/default:latest"
+    assert resolve("vmruntime/default", store).manifest_digest == info.manifest_digest

@@ -69,3 +69,14 @@ def test_invalid_references_are_named(text: str, fragment: str) -> None:
         parse_reference(text)
     assert info.value.reference == text
     assert fragment in str(info.value)
+
+
+def test_the_default_image_has_a_name_no_registry_serves() -> None:
+    from vmruntime.images.reference import DEFAULT_IMAGE, canonical_reference, local_only_hint
+
+    assert DEFAULT_IMAGE == "localhost/vmruntime/default:latest"
+    for alias in ("vmruntime/default:latest", "vmruntime/default", "docker.io/vmruntime/default"):
+        assert canonical_reference(alias) == DEFAULT_IMAGE
+        assert local_only_hint(parse_reference(alias)) == "vmr image build-default"
+    assert local_only_hint(parse_reference("vmruntime/other:latest")) is None
+    assert canonical_reference("vmruntime/default:1") == "docker.io/vmruntime/default:1"

@@ -18,6 +18,7 @@ from vmruntime.errors import (
     MountError,
     SandboxError,
     SandboxNotFoundError,
+    UnsafeDirectoryError,
 )
 from vmruntime.vm import mounts as mounts_module
 from vmruntime.vm import state
@@ -70,7 +71,7 @@ def test_runtime_dirs_are_private(dirs: Path) -> None:
 def test_a_runtime_dir_others_could_enter_is_refused(dirs: Path) -> None:
     state.runtime_root().mkdir(mode=0o755)
     os.chmod(state.runtime_root(), 0o755)
-    with pytest.raises(SandboxError, match="mode 755, not 700"):
+    with pytest.raises(UnsafeDirectoryError, match="mode 755, not 700"):
         state.SandboxPaths("bbbbbbbbbbbb").create()
 
 
@@ -78,7 +79,7 @@ def test_a_symlinked_runtime_dir_is_refused(dirs: Path) -> None:
     elsewhere = dirs / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     state.runtime_root().symlink_to(elsewhere)
-    with pytest.raises(SandboxError, match="not a directory owned by"):
+    with pytest.raises(UnsafeDirectoryError, match="not a directory owned by"):
         state.private_dir(state.runtime_root())
 
 
@@ -87,7 +88,7 @@ def test_a_runtime_dir_owned_by_someone_else_is_refused(dirs: Path) -> None:
         pytest.skip("needs root to hand a directory to another uid")
     state.runtime_root().mkdir(mode=0o700)
     os.chown(state.runtime_root(), 12345, 12345)
-    with pytest.raises(SandboxError, match="not a directory owned by uid 0"):
+    with pytest.raises(UnsafeDirectoryError, match="not a directory owned by uid 0"):
         state.private_dir(state.runtime_root())
 
 

@@ -17,6 +17,7 @@ from helpers import small_tmpfs
 
 from vmruntime.errors import CacheError, DigestMismatchError, SizeMismatchError
 from vmruntime.images.store import ImageStore, RefRecord
+from vmruntime.rootfs.layers import ErofsLayers
 
 
 def digest_of(data: bytes) -> str:
@@ -86,16 +87,40 @@ def test_prune_keeps_referenced_and_removes_the_rest(tmp_path: Path) -> None:
     keep, drop = b"keep", b"drop"
     store.put_blob(keep, digest_of(keep), "k")
     store.put_blob(drop, digest_of(drop), "d")
-    rootfs_keep = store.rootfs_path(digest_of(b"layer-keep"))
-    rootfs_drop = store.rootfs_path(digest_of(b"layer-drop"))
+    layers = ErofsLayers(store)
+    rootfs_keep = layers.path(digest_of(b"layer-keep"))
+    rootfs_drop = layers.path(digest_of(b"layer-drop"))
     rootfs_keep.write_bytes(b"x")
     rootfs_drop.write_bytes(b"y")
     (store.tmp_dir / "123.abcd.leftover").write_bytes(b"z")
-    result = store.prune({digest_of(keep)}, {digest_of(b"layer-keep")})
+    result = store.prune(frozenset({digest_of(keep)}))
+    result.merge(layers.prune(frozenset({digest_of(b"layer-keep")})))
     assert store.has_blob(digest_of(keep)) and rootfs_keep.exists()
     assert not store.has_blob(digest_of(drop)) and not rootfs_drop.exists()
     assert list(store.tmp_dir.iterdir()) == []
-    assert {p.name for p in result.removed} >= {rootfs_drop.name, "123.abcd.leftover"}
+    assert {p.name for p in result.removed} == {
+        digest_of(drop).split(":")[1], rootfs_drop.name, "123.abcd.leftover"
+    }
+
+
+def test_prune_removes_the_locks_of_what_is_gone(tmp_path: Path) -> None:
+    """locks/ must not grow with every pull: only the locks of kept entries stay."""
+    store = ImageStore(tmp_path)
+    layers = ErofsLayers(store)
+    kept, gone, never = (digest_of(b"kept"), digest_of(b"gone"), digest_of(b"never-arrived"))
+    store.put_blob(b"kept", kept, "k")
+    store.put_blob(b"gone", gone, "g")
+    layers.path(kept).write_bytes(b"image")
+    for digest in (kept, gone, never):
+        with store.blob_lock(digest), layers.lock(digest):
+            pass
+    store.prune(frozenset({kept})).merge(layers.prune(frozenset({kept})))
+    hexes = {d: d.split(":")[1] for d in (kept, gone, never)}
+    names = sorted(p.name for p in store.locks_dir.iterdir())
+    assert f"blob-{hexes[kept]}.lock" in names and f"rootfs-{hexes[kept]}.lock" in names
+    for digest in (gone, never):
+        assert f"blob-{hexes[digest]}.lock" not in names
+        assert f"rootfs-{hexes[digest]}.lock" not in names
 
 
 _SLOW_WRITER = textwrap.dedent(

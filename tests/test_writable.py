@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmruntime.errors import GuestAssetError
+from vmruntime.errors import DiskImageError, GuestAssetError
 from vmruntime.rootfs.writable import create_writable_layer
 
 SMALL = 64 << 20
@@ -53,7 +53,7 @@ def test_clones_are_independent(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [8 << 20, (16 << 20) - 1, (64 << 20) + 4096, 0])
 def test_bad_sizes_are_refused(tmp_path: Path, size: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(DiskImageError, match="whole number of MiB"):
         create_writable_layer(tmp_path / "w.img", size, cache_root=tmp_path / "cache")
     assert not (tmp_path / "w.img").exists()
 

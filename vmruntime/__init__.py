@@ -1,6 +1,8 @@
 """vmruntime: run untrusted code in microVMs booted from OCI images.
 
 The public API is what this module re-exports; everything else is private.
+``pull``, ``load`` and ``resolve`` give bootable images (each layer's filesystem image
+made too): :mod:`vmruntime.rootfs.bootable`.
 Names are imported on first use, which keeps helper processes and the CLI quick
 to start.
 """
@@ -21,10 +23,10 @@ _EXPORTS = {
     "ImageRecord": "vmruntime.images",
     "ImageStore": "vmruntime.images",
     "Reference": "vmruntime.images",
-    "load": "vmruntime.images",
+    "load": "vmruntime.rootfs",
     "parse_reference": "vmruntime.images",
-    "pull": "vmruntime.images",
-    "resolve": "vmruntime.images",
+    "pull": "vmruntime.rootfs",
+    "resolve": "vmruntime.rootfs",
 }
 
 __all__ = [
@@ -55,13 +57,6 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from vmruntime.errors import VmruntimeError
-    from vmruntime.images import (
-        ImageRecord,
-        ImageStore,
-        Reference,
-        load,
-        parse_reference,
-        pull,
-        resolve,
-    )
+    from vmruntime.images import ImageRecord, ImageStore, Reference, parse_reference
+    from vmruntime.rootfs import load, pull, resolve
     from vmruntime.vm import AsyncSandbox, ExecResult, Mount, Sandbox

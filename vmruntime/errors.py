@@ -44,6 +44,18 @@ class ImageNotFoundError(ImageError, LookupError):
         self.reference = reference
 
 
+class ImageNotPullableError(ImageError):
+    """An image that exists only where it is built, such as the built-in default image."""
+
+    def __init__(self, reference: str, command: str) -> None:
+        super().__init__(
+            f"image {reference!r} is built on this machine, not pulled from a registry; "
+            f"run `{command}`"
+        )
+        self.reference = reference
+        self.command = command
+
+
 class DigestMismatchError(ImageError):
     """Content does not hash to the digest that names it."""
 
@@ -146,6 +158,24 @@ class GuestAssetError(VmruntimeError):
         self.reason = reason
 
 
+class UnsafeDirectoryError(VmruntimeError):
+    """A private directory (sockets, locks) that is not ours or not mode 0700."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class DiskImageError(VmruntimeError):
+    """An ext4 disk image (writable layer, disk volume) that cannot be made."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"disk image {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
 class SandboxError(VmruntimeError):
     """A sandbox failed or cannot do what was asked."""
 
@@ -157,6 +187,29 @@ class SandboxError(VmruntimeError):
         self.sandbox_id = sandbox_id
         self.reason = reason
         self.console_tail = console_tail
+
+
+class SandboxConfigError(SandboxError, ValueError):
+    """A sandbox request that cannot be honoured, found before anything is made."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__("-", f"{field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+
+
+class CommandFailedError(SandboxError):
+    """A command run with ``check=True`` exited non-zero (like CalledProcessError)."""
+
+    def __init__(self, sandbox_id: str, argv: list[str], returncode: int, stdout: bytes,
+                 stderr: bytes) -> None:  # fmt: skip
+        detail = stderr.decode(errors="replace").strip()[-2000:]
+        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
+        super().__init__(sandbox_id, f"{argv!r} {how}" + (f": {detail}" if detail else ""))
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 class SandboxNotFoundError(SandboxError):

@@ -16,9 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmruntime.guest.build import ensure_agent
-from vmruntime.guest.initramfs import ensure_initramfs
-from vmruntime.guest.kernel import ensure_kernel
+from vmruntime.errors import GuestAssetError
+from vmruntime.guest.build import agent_hash, agents_dir, ensure_agent
+from vmruntime.guest.initramfs import (
+    HOST_BUSYBOX,
+    ensure_initramfs,
+    entries_digest,
+    initramfs_dir,
+    initramfs_entries,
+)
+from vmruntime.guest.kernel import cached_kernel, ensure_kernel, kernel_cache_dir
+from vmruntime.images.store import PruneResult
 
 
 @dataclass(frozen=True)
@@ -36,3 +44,40 @@ def ensure_guest_assets(cache_root: Path | None = None) -> GuestAssets:
     agent = ensure_agent(cache_root)
     initramfs = ensure_initramfs(kernel, agent, cache_root)
     return GuestAssets(kernel=kernel.vmlinuz, initramfs=initramfs, release=kernel.release)
+
+
+def prune_guest_assets(cache_root: Path | None = None) -> PruneResult:
+    """Delete the kernels, agent builds and initramfs archives that the next sandbox
+    would not boot from: all but the newest kernel, the agent of the current sources,
+    and the initramfs made of those two.
+
+    Run under the cache's exclusive lock (builders of assets hold it shared). A running
+    sandbox is not disturbed: QEMU read its kernel and initramfs when it started.
+    When the current initramfs cannot be named (no busybox-static), none is deleted.
+    """
+    result = PruneResult()
+    kernel = cached_kernel(cache_root)
+    kernels = kernel_cache_dir(cache_root)
+    keep_kernel = kernel.vmlinuz.parent if kernel is not None else None
+    _remove_all_but(result, kernels, keep_kernel)
+    agents = agents_dir(cache_root)
+    current_agent = agents / agent_hash()[:16]
+    _remove_all_but(result, agents, current_agent)
+    agent = current_agent / "vmr-agent"
+    if kernel is not None and agent.is_file():
+        try:
+            digest = entries_digest(initramfs_entries(kernel, agent, HOST_BUSYBOX))
+        except (GuestAssetError, OSError):
+            return result
+        archives = initramfs_dir(cache_root)
+        _remove_all_but(result, archives, archives / f"{digest[:16]}.cpio")
+    return result
+
+
+def _remove_all_but(result: PruneResult, directory: Path, keep: Path | None) -> None:
+    if not directory.is_dir():
+        return
+    for entry in sorted(directory.iterdir()):
+        # Dot entries are the builders' own (their lock file, builds in progress).
+        if entry != keep and not entry.name.startswith("."):
+            result.add(entry)

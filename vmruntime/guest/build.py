@@ -14,15 +14,14 @@ last lines of output.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from vmruntime import _paths
 from vmruntime.errors import GuestAssetError
-from vmruntime.images.store import default_cache_dir
 
 AGENT_SOURCE_DIR = Path(__file__).resolve().parent / "agent"
 AGENT_BINARY_NAME = "vmr-agent"
@@ -68,34 +67,36 @@ def _compile(workdir: Path) -> Path:
     return output
 
 
+def agents_dir(cache_root: Path | None = None) -> Path:
+    """``<cache>/guest/agent``: one directory per agent hash."""
+    return _paths.cache_root(cache_root) / "guest" / "agent"
+
+
 def ensure_agent(cache_root: Path | None = None) -> Path:
     """The cached agent binary for the current sources, compiling it first if needed."""
-    root = Path(cache_root) if cache_root is not None else default_cache_dir()
-    agent_dir = root / "guest" / "agent"
+    agent_dir = agents_dir(cache_root)
     final = agent_dir / agent_hash()[:16] / AGENT_BINARY_NAME
     if final.is_file():
         return final
     try:
         agent_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(agent_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise GuestAssetError("agent", f"cannot use cache {agent_dir}: {exc}") from exc
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        if final.is_file():  # another caller built it while we waited
-            return final
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=agent_dir) as tmp:
-            staged = Path(tmp) / final.parent.name
-            staged.mkdir()
-            _compile(staged)
-            try:
-                # The directory is renamed as a whole, so the binary is never seen half-written.
-                os.rename(staged, final.parent)
-            except OSError as exc:
-                if not final.is_file():
-                    raise GuestAssetError("agent", f"cannot install into {final}: {exc}") from exc
+        # The cache's writing lock, shared: a prune (which removes old agents) waits.
+        with _paths.cache_writing(cache_root), _paths.flock(agent_dir / ".lock"):
+            if not final.is_file():  # else another caller built it while we waited
+                _build_into(final)
         return final
     except OSError as exc:
         raise GuestAssetError("agent", f"cannot build into {agent_dir}: {exc}") from exc
-    finally:
-        os.close(lock_fd)
+
+
+def _build_into(final: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=final.parent.parent) as tmp:
+        staged = Path(tmp) / final.parent.name
+        staged.mkdir()
+        _compile(staged)
+        try:
+            # The directory is renamed as a whole, so the binary is never seen half-written.
+            os.rename(staged, final.parent)
+        except OSError as exc:
+            if not final.is_file():
+                raise GuestAssetError("agent", f"cannot install into {final}: {exc}") from exc

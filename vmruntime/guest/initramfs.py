@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from vmruntime import _paths
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import GuestAssetError
 from vmruntime.guest.kernel import ON_DEMAND_MODULES, GuestKernel, module_load_order
-from vmruntime.images.store import ImageStore
 
 # Bump when the layout or the writer changes, so old cached archives are not reused.
 FORMAT_VERSION = 1
@@ -144,6 +144,11 @@ def entries_digest(entries: Iterable[CpioEntry]) -> str:
     return h.hexdigest()
 
 
+def initramfs_dir(cache_root: Path | None = None) -> Path:
+    """``<cache>/guest/initramfs``: one archive per set of inputs."""
+    return _paths.cache_root(cache_root) / "guest" / "initramfs"
+
+
 def ensure_initramfs(
     kernel: GuestKernel,
     agent: Path,
@@ -153,13 +158,12 @@ def ensure_initramfs(
 ) -> Path:
     """The cached initramfs for these inputs; built (atomically) if missing."""
     entries = initramfs_entries(kernel, agent, busybox)
-    store = ImageStore(cache_root)
-    dest = store.root / "guest" / "initramfs" / f"{entries_digest(entries)[:16]}.cpio"
+    dest = initramfs_dir(cache_root) / f"{entries_digest(entries)[:16]}.cpio"
     if dest.is_file():
         return dest
-    with store.writing():
+    with _paths.cache_writing(cache_root):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        temp = store.temp_path(dest.name)
+        temp = _paths.cache_temp(dest.name, cache_root)
         try:
             with open(temp, "wb") as f:
                 write_cpio(f, entries)

@@ -36,9 +36,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmruntime import _paths
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import GuestAssetError
-from vmruntime.images.store import ImageStore
 
 META_PACKAGE = "linux-image-cloud-amd64"
 # What the agent needs at boot: the virtio transport and disks, its console port,
@@ -71,23 +71,23 @@ class GuestKernel:
 
 def kernel_cache_dir(cache_root: Path | None = None) -> Path:
     """``<cache>/guest/kernel``: one complete directory per kernel release."""
-    return ImageStore(cache_root).root / "guest" / "kernel"
+    return _paths.cache_root(cache_root) / "guest" / "kernel"
 
 
 def ensure_kernel(cache_root: Path | None = None, *, refresh: bool = False) -> GuestKernel:
     """The cached guest kernel; downloads it only when none is cached (or ``refresh``)."""
-    store = ImageStore(cache_root)
-    base = store.root / "guest" / "kernel"
-    cached = cached_kernel(store.root)
+    root = _paths.cache_root(cache_root)
+    base = kernel_cache_dir(root)
+    cached = cached_kernel(root)
     if cached is not None and not refresh:
         return cached
-    with store.writing(), store.lock("guest-kernel"):
+    with _paths.cache_writing(root), _paths.cache_lock("guest-kernel", root):
         # Another process may have finished the download while we waited.
-        cached = cached_kernel(store.root)
+        cached = cached_kernel(root)
         if cached is not None and not refresh:
             return cached
         try:
-            return _download(store, base, cached)
+            return _download(root, base, cached)
         except GuestAssetError:
             if cached is not None:
                 return cached
@@ -96,7 +96,7 @@ def ensure_kernel(cache_root: Path | None = None, *, refresh: bool = False) -> G
 
 def cached_kernel(cache_root: Path | None = None) -> GuestKernel | None:
     """The newest complete kernel in the cache, or None; never touches the network."""
-    base = (Path(cache_root) if cache_root is not None else ImageStore().root) / "guest" / "kernel"
+    base = kernel_cache_dir(cache_root)
     if not base.is_dir():
         return None
     releases = [p.name for p in base.iterdir() if (p / "vmlinuz").is_file()]
@@ -126,8 +126,8 @@ def read_modules_dep(path: Path) -> dict[str, list[str]]:
 # --- download and unpack ----------------------------------------------------
 
 
-def _download(store: ImageStore, base: Path, cached: GuestKernel | None) -> GuestKernel:
-    work = store.temp_path("guest-kernel")
+def _download(root: Path, base: Path, cached: GuestKernel | None) -> GuestKernel:
+    work = _paths.cache_temp("guest-kernel", root)
     work.mkdir()
     try:
         package = _real_package(work)

@@ -1,15 +1,17 @@
 """Reading and tidying the cache: list, inspect, resolve, remove, prune.
 
 Who calls it: the CLI (``vmr image ls | inspect | rm | prune``) and the sandbox
-code, which resolves a reference to the layer images it attaches.
+code, which resolves a reference to the image it boots. Everything here but
+:func:`remove` and :func:`prune` only reads the cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmruntime.errors import ImageNotFoundError, VmruntimeError
+from vmruntime.errors import CacheError, ImageNotFoundError, VmruntimeError
 from vmruntime.images.ingest import ImageRecord
 from vmruntime.images.manifest import (
     ImageIndex,
@@ -19,9 +21,8 @@ from vmruntime.images.manifest import (
     parse_config,
     parse_manifest_document,
 )
-from vmruntime.images.reference import parse_reference
+from vmruntime.images.reference import canonical_reference
 from vmruntime.images.store import ImageStore, PruneResult, RefRecord
-from vmruntime.images.unpack import unpack_file
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def canonical_name(text: str, store: ImageStore) -> str:
             if record.manifest == text:
                 return record.reference
         raise ImageNotFoundError(text)
-    return str(parse_reference(text))
+    return canonical_reference(text)
 
 
 def _ref_record(reference: str, store: ImageStore) -> RefRecord:
@@ -52,9 +53,11 @@ def _ref_record(reference: str, store: ImageStore) -> RefRecord:
 
 
 def resolve(reference: str, store: ImageStore | None = None) -> ImageRecord:
-    """The cached image for ``reference``, with the paths of its layer filesystem images.
+    """The cached image for ``reference`` (a reference or a manifest digest).
 
-    Raises ImageNotFoundError (which suggests pull or load) when it is not cached.
+    Reads only: the record has no ``layer_paths`` (see
+    :func:`vmruntime.rootfs.layer_images` for the files a sandbox attaches). Raises
+    ImageNotFoundError (which suggests pull or load) when it is not cached.
     """
     store = store or ImageStore()
     record = _ref_record(reference, store)
@@ -63,41 +66,20 @@ def resolve(reference: str, store: ImageStore | None = None) -> ImageRecord:
     )
     assert isinstance(manifest, ImageManifest)
     config = parse_config(store.read_blob(manifest.config.digest), f"config of {reference}")
-    for layer, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
-        if not store.has_rootfs(diff_id):
-            _rebuild_layer_image(store, reference, layer.digest, diff_id)
-    paths = tuple(store.rootfs_path(d) for d in config.diff_ids)
-    return ImageRecord(record.reference, record.manifest, manifest, config, paths)
-
-
-def _rebuild_layer_image(store: ImageStore, reference: str, digest: str, diff_id: str) -> None:
-    """A layer image deleted behind the cache's back is rebuilt from its verified blob."""
-    with store.writing(), store.blob_lock(digest), store.rootfs_lock(diff_id):
-        if store.has_rootfs(diff_id):
-            return
-        if not store.has_blob(digest):
-            raise ImageNotFoundError(reference)
-        unpack_file(store, store.blob_path(digest), digest, diff_id)
+    return ImageRecord(record.reference, record.manifest, manifest, config)
 
 
 def list_images(store: ImageStore | None = None) -> list[ImageSummary]:
-    """Every cached reference; one whose files are gone is listed as incomplete, not fatal."""
+    """Every cached reference; one whose blobs are gone is listed as incomplete, not fatal."""
     store = store or ImageStore()
     summaries = []
     for record in sorted(store.list_refs(), key=lambda r: r.reference):
         try:
             image = resolve(record.reference, store)
+            _check_layer_blobs(image, store)
         except VmruntimeError as exc:
-            summaries.append(
-                ImageSummary(
-                    record.reference,
-                    record.manifest,
-                    0,
-                    0,
-                    None,
-                    f"{record.source} (incomplete: {exc})",
-                )
-            )
+            source = f"{record.source} (incomplete: {exc})"
+            summaries.append(ImageSummary(record.reference, record.manifest, 0, 0, None, source))
             continue
         size = sum(layer.size for layer in image.manifest.layers)
         summaries.append(
@@ -113,8 +95,19 @@ def list_images(store: ImageStore | None = None) -> list[ImageSummary]:
     return summaries
 
 
-def inspect(reference: str, store: ImageStore | None = None) -> dict[str, Any]:
-    """A JSON-able description: manifest, config and where each layer lives."""
+def _check_layer_blobs(image: ImageRecord, store: ImageStore) -> None:
+    for layer in image.manifest.layers:
+        if not store.has_blob(layer.digest):
+            raise CacheError(store.blob_path(layer.digest), f"layer blob {layer.digest} is missing")
+
+
+def inspect(reference: str, store: ImageStore | None = None,
+            layer_files: Callable[[str], str | None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A JSON-able description: manifest, config and where each layer lives.
+
+    ``layer_files(diff_id)``, if given, names what else the cache holds for a layer
+    (its filesystem image), shown as ``rootfs``.
+    """
     store = store or ImageStore()
     image = resolve(reference, store)
     record = store.get_ref(image.reference)
@@ -134,11 +127,9 @@ def inspect(reference: str, store: ImageStore | None = None) -> dict[str, Any]:
                 "size": layer.size,
                 "diffId": diff_id,
                 "blob": str(store.blob_path(layer.digest)),
-                "rootfs": str(path),
+                **({"rootfs": layer_files(diff_id)} if layer_files else {}),
             }
-            for layer, diff_id, path in zip(
-                image.manifest.layers, image.config.diff_ids, image.layer_paths, strict=True
-            )
+            for layer, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=True)
         ],
     }
 
@@ -151,15 +142,41 @@ def remove(reference: str, store: ImageStore | None = None) -> str:
     return record.reference
 
 
-def prune(store: ImageStore | None = None) -> PruneResult:
-    """Delete every blob and layer image that no reference needs, and stale temp files."""
+@dataclass(frozen=True)
+class Referenced:
+    """What the cached references need: blobs, and the layers' uncompressed digests."""
+
+    blobs: frozenset[str]
+    diff_ids: frozenset[str]
+
+
+# Deletes what the references do not need of something besides blobs (layer images,
+# guest assets...); called under the cache's exclusive lock.
+Pruner = Callable[[Referenced], PruneResult]
+
+
+def prune(store: ImageStore | None = None, *, also: Sequence[Pruner] = ()) -> PruneResult:
+    """Delete every blob no reference needs, and stale temp files; then run ``also``.
+
+    Everything happens under the cache's exclusive lock, so no pull, load or build
+    is at work meanwhile.
+    """
     store = store or ImageStore()
     with store.exclusive():
-        blobs: set[str] = set()
-        rootfs: set[str] = set()
-        for record in store.list_refs():
-            _collect(store, record, blobs, rootfs)
-        return store.prune(blobs, rootfs)
+        referenced = referenced_content(store)
+        result = store.prune(referenced.blobs)
+        for pruner in also:
+            result.merge(pruner(referenced))
+        return result
+
+
+def referenced_content(store: ImageStore) -> Referenced:
+    """The blobs and diff_ids that the cached references need."""
+    blobs: set[str] = set()
+    diff_ids: set[str] = set()
+    for record in store.list_refs():
+        _collect(store, record, blobs, diff_ids)
+    return Referenced(frozenset(blobs), frozenset(diff_ids))
 
 
 def _collect(store: ImageStore, record: RefRecord, blobs: set[str], rootfs: set[str]) -> None:
@@ -178,14 +195,3 @@ def _collect(store: ImageStore, record: RefRecord, blobs: set[str], rootfs: set[
     if store.has_blob(manifest.config.digest):
         config = parse_config(store.read_blob(manifest.config.digest), manifest.config.digest)
         rootfs.update(config.diff_ids)
-
-
-def default_image_is_current(input_hash: str, store: ImageStore | None = None) -> bool:
-    """True when the cached default image was built from these inputs."""
-    from vmruntime.images.default_image import DEFAULT_IMAGE, INPUTS_LABEL
-
-    try:
-        image = resolve(DEFAULT_IMAGE, store)
-    except ImageNotFoundError:
-        return False
-    return image.config.labels.get(INPUTS_LABEL) == input_hash

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmruntime.errors import ImageBuildError
+from vmruntime import _paths
+from vmruntime.errors import ImageBuildError, ImageNotFoundError
+from vmruntime.images.catalog import resolve
 from vmruntime.images.oci_layout import (
     DEFAULT_PATH,
     ImageConfigSpec,
@@ -46,8 +48,8 @@ from vmruntime.images.oci_layout import (
     format_timestamp,
     write_image_layout,
 )
-
-DEFAULT_IMAGE = "vmruntime/default:latest"
+from vmruntime.images.reference import DEFAULT_IMAGE
+from vmruntime.images.store import ImageStore
 
 BUILD_RECIPE_VERSION = 1
 """Bump whenever the recipe changes in a way its inputs do not capture (hooks' meaning,
@@ -371,9 +373,9 @@ def ensure_default_image(
     ``workdir``, on success and on failure alike. Concurrent calls are serialised
     by a lock file in ``workdir``; the one that waited re-checks ``is_current``.
 
-    ``load`` and ``is_current`` default to ``vmruntime.images.load`` and
-    ``vmruntime.images.default_image_is_current`` (imported lazily). Progress goes
-    to ``log`` one line at a time.
+    ``load`` and ``is_current`` default to :func:`vmruntime.images.load` (which
+    stores the blobs only: pass one that also builds layer images, as the CLI does)
+    and :func:`default_image_is_current`. Progress goes to ``log`` one line at a time.
 
     Returns the image reference, :data:`DEFAULT_IMAGE`.
     Raises :class:`ImageBuildError` naming the failed step (and, for mmdebstrap,
@@ -409,31 +411,26 @@ def ensure_default_image(
 def default_workdir() -> Path:
     """``<cache dir>/build``; the cache dir is ``$VMRUNTIME_CACHE``, else
     ``$XDG_CACHE_HOME/vmruntime``, else ``~/.cache/vmruntime``: the image cache's own
-    rule (:func:`vmruntime.images.store.default_cache_dir`), so building needs no disk
+    rule (:func:`vmruntime._paths.cache_root`), so building needs no disk
     other than the cache's."""
-    from vmruntime.images.store import default_cache_dir
-
-    return default_cache_dir() / "build"
+    return _paths.cache_root() / "build"
 
 
 def _cache_callables(
     load: Callable[[Path, str], object] | None, is_current: Callable[[str], bool] | None
 ) -> tuple[Callable[[Path, str], object], Callable[[str], bool]]:
-    if load is not None and is_current is not None:
-        return load, is_current
-    # Imported here, not at module level: vmruntime.images imports this module (to
-    # offer build-default), so a module-level import would be circular.
-    import vmruntime.images as images
+    from vmruntime.images.load import load as load_into_cache
 
+    return load or load_into_cache, is_current or default_image_is_current
+
+
+def default_image_is_current(input_hash: str, store: ImageStore | None = None) -> bool:
+    """True when the cached default image was built from these inputs."""
     try:
-        return (
-            load or images.load,  # type: ignore[attr-defined]
-            is_current or images.default_image_is_current,  # type: ignore[attr-defined]
-        )
-    except AttributeError as exc:
-        raise ImageBuildError(
-            DEFAULT_IMAGE, f"step 'find the image cache': vmruntime.images lacks {exc.name}"
-        ) from exc
+        image = resolve(DEFAULT_IMAGE, store)
+    except ImageNotFoundError:
+        return False
+    return image.config.labels.get(INPUTS_LABEL) == input_hash
 
 
 def _warn_on_python_mismatch(recipe: DefaultImageRecipe, log: Log) -> None:

@@ -4,10 +4,15 @@ Who calls it: :mod:`~vmruntime.images.pull` (a registry) and
 :mod:`~vmruntime.images.load` (an OCI layout, an OCI archive, a docker-save tar).
 
 What it promises: every blob is verified against its digest and size while it
-is written; every layer is decompressed once to check its diff_id and, in the
-same pass, turned into its EROFS filesystem image. A layer blob and its image
-enter the cache only after both checks pass, so a tampered or truncated layer
-leaves the cache exactly as it was. A reference is recorded last.
+is written, and enters the cache only then, so a tampered or truncated blob leaves
+the cache exactly as it was. A reference is recorded last.
+
+What a layer becomes besides a blob is not this package's business: a caller that
+wants more (a filesystem image, say) passes a :class:`LayerHandler`, which is fed
+each layer's bytes while they download and checks the layer's diff_id as it
+decompresses them; the blob and the handler's product are installed together, only
+after every check passed. :class:`vmruntime.rootfs.layers.ErofsLayers` is the one
+the runtime uses.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,8 +33,7 @@ from vmruntime.images.manifest import (
     check_layers_match_config,
     parse_config,
 )
-from vmruntime.images.store import ImageStore, RefRecord
-from vmruntime.images.unpack import LayerPipeline, unpack_file
+from vmruntime.images.store import ImageStore, RefRecord, StagedBlob
 
 ProgressFactory = Callable[[Descriptor, str], "Progress"]
 _PARALLEL_LAYERS = 3
@@ -64,6 +69,30 @@ class BlobSink(Protocol):
     def reset(self) -> None: ...
 
 
+class LayerSink(BlobSink, Protocol):
+    """A handler's sink for one layer download (see :meth:`LayerHandler.sink`)."""
+
+    def finish(self) -> None:
+        """The stream has ended: raise DigestMismatchError for a wrong diff_id, or why
+        the product could not be made."""
+
+    def install(self) -> None:
+        """Put the product in place (every check has passed)."""
+
+    def close(self) -> None:
+        """Remove whatever was not installed (always called last)."""
+
+
+class LayerHandler(Protocol):
+    """What becomes of each layer besides its blob; keyed by the layer's diff_id."""
+
+    def path(self, diff_id: str) -> Path: ...
+    def ready(self, diff_id: str) -> bool: ...
+    def lock(self, diff_id: str) -> AbstractContextManager[object]: ...
+    def sink(self, staged: StagedBlob, diff_id: str, size: int) -> LayerSink: ...
+    def from_blob(self, blob: Path, layer_digest: str, diff_id: str) -> None: ...
+
+
 class BlobSource(Protocol):
     """Somewhere blobs come from. ``copy_blob`` writes the blob's bytes into ``sink``.
 
@@ -93,13 +122,17 @@ class IngestReport:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """An image as the cache holds it: reference, manifest, config and layer files."""
+    """An image as the cache holds it: reference, manifest and config.
+
+    ``layer_paths`` are the layer handler's products, bottom layer first, when the
+    image was ingested or resolved with one (empty otherwise).
+    """
 
     reference: str
     manifest_digest: str
     manifest: ImageManifest
     config: ImageConfig
-    layer_paths: tuple[Path, ...]
+    layer_paths: tuple[Path, ...] = ()
     report: IngestReport | None = None
 
 
@@ -115,8 +148,13 @@ def ingest_image(
     index: tuple[bytes, str] | None = None,
     platform: str | None = None,
     progress: ProgressFactory = no_progress,
+    layers: LayerHandler | None = None,
 ) -> ImageRecord:
-    """Fetch, verify and unpack everything ``manifest`` needs, then record ``reference``."""
+    """Fetch and verify everything ``manifest`` needs, then record ``reference``.
+
+    With ``layers``, every layer also gets the handler's product (built while the
+    blob downloads, or from the cached blob).
+    """
     started = time.monotonic()
     report = IngestReport()
     what = f"{reference} ({manifest_digest})"
@@ -124,7 +162,7 @@ def ingest_image(
         config_bytes = fetch_small_blob(store, source, manifest.config, report, "config")
         config = parse_config(config_bytes, f"config {manifest.config.digest} of {reference}")
         check_layers_match_config(manifest, config, what)
-        _ensure_layers(store, source, manifest, config, report, progress)
+        _ensure_layers(store, source, manifest, config, report, progress, layers)
         if index is not None:
             store.put_blob(index[0], index[1], f"index {index[1]} of {reference}")
         store.put_blob(manifest_bytes, manifest_digest, f"manifest of {reference}")
@@ -139,7 +177,7 @@ def ingest_image(
             )
         )
     report.seconds = time.monotonic() - started
-    layer_paths = tuple(store.rootfs_path(d) for d in config.diff_ids)
+    layer_paths = tuple(layers.path(d) for d in config.diff_ids) if layers is not None else ()
     return ImageRecord(reference, manifest_digest, manifest, config, layer_paths, report)
 
 
@@ -165,16 +203,17 @@ def _ensure_layers(
     config: ImageConfig,
     report: IngestReport,
     progress: ProgressFactory,
+    layers: LayerHandler | None,
 ) -> None:
     # The same layer may appear twice in one manifest (empty layers do); do it once.
     unique = dict.fromkeys(zip(manifest.layers, config.diff_ids, strict=True))
     if len(unique) <= 1:
         for desc, diff_id in unique:
-            ensure_layer(store, source, desc, diff_id, report, progress)
+            ensure_layer(store, source, desc, diff_id, report, progress, layers)
         return
     with ThreadPoolExecutor(max_workers=_PARALLEL_LAYERS, thread_name_prefix="layer") as pool:
         futures = [
-            pool.submit(ensure_layer, store, source, desc, diff_id, report, progress)
+            pool.submit(ensure_layer, store, source, desc, diff_id, report, progress, layers)
             for desc, diff_id in unique
         ]
         errors = [f.exception() for f in futures]
@@ -190,54 +229,61 @@ def ensure_layer(
     diff_id: str,
     report: IngestReport,
     progress: ProgressFactory,
+    layers: LayerHandler | None = None,
 ) -> None:
-    """Make the layer's blob and its EROFS image present, verified, in the cache.
+    """Make the layer's blob (and the handler's product) present, verified, in the cache.
 
-    Locks: the blob's, then the diff_id's, always in that order, so two processes
-    sharing either never deadlock, and the second one finds the work done.
+    Locks: the blob's, then the handler's for the diff_id, always in that order, so two
+    processes sharing either never deadlock, and the second one finds the work done.
     """
     bar = progress(desc, desc.digest.split(":", 1)[1][:12])
-    with store.blob_lock(desc.digest), store.rootfs_lock(diff_id):
-        have_blob, have_rootfs = store.has_blob(desc.digest), store.has_rootfs(diff_id)
-        if have_blob and have_rootfs:
+    with store.blob_lock(desc.digest), layers.lock(diff_id) if layers else nullcontext():
+        have_blob = store.has_blob(desc.digest)
+        ready = layers is None or layers.ready(diff_id)
+        if have_blob and ready:
             report.record(desc.digest, fetched=False)
             bar.done("cached")
             return
         if have_blob:
-            unpack_file(store, store.blob_path(desc.digest), desc.digest, diff_id)
+            assert layers is not None
+            layers.from_blob(store.blob_path(desc.digest), desc.digest, diff_id)
             report.built_rootfs.append(diff_id)
             report.record(desc.digest, fetched=False)
             bar.done("unpacked")
             return
-        _download_and_unpack(store, source, desc, diff_id, bar, build=not have_rootfs)
-        if not have_rootfs:
+        _download(store, source, desc, diff_id, bar, None if ready else layers)
+        if not ready:
             report.built_rootfs.append(diff_id)
         report.record(desc.digest, fetched=True, nbytes=desc.size)
         bar.done("done")
 
 
-def _download_and_unpack(
+def _download(
     store: ImageStore,
     source: BlobSource,
     desc: Descriptor,
     diff_id: str,
     bar: Progress,
-    *,
-    build: bool,
+    layers: LayerHandler | None,
 ) -> None:
-    """Transfer a layer blob while it is unpacked; install both only if every check passes.
+    """Transfer a layer blob (feeding ``layers`` as it arrives); install only if every
+    check passes.
 
-    The blob's digest is checked first, so a tampered blob is reported as such
-    even when its garbage also broke decompression.
+    The blob's digest is checked first, so a tampered blob is reported as such even
+    when its garbage also broke decompression.
     """
     with store.stage_blob(desc.digest, desc.size, f"layer {desc.digest}") as staged:
-        pipeline = LayerPipeline(store, staged, diff_id, build=build, size=desc.size)
+        if layers is None:
+            source.copy_blob(desc, staged, bar)
+            staged.commit()
+            return
+        sink = layers.sink(staged, diff_id, desc.size)
         try:
-            source.copy_blob(desc, pipeline, bar)
+            source.copy_blob(desc, sink, bar)
             staged.verify()
-            pipeline.finish()
+            sink.finish()
             staged.finish_writing()
-            pipeline.install()
+            sink.install()
             staged.commit()
         finally:
-            pipeline.close()
+            sink.close()

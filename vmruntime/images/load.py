@@ -24,6 +24,7 @@ from vmruntime.errors import ArchiveError, DigestMismatchError, ImageError, Size
 from vmruntime.images.ingest import (
     BlobSink,
     ImageRecord,
+    LayerHandler,
     Progress,
     ProgressFactory,
     ingest_image,
@@ -42,7 +43,7 @@ from vmruntime.images.manifest import (
     parse_manifest_document,
     select_platform,
 )
-from vmruntime.images.reference import parse_reference
+from vmruntime.images.reference import canonical_reference
 from vmruntime.images.store import ImageStore, RefRecord
 from vmruntime.images.streams import CHUNK, HashingReader, compression_of, sha256_digest
 
@@ -58,22 +59,27 @@ def load(
     store: ImageStore | None = None,
     platform: str = DEFAULT_PLATFORM,
     progress: ProgressFactory = no_progress,
+    layers: LayerHandler | None = None,
 ) -> ImageRecord:
-    """Load the image at ``path``; ``tag`` names it (and picks it in a multi-image file)."""
+    """Load the image at ``path``; ``tag`` names it (and picks it in a multi-image file).
+
+    ``layers`` makes each layer's product (see
+    :class:`~vmruntime.images.ingest.LayerHandler`).
+    """
     path = Path(path)
     store = store or ImageStore()
     if tag is not None:
-        tag = str(parse_reference(tag))
+        tag = canonical_reference(tag)
     if path.is_dir():
-        return _load_layout(store, _DirFiles(path), path, tag, platform, progress)
+        return _load_layout(store, _DirFiles(path), path, tag, platform, progress, layers)
     if not path.is_file():
         raise ArchiveError(path, "no such file or directory")
     with _open_tar(path) as archive:
         files = _TarFiles(path, archive)
         if files.has("index.json") and files.has("oci-layout"):
-            return _load_layout(store, files, path, tag, platform, progress)
+            return _load_layout(store, files, path, tag, platform, progress, layers)
         if files.has("manifest.json"):
-            return _load_docker_save(store, files, path, tag, progress)
+            return _load_docker_save(store, files, path, tag, progress, layers)
     raise ArchiveError(
         path, "neither an OCI archive (oci-layout, index.json) nor a docker-save tar"
     )
@@ -216,6 +222,7 @@ def _load_layout(
     tag: str | None,
     platform: str,
     progress: ProgressFactory,
+    layers: LayerHandler | None,
 ) -> ImageRecord:
     layout = load_json(files.read_small("oci-layout"), f"{origin}: oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
@@ -245,6 +252,7 @@ def _load_layout(
         index=parent_index,
         platform=platform,
         progress=progress,
+        layers=layers,
     )
 
 
@@ -254,7 +262,7 @@ def _entry_name(entry: Descriptor) -> str | None:
         value = entry.annotations.get(key)
         if value and ("/" in value or ":" in value):
             try:
-                return str(parse_reference(value))
+                return canonical_reference(value)
             except ImageError:
                 continue
     return None
@@ -326,7 +334,12 @@ class _DockerSaveSource:
 
 
 def _load_docker_save(
-    store: ImageStore, files: _Files, origin: Path, tag: str | None, progress: ProgressFactory
+    store: ImageStore,
+    files: _Files,
+    origin: Path,
+    tag: str | None,
+    progress: ProgressFactory,
+    layer_handler: LayerHandler | None,
 ) -> ImageRecord:
     image = _pick_docker_save_image(origin, files, tag)
     config_bytes = files.read_small(image.config_name)
@@ -355,7 +368,7 @@ def _load_docker_save(
     body = canonical_json(manifest_doc)
     manifest = parse_manifest_document(body, f"{origin}: manifest")
     assert isinstance(manifest, ImageManifest)
-    references = [tag] if tag else [str(parse_reference(t)) for t in image.repo_tags]
+    references = [tag] if tag else [canonical_reference(t) for t in image.repo_tags]
     if not references:
         raise ArchiveError(origin, "the archive does not name its image; pass --tag REF")
     source = _DockerSaveSource(files, names)
@@ -368,6 +381,7 @@ def _load_docker_save(
         reference=references[0],
         source_kind=f"load {origin}",
         progress=progress,
+        layers=layer_handler,
     )
     for extra in references[1:]:
         store.set_ref(
@@ -383,7 +397,7 @@ def _pick_docker_save_image(origin: Path, files: _Files, tag: str | None) -> _Do
     images = [_docker_save_entry(origin, entry) for entry in doc]
     if tag is not None:
         for image in images:
-            if tag in {str(parse_reference(t)) for t in image.repo_tags}:
+            if tag in {canonical_reference(t) for t in image.repo_tags}:
                 return image
     if len(images) == 1:
         return images[0]

@@ -10,8 +10,14 @@ the cache are not downloaded again, by this process or a concurrent one.
 
 from __future__ import annotations
 
-from vmruntime.errors import DigestMismatchError, ManifestError
-from vmruntime.images.ingest import ImageRecord, ProgressFactory, ingest_image, no_progress
+from vmruntime.errors import DigestMismatchError, ImageNotPullableError, ManifestError
+from vmruntime.images.ingest import (
+    ImageRecord,
+    LayerHandler,
+    ProgressFactory,
+    ingest_image,
+    no_progress,
+)
 from vmruntime.images.manifest import (
     DEFAULT_PLATFORM,
     ImageIndex,
@@ -19,7 +25,12 @@ from vmruntime.images.manifest import (
     parse_manifest_document,
     select_platform,
 )
-from vmruntime.images.reference import Reference, parse_reference
+from vmruntime.images.reference import (
+    Reference,
+    canonical_reference,
+    local_only_hint,
+    parse_reference,
+)
 from vmruntime.images.registry import RegistryClient
 from vmruntime.images.store import ImageStore
 from vmruntime.images.streams import sha256_digest
@@ -34,9 +45,16 @@ def pull(
     platform: str = DEFAULT_PLATFORM,
     client: RegistryClient | None = None,
     progress: ProgressFactory = no_progress,
+    layers: LayerHandler | None = None,
 ) -> ImageRecord:
-    """Pull ``reference`` into ``store`` and return the cached image."""
+    """Pull ``reference`` into ``store`` and return the cached image.
+
+    ``layers`` makes each layer's product while it downloads (see
+    :class:`~vmruntime.images.ingest.LayerHandler`).
+    """
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    if (hint := local_only_hint(ref)) is not None:
+        raise ImageNotPullableError(str(reference), hint)
     store = store or ImageStore()
     client = client or RegistryClient(ref)
     manifest, body, digest, index = _resolve_manifest(client, ref, platform)
@@ -46,11 +64,12 @@ def pull(
         manifest,
         body,
         digest,
-        reference=str(ref),
+        reference=canonical_reference(str(ref)),
         source_kind="pull",
         index=index,
         platform=platform,
         progress=progress,
+        layers=layers,
     )
 
 

@@ -176,3 +176,22 @@ def is_loopback_host(registry: str) -> bool:
         return ipaddress.ip_address(hostname).is_loopback
     except ValueError:
         return False
+
+
+# The built-in default image: built on this machine (`vmr image build-default`), never
+# pulled. "localhost" without a port names no registry anyone can publish to; the
+# short name users know is a local alias of it, so Docker Hub's namesake is never used.
+DEFAULT_IMAGE = "localhost/vmruntime/default:latest"
+_LOCAL_ALIASES = {"docker.io/vmruntime/default:latest": DEFAULT_IMAGE}
+_LOCAL_ONLY = {DEFAULT_IMAGE: "vmr image build-default"}
+
+
+def canonical_reference(text: str) -> str:
+    """The name the cache files ``text`` under: normalised, with local aliases applied."""
+    name = str(parse_reference(text))
+    return _LOCAL_ALIASES.get(name, name)
+
+
+def local_only_hint(reference: Reference) -> str | None:
+    """For an image that only exists locally, the command that makes it; else None."""
+    return _LOCAL_ONLY.get(canonical_reference(str(reference)))

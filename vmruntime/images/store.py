@@ -6,8 +6,9 @@ into it; the CLI and the sandbox code read from it.
 What it promises (layout version 1, spec in ``docs/cache-layout.md``):
 
 - blobs (manifests, configs, compressed layers) live once under
-  ``blobs/sha256/<hex>``, per-layer EROFS images once under
-  ``rootfs/sha256/<diff_id hex>.erofs``, whatever number of images use them;
+  ``blobs/sha256/<hex>``, whatever number of images use them (what else is made
+  of a layer, such as its filesystem image, belongs to whoever makes it: see
+  :mod:`vmruntime.rootfs.layers`);
 - an entry appears only complete and verified: it is written under ``tmp/``,
   fsynced and renamed into place, so a crash or ``kill -9`` at any point leaves
   no half-written entry (at worst a stale temporary file that the next open or
@@ -21,35 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmruntime import _paths
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import CacheError, DigestMismatchError, SizeMismatchError
 from vmruntime.images.manifest import is_digest
 
 LAYOUT_VERSION = 1
-ENV_CACHE_DIR = "VMRUNTIME_CACHE"
+ENV_CACHE_DIR = _paths.ENV_CACHE
 _LAYOUT_FILE = "layout.json"
 _REFS_FILE = "refs.json"
 
 
 def default_cache_dir() -> Path:
     """``$VMRUNTIME_CACHE``, else ``$XDG_CACHE_HOME/vmruntime``, else ``~/.cache/vmruntime``."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "vmruntime"
+    return _paths.cache_root()
 
 
 def _hex(digest: str) -> str:
@@ -175,21 +171,20 @@ class StagedBlob:
 
 
 class ImageStore:
-    """The on-disk cache: blobs, per-layer filesystem images and the reference index."""
+    """The on-disk cache of images: verified blobs and the reference index."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = _paths.cache_root(root)
         self.blobs_dir = self.root / "blobs" / "sha256"
-        self.rootfs_dir = self.root / "rootfs" / "sha256"
-        self.tmp_dir = self.root / "tmp"
-        self.locks_dir = self.root / "locks"
+        self.tmp_dir = self.root / _paths.TMP_DIR
+        self.locks_dir = self.root / _paths.LOCKS_DIR
         self._open_layout()
 
     # --- layout ----------------------------------------------------------
 
     def _open_layout(self) -> None:
         try:
-            for directory in (self.blobs_dir, self.rootfs_dir, self.tmp_dir, self.locks_dir):
+            for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self.os_error(exc, self.root) from exc
@@ -219,14 +214,8 @@ class ImageStore:
     def blob_path(self, digest: str) -> Path:
         return self.blobs_dir / _hex(digest)
 
-    def rootfs_path(self, diff_id: str) -> Path:
-        return self.rootfs_dir / f"{_hex(diff_id)}.erofs"
-
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
-
-    def has_rootfs(self, diff_id: str) -> bool:
-        return self.rootfs_path(diff_id).is_file()
 
     def read_blob(self, digest: str) -> bytes:
         try:
@@ -275,26 +264,16 @@ class ImageStore:
 
     # --- locks -----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+    def lock(self, name: str, *, shared: bool = False) -> contextlib.AbstractContextManager[bool]:
         """An advisory flock on ``locks/<name>.lock``; released when the block ends."""
-        path = self.locks_dir / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _paths.flock(self.locks_dir / f"{name}.lock", shared=shared)
 
-    def writing(self) -> contextlib.AbstractContextManager[None]:
+    def writing(self) -> contextlib.AbstractContextManager[bool]:
         """Held (shared) by every writer so that prune never runs beneath one."""
-        return self.lock("cache", shared=True)
+        return _paths.cache_writing(self.root)
 
-    def blob_lock(self, digest: str) -> contextlib.AbstractContextManager[None]:
+    def blob_lock(self, digest: str) -> contextlib.AbstractContextManager[bool]:
         return self.lock(f"blob-{_hex(digest)}")
-
-    def rootfs_lock(self, diff_id: str) -> contextlib.AbstractContextManager[None]:
-        return self.lock(f"rootfs-{_hex(diff_id)}")
 
     # --- references ------------------------------------------------------
 
@@ -338,29 +317,27 @@ class ImageStore:
 
     # --- garbage collection ----------------------------------------------
 
-    def prune(self, referenced_blobs: set[str], referenced_rootfs: set[str]) -> PruneResult:
-        """Delete blobs and filesystem images outside the given sets, and all temp files.
+    def prune(self, referenced_blobs: frozenset[str]) -> PruneResult:
+        """Delete blobs outside ``referenced_blobs`` (with their locks) and all temp files.
 
-        The caller computes the sets from the references while holding
+        The caller computes the set from the references while holding
         :meth:`exclusive`; see :func:`vmruntime.images.prune`.
         """
         result = PruneResult()
         for path in sorted(self.blobs_dir.iterdir()):
             if f"sha256:{path.name}" not in referenced_blobs:
                 result.add(path)
-        for path in sorted(self.rootfs_dir.iterdir()):
-            if f"sha256:{path.name.removesuffix('.erofs')}" not in referenced_rootfs:
-                result.add(path)
         for path in sorted(self.tmp_dir.iterdir()):
             result.add(path)
-        for path in sorted(self.locks_dir.glob("blob-*.lock")) + sorted(
-            self.locks_dir.glob("rootfs-*.lock")
-        ):
-            path.unlink(missing_ok=True)
+        # Also the locks of blobs that never arrived (a failed or cancelled download).
+        for lock in self.locks_dir.glob("blob-*.lock"):
+            blob = self.blobs_dir / lock.name.removeprefix("blob-").removesuffix(".lock")
+            if not blob.exists():
+                result.add_lock(lock)
         return result
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
-        return self.lock("cache")
+    def exclusive(self) -> contextlib.AbstractContextManager[bool]:
+        return _paths.cache_exclusive(self.root)
 
     def _remove_stale_temp_files(self) -> None:
         """Temporary files of processes that died (crash, kill -9) are garbage."""
@@ -369,24 +346,35 @@ class ImageStore:
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 _remove(path)
 
-    def disk_usage(self) -> int:
-        total = 0
-        for directory in (self.blobs_dir, self.rootfs_dir):
-            for path in directory.iterdir():
-                total += path.stat().st_blocks * 512
-        return total
-
 
 @dataclass
 class PruneResult:
+    """What a prune deleted: entries (counted) and their lock files (not counted)."""
+
     removed: list[Path] = field(default_factory=list)
     freed_bytes: int = 0
 
     def add(self, path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.freed_bytes += path.lstat().st_blocks * 512
+        self.freed_bytes += _allocated(path)
         _remove(path)
         self.removed.append(path)
+
+    def add_lock(self, path: Path) -> None:
+        """A lock file of a deleted entry: safe to delete, as every holder of an entry's
+        lock holds the cache's writing lock, which the prune holds exclusively."""
+        path.unlink(missing_ok=True)
+
+    def merge(self, other: PruneResult) -> None:
+        self.removed += other.removed
+        self.freed_bytes += other.freed_bytes
+
+
+def _allocated(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            return path.lstat().st_blocks * 512
+        return 0
+    return sum(_allocated(child) for child in path.iterdir())
 
 
 def _remove(path: Path) -> None:

@@ -27,27 +27,33 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vmruntime import _paths
 from vmruntime._durable import fsync_dir
-from vmruntime.errors import GuestAssetError
-from vmruntime.images.store import ImageStore
+from vmruntime._ext4 import check_size, make_ext4, run_e2fs
+from vmruntime.errors import DiskImageError, GuestAssetError
+from vmruntime.images.store import PruneResult
 
 DEFAULT_SIZE = 4 << 30
-MIN_SIZE = 16 << 20
-_MIB = 1 << 20
 LABEL = "vmr-writable"
-_MKFS_TIMEOUT = 120
+TEMPLATES_DIR = ("guest", "writable")
+
+
+def templates_dir(cache_root: Path | None = None) -> Path:
+    """``<cache>/guest/writable``: one formatted template per size."""
+    return _paths.cache_root(cache_root).joinpath(*TEMPLATES_DIR)
 
 
 def create_writable_layer(
     dest: Path, size: int = DEFAULT_SIZE, cache_root: Path | None = None
 ) -> Path:
     """Write a fresh writable layer of ``size`` bytes to ``dest`` (replacing nothing)."""
-    _check_size(size)
     template = ensure_template(size, cache_root)
     dest = Path(dest)
     temp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        _sparse_copy(template, temp)
+        # Under the template's lock, shared: a prune removing unused templates waits.
+        with _paths.cache_lock(_lock_name(size), cache_root, shared=True):
+            _sparse_copy(template, temp)
         os.replace(temp, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -58,73 +64,44 @@ def create_writable_layer(
 
 def ensure_template(size: int, cache_root: Path | None = None) -> Path:
     """The cached, formatted template for ``size``; made once, under a lock."""
-    _check_size(size)
-    store = ImageStore(cache_root)
-    template = store.root / "guest" / "writable" / f"ext4-{size}.img"
+    template = templates_dir(cache_root) / f"ext4-{size}.img"
+    check_size(size, template)
     if template.is_file():
         return template
-    with store.writing(), store.lock(f"writable-{size}"):
+    with _paths.cache_writing(cache_root), _paths.cache_lock(_lock_name(size), cache_root):
         if template.is_file():
             return template
         template.parent.mkdir(parents=True, exist_ok=True)
-        temp = store.temp_path(template.name)
+        temp = _paths.cache_temp(template.name, cache_root)
         try:
             _format(temp, size)
             os.replace(temp, template)
             fsync_dir(template.parent)
+        except DiskImageError as exc:
+            raise GuestAssetError("writable layer", exc.reason) from None
         finally:
             temp.unlink(missing_ok=True)
     return template
 
 
-def _check_size(size: int) -> None:
-    if size < MIN_SIZE or size % _MIB:
-        raise ValueError(f"writable layer size {size} must be a multiple of 1 MiB and >= 16 MiB")
+def _lock_name(size: int) -> str:
+    return f"writable-{size}"
 
 
 def _format(image: Path, size: int) -> None:
     """mkfs.ext4 a sparse file of ``size`` bytes with root-owned upper/ and work/."""
-    with open(image, "wb") as f:
-        f.truncate(size)
     with tempfile.TemporaryDirectory(prefix="vmr-writable-") as seed:
         for name in ("upper", "work"):
             os.mkdir(Path(seed) / name, 0o755)
-        _run(
-            [
-                "mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0",
-                "-m", "0", "-L", LABEL, "-d", seed, str(image),
-            ],
-            "mkfs.ext4",
-        )  # fmt: skip
+        make_ext4(image, size, journal=False, label=LABEL, seed=Path(seed))
     # -d copies the seed's owner; when we are not root that would make the guest's
     # "/" (the upper dir) belong to our uid, so set owners and modes explicitly.
     commands = "".join(
         f"sif /{d} uid 0\nsif /{d} gid 0\nsif /{d} mode 040755\n" for d in ("upper", "work")
     )
-    _run(["debugfs", "-w", "-f", "-", str(image)], "debugfs", stdin=commands)
+    run_e2fs(["debugfs", "-w", "-f", "-", str(image)], image, stdin=commands)
     with open(image, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
-    try:
-        proc = subprocess.run(
-            argv,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=_MKFS_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GuestAssetError(
-            "writable layer", f"{what}: {exc}; install e2fsprogs (scripts/setup.sh)"
-        ) from None
-    # debugfs reports failed commands on stderr (after its version banner) but exits 0.
-    errors = [line for line in proc.stderr.splitlines() if not line.startswith("debugfs ")]
-    if proc.returncode != 0 or (what == "debugfs" and errors):
-        tail = "\n".join((errors or proc.stderr.splitlines())[-8:])
-        raise GuestAssetError("writable layer", f"{what} failed (exit {proc.returncode}): {tail}")
 
 
 def _sparse_copy(src: Path, dest: Path) -> None:
@@ -142,3 +119,20 @@ def _sparse_copy(src: Path, dest: Path) -> None:
         raise GuestAssetError("writable layer", f"copying {src} to {dest}: {proc.stderr.strip()}")
     with open(dest, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def prune_templates(cache_root: Path | None = None) -> PruneResult:
+    """Delete the writable-layer templates that no sandbox is being made from right now.
+
+    Run under the cache's exclusive lock (so no template is being formatted); a template
+    being copied holds its lock shared and is skipped. The next sandbox of that size
+    formats a new one (about a tenth of a second).
+    """
+    result = PruneResult()
+    directory = templates_dir(cache_root)
+    for template in sorted(directory.glob("ext4-*.img")) if directory.is_dir() else []:
+        size = template.name.removeprefix("ext4-").removesuffix(".img")
+        with _paths.cache_lock(f"writable-{size}", cache_root, blocking=False) as held:
+            if held:
+                result.add(template)
+    return result

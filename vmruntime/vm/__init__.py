@@ -1,7 +1,10 @@
-"""vm: sandboxes as microVMs: the VMM driver (QEMU), the agent client, the Sandbox API.
+"""vm: sandboxes as microVMs: the Sandbox API, its creation in steps, the VMM driver (QEMU),
+the agent client, sandbox state, and ``vmr run`` / ``vmr sandbox``.
 
-Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`, :class:`ExecResult`,
-:class:`Mount`.
+Who uses it: people (``vmruntime.Sandbox``), the CLI, and the front doors (the Jupyter
+provisioner and Ray actors), which build a :class:`SandboxConfig` and create from it.
+Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`,
+:class:`SandboxConfig`, :class:`ExecResult`, :class:`Mount`.
 """
 
 from vmruntime.vm.mounts import Mount

@@ -1,4 +1,4 @@
-"""``vmr run``, ``vmr sandbox …`` and ``vmr doctor``: the sandbox half of the CLI.
+"""``vmr run`` and ``vmr sandbox …``: the sandbox half of the CLI.
 
 Who calls it: :mod:`vmruntime.cli` registers these commands. What it promises:
 ``vmr run`` streams stdio and exits with the guest command's status (128+N for
@@ -74,9 +74,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     prune = sub.add_parser("prune", help="remove stopped sandboxes and those of dead processes")
     prune.set_defaults(handler=_prune)
     sandbox.set_defaults(handler=lambda _args: sandbox.print_help() or 2)
-
-    doctor = commands.add_parser("doctor", help="check what sandboxes need on this machine")
-    doctor.set_defaults(handler=_doctor)
 
 
 def _exec_options(parser: argparse.ArgumentParser) -> None:
@@ -341,12 +338,3 @@ def prune_sandboxes() -> list[state.SandboxRecord]:
             state.SandboxPaths(record.id).remove()
             removed.append(record)
     return removed
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from vmruntime.doctor import format_report, run_checks
-
-    checks = run_checks()
-    print(format_report(checks), end="")
-    # A warning (say, no KVM: VMs then run under TCG) is no reason to fail.
-    return 0 if all(check.ok or not check.required for check in checks) else 1

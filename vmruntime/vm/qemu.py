@@ -1,7 +1,7 @@
 """QEMU as the VMM: ``-M microvm`` with non-legacy virtio-mmio and shared memfd memory.
 
 Who calls it: :mod:`vmruntime.vm.sandbox`, through :class:`vmruntime.vm.driver.VmmDriver`.
-What it promises: the command line DESIGN.md measured to work (TCG here, KVM where
+What it promises: the command line docs/sandboxes.md describes (TCG here, KVM where
 the CPU allows it); QEMU runs in its own process group with stdin closed and its
 own messages in ``vmm_log``; a non-detached QEMU gets SIGKILL from the kernel
 when the thread that booted it dies (``PR_SET_PDEATHSIG``), so a crashed host

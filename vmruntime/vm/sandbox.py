@@ -246,7 +246,7 @@ class AsyncSandbox:
         it); a ``keep`` sandbox keeps its writable layer and logs after ``stop``.
         """
         from vmruntime.guest.assets import ensure_guest_assets
-        from vmruntime.images.catalog import resolve
+        from vmruntime.rootfs.bootable import resolve
         from vmruntime.rootfs.writable import create_writable_layer
         from vmruntime.vm.accel import choose_accelerator
 

@@ -4,13 +4,11 @@ Who calls it: :mod:`vmruntime.vm.sandbox` (records a sandbox) and the
 ``vmr sandbox`` commands (list, find, prune). What it promises:
 
 - a sandbox's durable state (``sandbox.json``, the writable layer, the console
-  and VMM logs) is under ``<state>/sandboxes/<id>/``, where ``<state>`` is
-  ``$VMRUNTIME_STATE``, else ``$XDG_STATE_HOME/vmruntime``, else
-  ``~/.local/state/vmruntime``;
-- the host ends of its sockets are under ``<runtime>/<id>/``, where ``<runtime>``
-  is ``$XDG_RUNTIME_DIR/vmruntime``, else ``/tmp/vmruntime-<uid>``, a directory
-  that must be ours and mode 0700 (checked, never trusted), so no other local
-  user can reach an agent or QMP socket;
+  and VMM logs) is under ``<state>/sandboxes/<id>/`` (``<state>`` and ``<runtime>``
+  as :mod:`vmruntime._paths` says);
+- the host ends of its sockets are under ``<runtime>/<id>/``, a directory that
+  must be ours and mode 0700 (checked, never trusted), so no other local user can
+  reach an agent or QMP socket;
 - a process is identified by pid *and* start time, so a recycled pid is never
   mistaken for our QEMU or our host process.
 """
@@ -23,42 +21,18 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmruntime._durable import fsync_dir
+from vmruntime._paths import ensure_runtime_root, private_dir, runtime_root, state_root
 from vmruntime.errors import SandboxError, SandboxNotFoundError
 
 # 2: adds `mounts` and `brokers`; a version 1 record reads as one with neither.
 RECORD_VERSION = 2
 _RECORD = "sandbox.json"
-
-
-def state_root() -> Path:
-    if os.environ.get("VMRUNTIME_STATE"):
-        return Path(os.environ["VMRUNTIME_STATE"])
-    xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "vmruntime"
-
-
-def runtime_root() -> Path:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "vmruntime" if xdg else Path(f"/tmp/vmruntime-{os.getuid()}")
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` mode 0700, or check that an existing one is ours and 0700."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=False)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise SandboxError("-", f"{path} is not a directory owned by uid {os.getuid()}")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        raise SandboxError("-", f"{path} has mode {stat.S_IMODE(info.st_mode):o}, not 700")
-    return path
 
 
 def process_start_time(pid: int) -> int | None:
@@ -190,8 +164,7 @@ class SandboxPaths:
     def create(self) -> None:
         self.state.parent.mkdir(parents=True, exist_ok=True)
         self.state.mkdir(mode=0o700)
-        runtime_root().parent.mkdir(parents=True, exist_ok=True)
-        private_dir(runtime_root())
+        ensure_runtime_root()
         private_dir(self.runtime)
 
     def remove(self) -> None:

@@ -1,4 +1,4 @@
-"""Named volumes (directories shared live, or ext4 disk images) and disk attach locks.
+"""volumes: named volumes (directories shared live, or ext4 disk images) and disk attach locks.
 
 See docs/volumes.md. Who calls it: the ``vmr volume`` commands and the sandbox
 code, which resolves ``--volume NAME:GUEST`` with :class:`VolumeStore` and holds

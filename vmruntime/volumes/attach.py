@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from vmruntime import _paths
 from vmruntime.errors import (
     DiskInUseError,
     MountError,
-    SandboxError,
+    UnsafeDirectoryError,
     VolumeError,
     VolumeNotFoundError,
 )
@@ -333,27 +334,16 @@ def holder_text(holder: str) -> str:
     return holder.strip()[:200] or f"pid {os.getpid()}"
 
 
-def _runtime_root() -> Path:
-    # Imported here: vmruntime.vm's package imports the sandbox code, which imports
-    # this package, so a module-level import would be circular.
-    from vmruntime.vm.state import runtime_root
-
-    return runtime_root()
-
-
 def _image_sidecar(info: os.stat_result) -> Path:
     # Keyed by the image's inode, so every path to the same file finds it, and kept
     # in our private runtime directory, never next to a user's image.
-    return _runtime_root() / "disk-holders" / f"{info.st_dev}-{info.st_ino}"
+    return _paths.runtime_root() / "disk-holders" / f"{info.st_dev}-{info.st_ino}"
 
 
 def _write_sidecar(sidecar: Path, holder: str) -> bool:
     """Best effort: an unwritable runtime directory only costs the holder's name."""
-    from vmruntime.vm.state import private_dir
-
-    with contextlib.suppress(OSError, SandboxError):
-        _runtime_root().parent.mkdir(parents=True, exist_ok=True)
-        private_dir(_runtime_root())
+    with contextlib.suppress(OSError, UnsafeDirectoryError):
+        _paths.ensure_runtime_root()
         sidecar.parent.mkdir(mode=0o700, exist_ok=True)
         temp = sidecar.with_name(f".{sidecar.name}.{secrets.token_hex(4)}")
         temp.write_text(holder)

@@ -24,14 +24,15 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmruntime._durable import fsync_dir, fsync_path
-from vmruntime.errors import VolumeError, VolumeNotFoundError
+from vmruntime import _paths
+from vmruntime._durable import fsync_dir
+from vmruntime._ext4 import MIN_SIZE, make_ext4, size_problem
+from vmruntime.errors import DiskImageError, VolumeError, VolumeNotFoundError
 from vmruntime.volumes.attach import (
     HOLDERS_DIR,
     LOCK_NAME,
@@ -48,12 +49,10 @@ RECORD = "volume.json"
 DATA_DIR = "data"
 DISK_IMAGE = "disk.img"
 DISK_FORMAT = "ext4"
-MIN_DISK_SIZE = 16 << 20
-_MIB = 1 << 20
+MIN_DISK_SIZE = MIN_SIZE
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_MKFS_TIMEOUT = 120
 # A temporary creation directory whose creator holds no lock and which is older
 # than this was left by a creator killed before it could take the lock.
 _STALE_TEMP_AGE = 600.0
@@ -61,11 +60,7 @@ _STALE_TEMP_AGE = 600.0
 
 def default_root() -> Path:
     """``<state>/volumes``, ``<state>`` as for sandboxes (docs/sandboxes.md)."""
-    # Imported here: vmruntime.vm's package imports the sandbox code, which imports
-    # this package, so a module-level import would be circular.
-    from vmruntime.vm.state import state_root
-
-    return state_root() / "volumes"
+    return _paths.state_root() / "volumes"
 
 
 def validate_name(name: str) -> str:
@@ -173,15 +168,9 @@ class VolumeStore:
         at least 16 MiB, or creation fails (nothing is left behind then).
         """
         validate_name(name)
-        if disk_size is not None and (
-            isinstance(disk_size, bool)
-            or not isinstance(disk_size, int)
-            or disk_size < MIN_DISK_SIZE
-            or disk_size % _MIB
-        ):
-            raise VolumeError(
-                name, f"disk size {disk_size!r} must be a whole number of MiB, at least 16 MiB"
-            )
+        problem = None if disk_size is None else size_problem(disk_size)
+        if problem is not None:
+            raise VolumeError(name, f"disk size {disk_size!r}: {problem}")
         target = self.root / name
         if target.exists():
             raise VolumeError(name, "already exists")
@@ -345,31 +334,10 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 def _make_disk(name: str, image: Path, size: int) -> None:
     """A sparse ``size``-byte ext4 image with a root-owned, empty root directory.
 
-    The journal stays (a VM killed mid-write must not leave the user's data
-    needing fsck), but ``lazy_journal_init`` skips zeroing it: the file is fresh
-    and sparse, so the journal reads as zeros anyway. That makes a 4 GiB volume
-    cost about 2 MB on disk instead of 67 MB; the journal's blocks are only
-    allocated as the guest writes through them. ``-m 0``: no blocks reserved
-    for root, the whole size is the user's.
+    The journal stays: a VM killed mid-write must not leave the user's data needing
+    fsck (its blocks are only allocated as the guest writes through them).
     """
-    with open(image, "xb") as f:
-        f.truncate(size)
-    argv = [
-        "mkfs.ext4", "-q", "-F", "-m", "0",
-        "-E", "root_owner=0:0,lazy_journal_init=1",
-        str(image),
-    ]  # fmt: skip
     try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=_MKFS_TIMEOUT, check=False
-        )
-    except FileNotFoundError:
-        raise VolumeError(
-            name, "mkfs.ext4 not found: install e2fsprogs (apt-get install e2fsprogs)"
-        ) from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise VolumeError(name, f"mkfs.ext4: {exc}") from None
-    if proc.returncode != 0:
-        tail = " ".join((proc.stderr or proc.stdout).split())[-400:]
-        raise VolumeError(name, f"mkfs.ext4 failed (exit {proc.returncode}): {tail}")
-    fsync_path(image)
+        make_ext4(image, size, journal=True)
+    except DiskImageError as exc:
+        raise VolumeError(name, exc.reason) from None

@@ -1,6 +1,7 @@
 """Turning a layer blob into its EROFS image, while the blob is still arriving.
 
-Who calls it: :mod:`vmruntime.images.ingest`.
+Who calls it: :class:`vmruntime.rootfs.layers.ErofsLayers`, the layer handler that
+:mod:`vmruntime.images.ingest` feeds while a layer downloads.
 
 What it promises: the blob's bytes are decompressed once; the uncompressed
 stream is hashed for the diff_id check and, in the same pass, written as the
@@ -10,7 +11,7 @@ matches (and the caller has checked the blob's own digest).
 :class:`LayerPipeline` is the sink a download writes into: every chunk goes to
 the staged blob and to an unpacker, so decompression and image building overlap
 the transfer instead of following it. Large layers are unpacked in a worker
-process (``python -m vmruntime.images.unpack_worker``), since that work is mostly
+process (``python -m vmruntime.rootfs.unpack_worker``), since that work is mostly
 Python holding the GIL and several layers arrive at once; small ones in a
 thread, where a process's start-up would cost more than it saves.
 """
@@ -27,12 +28,15 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from vmruntime.errors import DigestMismatchError, LayerError
-from vmruntime.images.store import ImageStore, StagedBlob
+from vmruntime.images.store import StagedBlob
 from vmruntime.images.streams import CHUNK, HashingReader, decompressed, decompression_errors
 from vmruntime.rootfs.erofs import build_erofs_from_tar
+
+if TYPE_CHECKING:
+    from vmruntime.rootfs.layers import ErofsLayers
 
 _DECOMPRESSION_ERRORS = decompression_errors()
 # Chunks in flight between a download and a thread unpacker: bounded, so memory is too.
@@ -40,7 +44,7 @@ _PIPE_DEPTH = 16
 # Compressed size from which a layer is unpacked in its own process.
 PROCESS_THRESHOLD = 1024 * 1024
 _F_SETPIPE_SZ = 1031
-WORKER_MODULE = "vmruntime.images.unpack_worker"
+WORKER_MODULE = "vmruntime.rootfs.unpack_worker"
 
 
 @dataclass(frozen=True)
@@ -81,22 +85,19 @@ def check_outcome(outcome: Outcome, layer_digest: str, diff_id: str) -> None:
         raise outcome.build_error
 
 
-def unpack_file(store: ImageStore, blob_file: Path, layer_digest: str, diff_id: str) -> None:
+def unpack_file(layers: ErofsLayers, blob_file: Path, layer_digest: str, diff_id: str) -> None:
     """Build and install the image of a layer whose verified blob is already on disk."""
-    temp = _temp_for(store, diff_id)
+    store = layers.store
+    temp = layers.temp_for(diff_id)
     try:
         with open(blob_file, "rb") as raw:
             outcome = digest_and_build(raw, layer_digest, temp)
         check_outcome(outcome, layer_digest, diff_id)
-        store.install(temp, store.rootfs_path(diff_id))
+        store.install(temp, layers.path(diff_id))
     except OSError as exc:
         raise store.os_error(exc, temp) from exc
     finally:
         temp.unlink(missing_ok=True)
-
-
-def _temp_for(store: ImageStore, diff_id: str) -> Path:
-    return store.temp_path(f"{diff_id.split(':', 1)[1][:16]}.erofs")
 
 
 # --- unpackers: where the work runs ----------------------------------------
@@ -270,18 +271,18 @@ def encode_layer_error(exc: LayerError) -> dict[str, str | None]:
 class LayerPipeline:
     """Unpacks one layer from the chunks a download writes, as they arrive.
 
-    Used as the sink of ``BlobSource.copy_blob``: ``write`` and ``reset`` go both
-    to the staged blob and to the unpacker. A ``reset`` (a retried transfer)
-    abandons the current unpacker and starts afresh.
+    Used as the sink of ``BlobSource.copy_blob`` (it is the
+    :class:`~vmruntime.images.ingest.LayerSink` of :class:`ErofsLayers`): ``write`` and
+    ``reset`` go both to the staged blob and to the unpacker. A ``reset`` (a retried
+    transfer) abandons the current unpacker and starts afresh.
     """
 
-    def __init__(
-        self, store: ImageStore, staged: StagedBlob, diff_id: str, *, build: bool, size: int
-    ) -> None:
-        self.store = store
+    def __init__(self, layers: ErofsLayers, staged: StagedBlob, diff_id: str, *,
+                 size: int) -> None:  # fmt: skip
+        self.layers = layers
+        self.store = layers.store
         self.staged = staged
         self.diff_id = diff_id
-        self.build = build
         self._use_process = size >= PROCESS_THRESHOLD
         self._unpacker: _Unpacker | None = None
         self._temp: Path | None = None
@@ -312,7 +313,7 @@ class LayerPipeline:
     def install(self) -> None:
         """Move the built image into the cache (after every check has passed)."""
         if self._temp is not None:
-            self.store.install(self._temp, self.store.rootfs_path(self.diff_id))
+            self.store.install(self._temp, self.layers.path(self.diff_id))
 
     def close(self) -> None:
         """Stop an unpacker still running and remove its temporary file."""
@@ -325,7 +326,7 @@ class LayerPipeline:
 
     def _current(self) -> _Unpacker:
         if self._unpacker is None:
-            self._temp = _temp_for(self.store, self.diff_id) if self.build else None
+            self._temp = self.layers.temp_for(self.diff_id)
             kind = _ProcessUnpacker if self._use_process else _ThreadUnpacker
             self._unpacker = kind(self.staged.digest, self._temp)
         return self._unpacker

@@ -1,6 +1,6 @@
-"""The layer-unpack worker process: ``python -m vmruntime.images.unpack_worker``.
+"""The layer-unpack worker process: ``python -m vmruntime.rootfs.unpack_worker``.
 
-Who runs it: :class:`vmruntime.images.unpack.LayerPipeline`, for large layers.
+Who runs it: :class:`vmruntime.rootfs.unpack.LayerPipeline`, for large layers.
 Arguments: the layer's digest (for error messages) and the path to build the
 EROFS image at, or ``-`` to only hash. Standard input is the layer blob as it
 downloads; standard output is one JSON object: ``{"diff_id": ...}`` plus
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from vmruntime.errors import LayerError
-from vmruntime.images.unpack import digest_and_build, encode_layer_error
+from vmruntime.rootfs.unpack import digest_and_build, encode_layer_error
 
 
 def main(argv: list[str]) -> int:

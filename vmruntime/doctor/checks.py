@@ -1,6 +1,6 @@
-"""``vmr doctor``: is this host ready to run sandboxes, and if not, what to do.
+"""The checks behind ``vmr doctor``.
 
-Who calls it: the CLI (``vmr doctor``) and people debugging a host.
+Who calls it: :mod:`vmruntime.doctor.commands` and people debugging a host.
 
 What it promises: :func:`run_checks` inspects the host without changing it (no
 downloads, no builds, no directories created) and returns one :class:`Check`
@@ -20,10 +20,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmruntime._paths import cache_root, runtime_root
 from vmruntime.errors import GuestAssetError
-from vmruntime.images.store import default_cache_dir
 from vmruntime.vm.accel import KVM_DEVICE, choose_accelerator, kvm_status
-from vmruntime.vm.state import runtime_root
 
 QEMU = "qemu-system-x86_64"
 MIN_QEMU = (7, 2)
@@ -148,7 +147,7 @@ def _check_kernel_tools() -> Check:
 def _check_guest_kernel() -> Check:
     from vmruntime.guest.kernel import cached_kernel
 
-    kernel = cached_kernel(default_cache_dir())
+    kernel = cached_kernel(cache_root())
     if kernel is None:
         return Check("guest kernel", False, "not downloaded yet", f"{SETUP} with network access")
     size = kernel.vmlinuz.stat().st_size
@@ -160,7 +159,7 @@ def _check_agent() -> Check:
 
     fix = f"{SETUP} (or python -m vmruntime.guest prepare)"
     try:
-        path = default_cache_dir() / "guest" / "agent" / agent_hash()[:16] / AGENT_BINARY_NAME
+        path = cache_root() / "guest" / "agent" / agent_hash()[:16] / AGENT_BINARY_NAME
     except GuestAssetError as exc:
         return Check("guest agent", False, exc.reason, "apt-get install gcc libc6-dev")
     if not path.is_file():
@@ -169,7 +168,7 @@ def _check_agent() -> Check:
 
 
 def _check_cache_dir() -> Check:
-    root = default_cache_dir()
+    root = cache_root()
     fix = f"make {root} writable, or set VMRUNTIME_CACHE to a writable directory"
     existing = root
     while not existing.exists() and existing != existing.parent:

@@ -15,13 +15,14 @@ from imagefactory import directory, file, make_layer_tar
 
 from vmruntime.errors import CacheError, DigestMismatchError, LayerError
 from vmruntime.images.store import ImageStore
-from vmruntime.images.unpack import (
+from vmruntime.rootfs.erofs import build_erofs_from_tar
+from vmruntime.rootfs.layers import ErofsLayers
+from vmruntime.rootfs.unpack import (
     PROCESS_THRESHOLD,
     LayerPipeline,
     _ProcessUnpacker,
     _ThreadUnpacker,
 )
-from vmruntime.rootfs.erofs import build_erofs_from_tar
 
 KINDS = [_ThreadUnpacker, _ProcessUnpacker]
 
@@ -98,7 +99,7 @@ def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) 
     wrong = "sha256:" + "4" * 64
     for size in (len(blob), PROCESS_THRESHOLD):  # the thread path, then the process path
         with store.stage_blob(sha(blob), len(blob), "layer") as staged:
-            pipeline = LayerPipeline(store, staged, wrong, build=True, size=size)
+            pipeline = LayerPipeline(ErofsLayers(store), staged, wrong, size=size)
             try:
                 feed_in_chunks(pipeline, blob)
                 staged.verify()
@@ -107,7 +108,7 @@ def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) 
                 assert caught.value.expected == wrong
             finally:
                 pipeline.close()
-        assert list(store.rootfs_dir.iterdir()) == []
+        assert list(ErofsLayers(store).directory.iterdir()) == []
         assert list(store.tmp_dir.iterdir()) == []
 
 
@@ -122,7 +123,7 @@ def test_full_disk_in_the_worker_process_is_a_cache_error(tiny_cache: ImageStore
     blob = gzip.compress(tar, compresslevel=1)
     staged_dir = Path(tiny_cache.tmp_dir)
     pipeline = LayerPipeline(
-        tiny_cache, _NullStaged(sha(blob)), sha(tar), build=True, size=PROCESS_THRESHOLD
+        ErofsLayers(tiny_cache), _NullStaged(sha(blob)), sha(tar), size=PROCESS_THRESHOLD
     )
     try:
         feed_in_chunks(pipeline, blob)
