@@ -75,7 +75,6 @@ from imagefactory import (  # noqa: E402
 from registry_support import LocalRegistry, push_layout  # noqa: E402
 
 from vmruntime.images import ImageStore, parse_reference  # noqa: E402
-from vmruntime.rootfs import pull  # noqa: E402
 from vmruntime.images.ingest import no_progress  # noqa: E402
 from vmruntime.images.manifest import (  # noqa: E402
     Descriptor,
@@ -84,6 +83,7 @@ from vmruntime.images.manifest import (  # noqa: E402
 )
 from vmruntime.images.registry import RegistryClient  # noqa: E402
 from vmruntime.images.streams import HashingReader, decompressed  # noqa: E402
+from vmruntime.rootfs import pull  # noqa: E402
 from vmruntime.rootfs.erofs import build_erofs_from_tar  # noqa: E402
 
 MB = 1_000_000  # every "MB" printed is 10**6 bytes
