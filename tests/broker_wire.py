@@ -21,6 +21,7 @@ import stat
 import struct
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -694,6 +695,16 @@ def new_encode_dev(major: int, minor: int) -> int:
 # --- the identity record (docs/broker.md), built independently of identity.py -----------
 
 STAT_XATTR = "user.vmruntime.stat"
+LINK_XATTR = "trusted.vmruntime.stat"  # a symlink's record: Linux allows no user.* on links
+# Every name the guest must never read, list, set or remove, whatever the inode.
+PRIVATE_XATTRS = (
+    STAT_XATTR,
+    LINK_XATTR,
+    "user.vmruntime.other",
+    "trusted.vmruntime.other",
+    "security.vmruntime.stat",
+    "user.vmruntime.",
+)
 REC_UID, REC_GID, REC_MODE, REC_RDEV = 1, 2, 4, 8
 STAT_RECORD = struct.Struct("<BBHIIII")  # version flags reserved uid gid mode rdev: 20 bytes
 
@@ -771,12 +782,11 @@ def tree(root: Path, content: bool = True) -> dict[str, tuple[Any, ...]]:
         for entry in sorted(os.scandir(here), key=lambda e: e.name):
             path = Path(entry.path)
             st = os.lstat(path)
-            xattrs: tuple[tuple[str, bytes], ...] = ()
-            if not stat.S_ISLNK(st.st_mode):
-                xattrs = tuple(
-                    (k, os.getxattr(path, k, follow_symlinks=False))
-                    for k in sorted(os.listxattr(path, follow_symlinks=False))
-                )
+            # Links too: their identity record (trusted.*, listed for root) is on the link.
+            xattrs = tuple(
+                (k, os.getxattr(path, k, follow_symlinks=False))
+                for k in sorted(os.listxattr(path, follow_symlinks=False))
+            )
             extra: bytes | str | None = None
             if stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(path)
@@ -797,6 +807,55 @@ def tree(root: Path, content: bool = True) -> dict[str, tuple[Any, ...]]:
             if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev:
                 stack.append(path)
     return out
+
+
+# --- a broker without CAP_SYS_ADMIN ----------------------------------------------------
+
+CAP_SYS_ADMIN = 21
+_CAP_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+
+
+def has_sys_admin() -> bool:
+    """Whether the calling thread has CAP_SYS_ADMIN in its effective set."""
+    with open("/proc/thread-self/status", encoding="ascii") as status:
+        line = next(row for row in status if row.startswith("CapEff:"))
+    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+
+
+def drop_sys_admin() -> None:
+    """Drop CAP_SYS_ADMIN from the calling thread for good (capset is per thread)."""
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x 2 words
+    if _libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for word in range(3):  # the first word's effective, permitted and inheritable
+        data[word] &= ~(1 << CAP_SYS_ADMIN)
+    if _libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+class WithoutSysAdmin:
+    """A handler served by a thread that has dropped CAP_SYS_ADMIN: a broker that runs
+    unprivileged (the kernel then refuses it trusted.* xattrs), in an otherwise root
+    test process. Capabilities belong to threads, so nothing else loses any."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+        self._pool = ThreadPoolExecutor(1, "broker-without-sys-admin", drop_sys_admin)
+        if self._pool.submit(has_sys_admin).result():
+            raise AssertionError("the serving thread kept CAP_SYS_ADMIN")
+
+    def handle(self, request: bytes) -> bytes | None:
+        return self._pool.submit(self.handler.handle, request).result()
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def __enter__(self) -> WithoutSysAdmin:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def open_fds() -> int:

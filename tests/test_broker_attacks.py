@@ -39,7 +39,9 @@ from broker_wire import (
     GUEST_UID,
     IN_HEADER,
     IN_HEADER_SIZE,
+    LINK_XATTR,
     PLANTED,
+    PRIVATE_XATTRS,
     REC_GID,
     REC_MODE,
     REC_RDEV,
@@ -51,6 +53,7 @@ from broker_wire import (
     Inotify,
     Op,
     Reply,
+    WithoutSysAdmin,
     World,
     access_in,
     batch_forget_in,
@@ -73,6 +76,7 @@ from broker_wire import (
     new_encode_dev,
     open_fds,
     open_in,
+    parse_dirents,
     parse_entry,
     parse_getxattr_out,
     parse_reply,
@@ -1199,6 +1203,7 @@ class RO:
     dir: int
     empty: int
     fh: int
+    link: int
 
 
 RO_MUTATIONS: dict[str, Callable[[RO], tuple[int, int, bytes]]] = {
@@ -1212,6 +1217,12 @@ RO_MUTATIONS: dict[str, Callable[[RO], tuple[int, int, bytes]]] = {
         setattr_in(FATTR_ATIME | FATTR_MTIME, atime=1, mtime=1),
     ),
     "SETATTR-dir-mode": lambda n: (Op.SETATTR, n.dir, setattr_in(FATTR_MODE, mode=0o777)),
+    "SETATTR-link-owner": lambda n: (
+        Op.SETATTR,
+        n.link,
+        setattr_in(FATTR_UID | FATTR_GID, uid=4242, gid=4242),
+    ),
+    "SETATTR-link-mode": lambda n: (Op.SETATTR, n.link, setattr_in(FATTR_MODE, mode=0o755)),
     "SYMLINK": lambda n: (Op.SYMLINK, ROOT, cstr(PLANTED) + cstr("x")),
     "MKNOD": lambda n: (Op.MKNOD, ROOT, mknod_in(stat.S_IFREG | 0o644) + cstr(PLANTED)),
     "MKNOD-chr": lambda n: (
@@ -1250,10 +1261,15 @@ RO_MUTATIONS: dict[str, Callable[[RO], tuple[int, int, bytes]]] = {
 
 @pytest.mark.parametrize("op", list(RO_MUTATIONS))
 def test_readonly_share_refuses_mutation(world: World, op: str) -> None:
+    link = world.share / "link"
+    os.symlink("file.txt", link)
+    os.setxattr(link, LINK_XATTR, stat_record(flags=REC_UID | REC_GID, uid=7, gid=8),
+                follow_symlinks=False)  # fmt: skip
     before = share_state(world)
     c = world.client(readonly=True)
     f = c.lookup(ROOT, "file.txt").nodeid
-    n = RO(f, c.lookup(ROOT, "dir").nodeid, c.lookup(ROOT, "empty").nodeid, c.open(f, os.O_RDONLY))
+    n = RO(f, c.lookup(ROOT, "dir").nodeid, c.lookup(ROOT, "empty").nodeid, c.open(f, os.O_RDONLY),
+           c.lookup(ROOT, "link").nodeid)  # fmt: skip
     opcode, nodeid, body = RO_MUTATIONS[op](n)
     attack(c, opcode, nodeid, body, {E.EROFS})
     c.release(f, n.fh)
@@ -1351,6 +1367,149 @@ def test_identity_xattr_is_hidden(world: World, c: Client) -> None:
     assert os.getxattr(host, STAT_XATTR) == record
     assert "user.vmruntime.other" not in os.listxattr(host)
     assert stat.S_IMODE(c.getattr(f).mode) == 0o640
+
+
+# --- identity of symlinks (trusted.vmruntime.stat) -----------------------------------------
+
+LINK_MODE = stat.S_IFLNK | 0o777
+
+
+def host_link_record(path: Path) -> tuple[int, ...]:
+    """(version, flags, uid, gid, mode, rdev) of the record on the host symlink itself."""
+    raw = os.getxattr(path, LINK_XATTR, follow_symlinks=False)
+    version, flags, _, uid, gid, mode, rdev = STAT_RECORD.unpack(raw)
+    return version, flags, uid, gid, mode, rdev
+
+
+def readdirplus_entry(c: Client, parent: int, name: bytes) -> Any:
+    """``name``'s entry in a READDIRPLUS of ``parent`` (one request: the share is small)."""
+    fh = c.opendir(parent)
+    reply = c.call(Op.READDIRPLUS, parent, read_in(fh, 0, 65536))
+    c.releasedir(parent, fh)
+    assert reply.ok, reply
+    entries = {d.name: d.entry for d in parse_dirents(reply.body, plus=True)}
+    return entries[name]
+
+
+def owner_and_mode(attr: Any) -> tuple[int, int, int]:
+    return attr.uid, attr.gid, attr.mode
+
+
+def test_symlink_lchown_is_recorded_not_applied(world: World, c: Client) -> None:
+    link, target = world.share / "link", world.share / "file.txt"
+    os.symlink("file.txt", link)
+    link_before, target_before = os.lstat(link), os.lstat(target)
+    node = c.lookup(ROOT, "link").nodeid
+    assert owner_and_mode(c.getattr(node)) == (GUEST_UID, GUEST_GID, LINK_MODE)
+    attr = c.setattr(node, FATTR_UID | FATTR_GID, uid=4242, gid=4343)
+    assert owner_and_mode(attr) == (4242, 4343, LINK_MODE)
+    replies = {
+        "GETATTR": c.getattr(node),
+        "LOOKUP": c.lookup(ROOT, "link").attr,
+        "READDIRPLUS": readdirplus_entry(c, ROOT, b"link").attr,
+    }
+    assert {k: owner_and_mode(a) for k, a in replies.items()} == dict.fromkeys(
+        replies, (4242, 4343, LINK_MODE)
+    )
+    c.setattr(node, FATTR_GID, gid=1)  # a later chown keeps what it does not name
+    assert owner_and_mode(c.getattr(node)) == (4242, 1, LINK_MODE)
+    file_attr = c.getattr(c.lookup(ROOT, "file.txt").nodeid)
+    assert (file_attr.uid, file_attr.gid) == (GUEST_UID, GUEST_GID)  # not the target's
+    for path, st in ((link, link_before), (target, target_before)):
+        now = os.lstat(path)
+        assert (now.st_mode, now.st_uid, now.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
+    assert host_link_record(link) == (1, REC_UID | REC_GID, 4242, 1, 0, 0)
+    assert os.listxattr(target) == ["user.x"]
+
+
+def test_symlink_record_mode_and_rdev_are_ignored(world: World) -> None:
+    """A link is 0777 and no device, whatever a record on the host says."""
+    link = world.share / "link"
+    os.symlink("file.txt", link)
+    forged = stat_record(uid=5, gid=6, mode=stat.S_IFCHR | 0o4755, rdev=new_encode_dev(1, 1))
+    os.setxattr(link, LINK_XATTR, forged, follow_symlinks=False)
+    c = world.client()
+    attr = c.getattr(c.lookup(ROOT, "link").nodeid)
+    assert (*owner_and_mode(attr), attr.rdev) == (5, 6, LINK_MODE, 0)
+
+
+@pytest.mark.parametrize("identity", ["virtual", "passthrough"])
+def test_symlink_chmod_is_eopnotsupp(world: World, identity: str) -> None:
+    """As Linux answers fchmodat(AT_SYMLINK_NOFOLLOW); with an owner change in the same
+    request, that is not done either."""
+    os.symlink("file.txt", world.share / "link")
+    c = world.client(identity=identity)
+    node = c.lookup(ROOT, "link").nodeid
+    before = share_state(world)
+    attack(c, Op.SETATTR, node, setattr_in(FATTR_MODE, mode=0o4755), {E.EOPNOTSUPP})
+    body = setattr_in(FATTR_MODE | FATTR_UID | FATTR_GID, mode=0o755, uid=4242, gid=4242)
+    attack(c, Op.SETATTR, node, body, {E.EOPNOTSUPP})
+    assert share_state(world) == before
+
+
+def test_guest_symlink_records_its_creator(world: World, c: Client) -> None:
+    c.uid, c.gid = 4321, 4322
+    theirs = c.symlink(ROOT, "theirs", "file.txt")
+    assert owner_and_mode(theirs.attr) == (4321, 4322, LINK_MODE)
+    assert owner_and_mode(c.getattr(theirs.nodeid)) == (4321, 4322, LINK_MODE)
+    assert host_link_record(world.share / "theirs") == (1, REC_UID | REC_GID, 4321, 4322, 0, 0)
+    c.uid, c.gid = GUEST_UID, GUEST_GID  # the share's owner: nothing to record
+    mine = c.symlink(ROOT, "mine", "file.txt")
+    assert owner_and_mode(mine.attr) == (GUEST_UID, GUEST_GID, LINK_MODE)
+    assert LINK_XATTR not in os.listxattr(world.share / "mine", follow_symlinks=False)
+    for name in ("theirs", "mine"):
+        host = os.lstat(world.share / name)
+        assert (host.st_uid, host.st_gid) == (0, 0), name  # the broker's, i.e. root's
+
+
+@pytest.mark.parametrize("target", ["file.txt", "link"])
+def test_private_xattrs_refused_on_files_and_links(world: World, c: Client, target: str) -> None:
+    """Every *.vmruntime.* name is EPERM for the guest, whatever it tries and on whatever
+    inode, and never listed: the records stay the broker's."""
+    os.symlink("file.txt", world.share / "link")
+    for name in ("file.txt", "link"):
+        c.setattr(c.lookup(ROOT, name).nodeid, FATTR_UID | FATTR_GID, uid=7, gid=8)
+    node = c.lookup(ROOT, target).nodeid
+    before = share_state(world)
+    forged = stat_record(uid=0, gid=0, mode=stat.S_IFREG | 0o4755)
+    for name in PRIVATE_XATTRS:
+        attack(c, Op.GETXATTR, node, getxattr_in(4096) + cstr(name), {E.EPERM})
+        attack(c, Op.GETXATTR, node, getxattr_in(0) + cstr(name), {E.EPERM})
+        for flags in (0, 1, 2):  # XATTR_CREATE, XATTR_REPLACE
+            body = setxattr_in(len(forged), flags) + cstr(name) + forged
+            attack(c, Op.SETXATTR, node, body, {E.EPERM})
+        attack(c, Op.REMOVEXATTR, node, cstr(name), {E.EPERM})
+    listed = c.listxattr(node)
+    assert b"vmruntime" not in listed
+    probe = c.call(Op.LISTXATTR, node, getxattr_in(0))
+    assert parse_getxattr_out(probe.body) == len(listed), "the size probe counts a hidden name"
+    assert share_state(world) == before
+    assert (c.getattr(node).uid, c.getattr(node).gid) == (7, 8)
+
+
+def test_unprivileged_broker_refuses_link_owners_it_cannot_record(world: World) -> None:
+    """docs/broker.md: without CAP_SYS_ADMIN a link record cannot be written. A change the
+    guest would see is EOPNOTSUPP (a SYMLINK leaves no link behind); one it would not see
+    succeeds; files keep their user.* records."""
+    os.symlink("file.txt", world.share / "link")
+    with WithoutSysAdmin(world.handler()) as served:
+        c = Client(served.handle, guard=world.guard)
+        c.init()
+        node = c.lookup(ROOT, "link").nodeid
+        before, fds = share_state(world), open_fds()
+        owners = setattr_in(FATTR_UID | FATTR_GID, uid=4242, gid=4343)
+        attack(c, Op.SETATTR, node, owners, {E.EOPNOTSUPP})
+        attack(c, Op.SETATTR, node, setattr_in(FATTR_GID, gid=4343), {E.EOPNOTSUPP})
+        same = c.setattr(node, FATTR_UID | FATTR_GID, uid=GUEST_UID, gid=GUEST_GID)
+        assert owner_and_mode(same) == (GUEST_UID, GUEST_GID, LINK_MODE)
+        c.uid, c.gid = 4321, 4322
+        attack(c, Op.SYMLINK, ROOT, cstr("theirs") + cstr("file.txt"), {E.EOPNOTSUPP})
+        assert share_state(world) == before and open_fds() == fds  # no link, no held inode
+        c.uid, c.gid = GUEST_UID, GUEST_GID
+        mine = c.symlink(ROOT, "mine", "file.txt")
+        assert owner_and_mode(mine.attr) == (GUEST_UID, GUEST_GID, LINK_MODE)
+        f = c.lookup(ROOT, "file.txt").nodeid
+        assert c.setattr(f, FATTR_UID, uid=7).uid == 7
 
 
 MALFORMED_RECORDS: dict[str, bytes] = {

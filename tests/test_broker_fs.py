@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_wire import WithoutSysAdmin
 
+from vmruntime.broker.abi import Op
 from vmruntime.broker.devfuse import FSTYPE, FuseMount, _mounted_devices
 from vmruntime.broker.handler import BrokerOptions, FuseHandler
 from vmruntime.errors import BrokerError
@@ -52,6 +54,7 @@ RENAME_EXCHANGE = 2
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 STAT_XATTR = "user.vmruntime.stat"
+LINK_XATTR = "trusted.vmruntime.stat"  # a symlink's record (no user.* xattrs on links)
 RECORD = struct.Struct("<BBHIIII")  # version flags reserved uid gid mode rdev
 MiB = 1024 * 1024
 
@@ -91,6 +94,19 @@ def record_of(path: Path) -> tuple[int, ...]:
     return version, flags, uid, gid, mode, rdev
 
 
+def link_record_of(path: Path) -> tuple[int, ...]:
+    """The host's record on the symlink ``path`` itself: (version, flags, uid, gid, mode, rdev)."""
+    raw = os.getxattr(path, LINK_XATTR, follow_symlinks=False)
+    version, flags, _reserved, uid, gid, mode, rdev = RECORD.unpack(raw)
+    return version, flags, uid, gid, mode, rdev
+
+
+def host_identity(path: Path) -> tuple[int, int, int]:
+    """What virtual identity must never change on the host: mode, owner, group."""
+    st = os.lstat(path)
+    return st.st_mode, st.st_uid, st.st_gid
+
+
 def devfuse_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("devfuse-")]
 
@@ -120,13 +136,16 @@ def make_share() -> Iterator[MakeShare]:
         threads: int = 1,
         allow_other: bool = False,
         wrap: Callable[[FuseHandler], Any] | None = None,
+        root: Path | None = None,
         **options: Any,
     ) -> Share:
+        """``root``: serve that existing share (another mount of it) instead of a new one."""
         base = Path(tempfile.mkdtemp(prefix="vmr-brokerfs-"))
         bases.append(base)
         base.chmod(0o755)
-        host, mnt = base / "share", base / "mnt"
-        host.mkdir(mode=0o755)
+        host, mnt = root or base / "share", base / "mnt"
+        if root is None:
+            host.mkdir(mode=0o755)
         mnt.mkdir()
         if populate is not None:
             populate(host)
@@ -617,13 +636,12 @@ def test_virtual_identity_shows_the_guest_owner(make_share: MakeShare) -> None:
     (s.mnt / "mine").write_bytes(b"data")
     os.mkdir(s.mnt / "mydir")
     os.symlink("mine", s.mnt / "mylink")
-    for name in ("mine", "mydir"):
+    for name in ("mine", "mydir", "mylink"):
         st = os.lstat(s.mnt / name)
         assert (st.st_uid, st.st_gid) == (0, 0), name  # this test's uid, not the host's
-    # A symlink cannot carry a user.* xattr, so it shows the options' owner whoever made it.
-    assert (os.lstat(s.mnt / "mylink").st_uid, os.lstat(s.mnt / "mylink").st_gid) == (1234, 5678)
-    host = os.stat(s.host / "mine")
-    assert (host.st_uid, host.st_gid) == (os.geteuid(), os.getegid())
+    for name in ("mine", "mylink"):
+        host = os.lstat(s.host / name)
+        assert (host.st_uid, host.st_gid) == (os.geteuid(), os.getegid()), name
     assert os.stat(s.host / "theirs").st_uid == 4321
 
 
@@ -711,11 +729,14 @@ def test_setgid_directory_passes_its_group_on(make_share: MakeShare, identity: s
     os.chmod(s.mnt / "shared", 0o2775)
     (s.mnt / "shared" / "file").write_bytes(b"")
     os.mkdir(s.mnt / "shared" / "sub")
+    os.symlink("file", s.mnt / "shared" / "link")
     assert os.stat(s.mnt / "shared" / "file").st_gid == 77
+    assert os.lstat(s.mnt / "shared" / "link").st_gid == 77
     sub = os.stat(s.mnt / "shared" / "sub")
     assert sub.st_gid == 77 and sub.st_mode & stat.S_ISGID
     if identity == "passthrough":
         assert os.stat(s.host / "shared" / "file").st_gid == 77
+        assert os.lstat(s.host / "shared" / "link").st_gid == 77
 
 
 def test_host_records_are_shown_and_malformed_ones_ignored(make_share: MakeShare) -> None:
@@ -751,6 +772,203 @@ def test_passthrough_identity_acts_on_the_host(make_share: MakeShare) -> None:
     assert STAT_XATTR not in os.listxattr(s.host / "f")
     os.mkfifo(s.mnt / "fifo")  # docs/broker.md: mknod acts on the host
     assert stat.S_ISFIFO(os.lstat(s.host / "fifo").st_mode)
+    os.symlink("f", s.mnt / "link")
+    os.chown(s.mnt / "link", 9, 10, follow_symlinks=False)  # lchown: the link, not "f"
+    assert host_identity(s.host / "link")[1:] == (9, 10)
+    assert host_identity(s.host / "f")[1:] == (7, 8)
+    assert (os.lstat(s.mnt / "link").st_uid, os.lstat(s.mnt / "link").st_gid) == (9, 10)
+    assert LINK_XATTR not in os.listxattr(s.host / "link", follow_symlinks=False)
+
+
+# --- identity of symlinks (trusted.vmruntime.stat) -----------------------------------------
+
+
+def lowner(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid
+
+
+def test_lchown_is_recorded_and_never_reaches_the_host(
+    make_share: MakeShare, containment: str
+) -> None:
+    def populate(host: Path) -> None:
+        (host / "f").write_bytes(b"target")
+        (host / "link").symlink_to("f")
+        (host / "dir").mkdir()
+        (host / "dir" / "inner").symlink_to("../f")
+
+    s = make_share(populate, uid=1234, gid=5678, containment=containment)
+    m, h = s.mnt, s.host
+    link_before, target_before = host_identity(h / "link"), host_identity(h / "f")
+    assert lowner(m / "link") == (1234, 5678)  # no record yet: the share's owner
+    os.chown(m / "link", 42, 43, follow_symlinks=False)
+    os.chown(m / "dir" / "inner", 44, -1, follow_symlinks=False)  # uid only
+    st = os.lstat(m / "link")
+    assert (st.st_uid, st.st_gid, st.st_mode) == (42, 43, stat.S_IFLNK | 0o777)
+    assert lowner(m / "dir" / "inner") == (44, 5678)
+    assert lowner(m / "f") == (1234, 5678)  # the target is not what changed
+    assert os.readlink(m / "link") == "f" and (m / "link").read_bytes() == b"target"
+    # The host link and its target keep their real owner and mode; the link has a record.
+    assert host_identity(h / "link") == link_before and host_identity(h / "f") == target_before
+    assert link_record_of(h / "link")[:4] == (1, 0b11, 42, 43)
+    assert link_record_of(h / "dir" / "inner")[:3] == (1, 0b01, 44)
+    assert STAT_XATTR not in os.listxattr(h / "f")
+
+
+def test_link_records_survive_a_new_mount(make_share: MakeShare) -> None:
+    """The record lives on the host: another broker of the same share shows it. (Which
+    reply carried it, the raw-request tests check: LOOKUP, GETATTR and READDIRPLUS.)"""
+
+    def populate(host: Path) -> None:
+        (host / "dir").mkdir()
+        for name in ("a", "b"):
+            (host / "dir" / name).symlink_to("nowhere")
+
+    first = make_share(populate)
+    os.chown(first.mnt / "dir" / "a", 42, 43, follow_symlinks=False)
+    first.mount.close()
+    again = make_share(root=first.host, attr_timeout=0.0)
+    with os.scandir(again.mnt / "dir") as listing:  # READDIRPLUS, then LOOKUP/GETATTR
+        seen = {e.name: (e.stat(follow_symlinks=False).st_uid, e.is_symlink()) for e in listing}
+    assert seen == {"a": (42, True), "b": (0, True)}
+    for _ in range(2):  # the first lstat looks the name up, the second asks GETATTR
+        assert lowner(again.mnt / "dir" / "a") == (42, 43)
+    assert lowner(again.mnt / "dir" / "b") == (0, 0)
+    asked = again.handler.counts
+    assert asked[Op.READDIRPLUS] and asked[Op.LOOKUP] and asked[Op.GETATTR], asked
+
+
+def test_link_record_follows_the_inode(make_share: MakeShare, containment: str) -> None:
+    """Hard links, rename and unlink of a symlink keep working, the record with the inode."""
+    s = make_share(containment=containment)
+    m, h = s.mnt, s.host
+    os.symlink("target", m / "l")
+    os.chown(m / "l", 7, 8, follow_symlinks=False)
+    os.link(m / "l", m / "hard", follow_symlinks=False)  # a second name for the link itself
+    assert os.lstat(h / "l").st_ino == os.lstat(h / "hard").st_ino
+    assert os.lstat(h / "hard").st_nlink == 2
+    assert lowner(m / "hard") == (7, 8) and os.readlink(m / "hard") == "target"
+    os.mkdir(m / "sub")
+    os.rename(m / "l", m / "sub" / "moved")
+    assert lowner(m / "sub" / "moved") == (7, 8) and os.readlink(m / "sub" / "moved") == "target"
+    assert link_record_of(h / "sub" / "moved")[2:4] == (7, 8)
+    os.chown(m / "hard", 9, -1, follow_symlinks=False)  # one inode: both names change
+    assert lowner(m / "sub" / "moved") == (9, 8)
+    os.unlink(m / "sub" / "moved")
+    os.unlink(m / "hard")
+    assert os.listdir(h) == ["sub"] and os.listdir(h / "sub") == []
+
+
+def test_new_symlink_records_its_creator(make_share: MakeShare) -> None:
+    s = make_share(uid=1234, gid=5678, allow_other=True)
+    os.chmod(s.mnt, 0o777)  # virtual: lets another user make a name in the share root
+    subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", "import os, sys; os.symlink('t', sys.argv[1])",
+         str(s.mnt / "theirs")],
+        user=4321, group=4322, extra_groups=[], capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    os.symlink("t", s.mnt / "mine")
+    assert lowner(s.mnt / "theirs") == (4321, 4322)
+    assert lowner(s.mnt / "mine") == (0, 0)
+    for name in ("theirs", "mine"):
+        assert lowner(s.host / name) == (os.geteuid(), os.getegid()), name
+    assert link_record_of(s.host / "theirs")[1:4] == (0b11, 4321, 4322)
+
+
+def xattr_errnos(
+    path: Path, name: str, value: bytes, *, follow: bool
+) -> tuple[int | None, int | None, int | None]:
+    """The errnos of getxattr, setxattr and removexattr of ``name`` on ``path``."""
+    return (
+        errno_of(lambda: os.getxattr(path, name, follow_symlinks=follow)),
+        errno_of(lambda: os.setxattr(path, name, value, follow_symlinks=follow)),
+        errno_of(lambda: os.removexattr(path, name, follow_symlinks=follow)),
+    )
+
+
+def test_link_and_file_records_are_invisible_and_unsettable(make_share: MakeShare) -> None:
+    """No *.vmruntime.* name through the mount, on a link or a file. (The host kernel itself
+    refuses user.* on links; the trusted.* ones it passes on, and the broker refuses.)"""
+
+    def populate(host: Path) -> None:
+        (host / "f").write_bytes(b"")
+        (host / "l").symlink_to("f")
+
+    s = make_share(populate)
+    os.chown(s.mnt / "l", 7, 8, follow_symlinks=False)
+    os.chown(s.mnt / "f", 7, 8)
+    before = snapshot(s.host)
+    forged = RECORD.pack(1, 0b111, 0, 0, 0, stat.S_IFREG | 0o4755, 0)
+    private = (STAT_XATTR, LINK_XATTR, "user.vmruntime.x", "trusted.vmruntime.x")
+    for name, follow in (("l", False), ("f", True)):
+        path = s.mnt / name
+        assert not [n for n in os.listxattr(path, follow_symlinks=follow) if "vmruntime" in n]
+        for attr in private:
+            got, put, removed = xattr_errnos(path, attr, forged, follow=follow)
+            assert got in (errno.EPERM, errno.ENODATA), f"get {attr} on {name}"
+            assert put == errno.EPERM, f"set {attr} on {name}"
+            assert removed in (errno.EPERM, errno.ENODATA), f"remove {attr} on {name}"
+    assert snapshot(s.host) == before
+    assert lowner(s.mnt / "l") == (7, 8) and lowner(s.mnt / "f") == (7, 8)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[Callable[[FuseHandler], WithoutSysAdmin]]:
+    """Wraps a handler so that it is served without CAP_SYS_ADMIN. Request this fixture
+    before ``make_share``: the mounts then go before the serving threads."""
+    made: list[WithoutSysAdmin] = []
+
+    def wrap(handler: FuseHandler) -> WithoutSysAdmin:
+        made.append(WithoutSysAdmin(handler))
+        return made[-1]
+
+    yield wrap
+    for wrapper in made:
+        wrapper.close()
+
+
+def test_unprivileged_broker_refuses_what_it_cannot_record(
+    unprivileged: Callable[[FuseHandler], WithoutSysAdmin], make_share: MakeShare
+) -> None:
+    """docs/broker.md: without CAP_SYS_ADMIN no link record can be written (or read); a
+    change the guest would see is EOPNOTSUPP, and the host inode still never changes."""
+
+    def populate(host: Path) -> None:
+        (host / "f").write_bytes(b"")
+        (host / "l").symlink_to("f")
+        (host / "old").symlink_to("f")
+        record = RECORD.pack(1, 0b11, 0, 42, 43, 0, 0)  # left by a privileged broker
+        os.setxattr(host / "old", LINK_XATTR, record, follow_symlinks=False)
+
+    s = make_share(populate, wrap=unprivileged, allow_other=True)
+    m = s.mnt
+    before = snapshot(s.host)
+    assert lowner(m / "old") == (0, 0)  # unreadable without the capability: the defaults
+    assert errno_of(lambda: os.chown(m / "l", 7, 8, follow_symlinks=False)) == errno.EOPNOTSUPP
+    assert lowner(m / "l") == (0, 0)
+    os.chown(m / "l", 0, 0, follow_symlinks=False)  # to the owner shown: nothing to record
+    assert snapshot(s.host) == before
+    os.chown(m / "f", 7, 8)  # files keep user.* records, which need no capability
+    assert lowner(m / "f") == (7, 8) and record_of(s.host / "f")[2:4] == (7, 8)
+    os.symlink("f", m / "mine")  # the share's owner makes a link: no record needed
+    assert lowner(m / "mine") == (0, 0)
+    os.chmod(m, 0o777)
+    theirs = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", THEIR_SYMLINK, str(m / "theirs")],
+        user=4321, group=4322, extra_groups=[], capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert theirs.stdout.strip() == str(errno.EOPNOTSUPP), theirs.stderr
+    assert not os.path.lexists(s.host / "theirs")  # no link left with an owner nobody asked for
+
+
+THEIR_SYMLINK = """
+import os, sys
+try:
+    os.symlink("f", sys.argv[1])
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
 
 
 # --- read-only shares ---------------------------------------------------------------------
@@ -787,6 +1005,8 @@ def test_readonly_share_refuses_every_mutation(make_share: MakeShare) -> None:
         (host / "d" / "x").write_bytes(b"x")
         (host / "empty").mkdir()
         (host / "l").symlink_to("f")
+        record = RECORD.pack(1, 0b11, 0, 42, 43, 0, 0)
+        os.setxattr(host / "l", LINK_XATTR, record, follow_symlinks=False)
 
     s = make_share(populate, readonly=True)
     m = s.mnt
@@ -817,6 +1037,8 @@ def test_readonly_share_refuses_every_mutation(make_share: MakeShare) -> None:
         "chmod": lambda: os.chmod(m / "f", 0o600),
         "chmod dir": lambda: os.chmod(m / "d", 0o700),
         "chown": lambda: os.chown(m / "f", 1, 1),
+        "lchown": lambda: os.chown(m / "l", 1, 1, follow_symlinks=False),
+        "lchown uid": lambda: os.chown(m / "l", 1, -1, follow_symlinks=False),
         "truncate": lambda: os.truncate(m / "f", 1),
         "truncate grow": lambda: os.truncate(m / "f", 100),
         "utime": lambda: os.utime(m / "f", ns=(1, 1)),
@@ -829,6 +1051,7 @@ def test_readonly_share_refuses_every_mutation(make_share: MakeShare) -> None:
     assert (m / "f").read_bytes() == b"hello" and (m / "l").read_bytes() == b"hello"
     assert sorted(os.listdir(m)) == ["d", "empty", "f", "l"]
     assert os.getxattr(m / "f", "user.k") == b"v" and os.readlink(m / "l") == "f"
+    assert (os.lstat(m / "l").st_uid, os.lstat(m / "l").st_gid) == (42, 43)
     assert os.statvfs(m).f_namemax == 255
     assert snapshot(s.host) == before
 

@@ -8,7 +8,6 @@ the way a hostile one might.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
@@ -904,14 +903,29 @@ def test_fuse_reply_too_small_for_buffer(fuse: tuple[Fuse, Path]) -> None:
     assert error == 0 and body == b"x" * 100  # only what the guest gave room for
 
 
-def test_fuse_hostile_request_bytes(fuse: tuple[Fuse, Path]) -> None:
-    client, _ = fuse
-    front = client.front
-    huge_write = IN_HEADER.pack(1 << 31, OP_WRITE, 1, 1, 0, 0, 0, 0, 0)
-    for junk in (b"", b"\xff" * 7, os.urandom(40), huge_write):
-        with contextlib.suppress(AssertionError):
-            front.request(1, [junk] if junk else [], [64])
-    assert_missing(client, b"missing")
+# Request bytes a hostile guest may put in a well-formed chain, and the one reply each
+# must get (docs/broker.md, the handler contract): an unusable header is EIO with
+# unique 0 (there is no unique to echo); a header whose length is not the request's is
+# EINVAL echoing its unique. Each is one 16-byte error reply; the queue goes on.
+_LYING_LENGTH = struct.pack("<IIQ", 41, 0xDEAD, 0x1234_5678_9ABC_DEF0) + os.urandom(24)
+HOSTILE_REQUESTS: dict[str, tuple[bytes, int, int]] = {  # bytes, errno, unique
+    "no-readable-buffer": (b"", errno.EIO, 0),
+    "short-header": (b"\xff" * 7, errno.EIO, 0),
+    "lying-length": (_LYING_LENGTH, errno.EINVAL, 0x1234_5678_9ABC_DEF0),
+    "huge-write-length": (IN_HEADER.pack(1 << 31, OP_WRITE, 1, 1, 0, 0, 0, 0, 0), errno.EINVAL, 1),
+    "header-only-write": (IN_HEADER.pack(40, OP_WRITE, 2, 1, 0, 0, 0, 0, 0), errno.EINVAL, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_REQUESTS))
+def test_fuse_hostile_request_bytes(fuse: tuple[Fuse, Path], case: str) -> None:
+    client, root = fuse
+    junk, code, unique = HOSTILE_REQUESTS[case]
+    used, reply = client.front.request(1, [junk] if junk else [], [64])
+    assert used == OUT_HEADER.size == len(reply)
+    assert OUT_HEADER.unpack(reply) == (OUT_HEADER.size, -code, unique)
+    assert os.listdir(root) == []  # WRITE or not, nothing reached the share
+    assert_missing(client, b"missing")  # the queue and the handler go on
 
 
 def test_neighbouring_buffers_become_one_view(ready: FrontEnd, echo: EchoHandler,

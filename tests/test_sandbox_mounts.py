@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from broker_wire import has_sys_admin
 from conftest import VmSession
 from vm_support import broker_processes, qemu_processes
 
@@ -166,6 +167,30 @@ def test_guest_chown_and_chmod_stay_in_the_guest(mounted: Mounted) -> None:
     assert sh(box, "stat -c '%u:%g %a' /mnt/rw/owned.txt") == "1234:4321 4711\n"
     after = host.stat()
     assert (after.st_uid, after.st_gid, after.st_mode) == (info.st_uid, info.st_gid, info.st_mode)
+    check_chown_h_of_symlinks(box, rw)
+
+
+def check_chown_h_of_symlinks(box: Sandbox, rw: Path) -> None:
+    """chown -h changes the link the guest sees (docs/broker.md: a trusted.vmruntime.stat
+    record on the host link), not the host link's owner nor the target's."""
+    (rw / "link-target.txt").write_text("t")
+    os.symlink("link-target.txt", rw / "host-link")
+    sh(box, "ln -s link-target.txt /mnt/rw/guest-link")
+    links = ("host-link", "guest-link")
+    before = {name: os.lstat(rw / name) for name in (*links, "link-target.txt")}
+    chown_h = "chown -h 2222:3333 /mnt/rw/host-link /mnt/rw/guest-link"
+    if not has_sys_admin():  # the broker is ours: without the capability it cannot record
+        result = box.exec(["sh", "-c", chown_h])
+        assert result.returncode != 0 and b"Operation not supported" in result.stderr
+        return
+    sh(box, chown_h)
+    for name in links:
+        assert sh(box, f"stat -c '%u:%g' /mnt/rw/{name}") == "2222:3333\n", name
+        assert sh(box, f"[ -L /mnt/rw/{name} ] && readlink /mnt/rw/{name}") == "link-target.txt\n"
+    assert sh(box, "stat -c '%u:%g' /mnt/rw/link-target.txt") == "0:0\n"  # -h: not the target
+    for name, st in before.items():
+        now = os.lstat(rw / name)
+        assert (now.st_mode, now.st_uid, now.st_gid) == (st.st_mode, st.st_uid, st.st_gid), name
 
 
 # --- volumes ----------------------------------------------------------------------

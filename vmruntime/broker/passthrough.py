@@ -13,6 +13,7 @@ the errno the guest gets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -46,6 +47,8 @@ _SAFE_OPEN = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _HOST_PERMS = 0o777  # never a setuid, setgid or sticky bit on a host file made by a guest
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 _FALLOCATE_MODES = 0x01 | 0x02 | 0x10  # KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE
+# Inodes that carry an identity record (identity.record_name says where).
+_RECORDED_KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK})
 _DT = {
     stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFCHR: 2, stat.S_IFBLK: 6,
     stat.S_IFIFO: 1, stat.S_IFSOCK: 12,
@@ -120,8 +123,7 @@ class Passthrough:
         mode, uid, gid, rdev, size = st.st_mode, st.st_uid, st.st_gid, 0, st.st_size
         if self.virtual:
             record = self._record(inode)
-            uid = record.uid if record and record.uid is not None else self.uid
-            gid = record.gid if record and record.gid is not None else self.gid
+            uid, gid = self._owner(record)
             perms = record.mode if record and record.mode is not None else st.st_mode
             kind = identity.shown_type(st.st_mode, record)
             mode = kind | stat.S_IMODE(perms)
@@ -139,9 +141,9 @@ class Passthrough:
         )  # fmt: skip
 
     def _record(self, inode: Inode) -> identity.StatRecord | None:
-        if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
-            return None  # user xattrs exist only on files and directories
-        return identity.read_record(inode.proc_path)
+        if inode.kind not in _RECORDED_KINDS:
+            return None  # a host-made FIFO, socket or device: the guest made none of them
+        return identity.read_record(inode.proc_path, inode.kind)
 
     # Names.
 
@@ -177,6 +179,9 @@ class Passthrough:
 
     def setattr(self, nodeid: int, args: SetAttr) -> Attr:
         inode = self.inodes.get(nodeid)
+        if args.valid & FATTR_MODE and inode.kind == stat.S_IFLNK:
+            # As Linux answers fchmodat(AT_SYMLINK_NOFOLLOW): a link's mode means nothing.
+            raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
         if args.valid & FATTR_SIZE:
             self._truncate(inode, args)
         if args.valid & (FATTR_ATIME | FATTR_MTIME):
@@ -220,18 +225,40 @@ class Passthrough:
         uid = args.uid if args.valid & FATTR_UID else None
         gid = args.gid if args.valid & FATTR_GID else None
         if not self.virtual:
-            if mode is not None and inode.kind != stat.S_IFLNK:
+            if mode is not None:  # never a symlink's (setattr refused that)
                 os.chmod(inode.proc_path, stat.S_IMODE(mode))
             if uid is not None or gid is not None:
                 _libc.chown_inode(inode.fd, -1 if uid is None else uid, -1 if gid is None else gid)
             return
         if inode.kind == stat.S_IFLNK:
-            return  # links show the share's owner and 0777; nothing to record (no xattrs)
+            self._set_link_owner(inode, uid, gid)
+            return
         record = self._record(inode)
         if mode is not None:  # chmod keeps the type the guest sees (a device stays one)
             mode = identity.shown_type(os.fstat(inode.fd).st_mode, record) | stat.S_IMODE(mode)
         merged = (record or identity.StatRecord()).merged(uid=uid, gid=gid, mode=mode)
-        identity.write_record(inode.proc_path, merged)
+        identity.write_record(inode.proc_path, merged, inode.kind)
+
+    def _set_link_owner(self, inode: Inode, uid: int | None, gid: int | None) -> None:
+        """lchown in virtual mode: recorded in the link's trusted.* record.
+
+        Where that record cannot be written (no CAP_SYS_ADMIN), a chown the guest
+        would not see anyway (to the owner already shown) succeeds, as it would on any
+        filesystem; any other is EOPNOTSUPP, never a change that silently did not happen.
+        """
+        record = self._record(inode)
+        merged = (record or identity.StatRecord()).merged(uid=uid, gid=gid)
+        try:
+            identity.write_record(inode.proc_path, merged, stat.S_IFLNK)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP or self._owner(merged) != self._owner(record):
+                raise
+
+    def _owner(self, record: identity.StatRecord | None) -> tuple[int, int]:
+        """The uid and gid the guest sees for an inode with ``record``."""
+        uid = record.uid if record and record.uid is not None else self.uid
+        gid = record.gid if record and record.gid is not None else self.gid
+        return uid, gid
 
     # Creating and removing names.
 
@@ -270,9 +297,16 @@ class Passthrough:
             raise OSError(errno.EINVAL, "bad symlink target")
         os.symlink(target, name, dir_fd=parent.fd)  # stored as given, never followed by us
         entry = self.lookup(parent_id, name)
-        if not self.virtual:
-            _libc.chown_inode(entry.inode.fd, caller.uid, caller.gid)
-        return entry
+        try:
+            self._adopt(entry.inode, parent, stat.S_IFLNK | 0o777, caller)
+        except OSError:
+            # The guest hears that SYMLINK failed: no link stays behind with an owner
+            # nobody asked for (an unprivileged broker cannot record it: docs/broker.md).
+            self.forget(entry.inode.nodeid, 1)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=parent.fd)
+            raise
+        return Entry(entry.inode, self.attr(entry.inode))
 
     def link(self, nodeid: int, parent_id: int, name: bytes) -> Entry:
         inode = self.inodes.get(nodeid)
@@ -326,7 +360,7 @@ class Passthrough:
             rdev=rdev if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
         )
         if record != identity.StatRecord():
-            identity.write_record(inode.proc_path, record)
+            identity.write_record(inode.proc_path, record, inode.kind)
 
     # Symlinks.
 
