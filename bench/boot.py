@@ -7,7 +7,7 @@ after one warm-up round that is not counted:
 
 (a) a bare QEMU boot of the sandbox's own machine: the ``MachineSpec`` that
     ``AsyncSandbox.create`` builds (same kernel, initramfs, accelerator, cpus,
-    memory, kernel command line from ``_kernel_cmdline``, the image's layers as
+    memory, kernel command line from ``kernel_cmdline``, the image's layers as
     read-only disks, a writable-layer disk, the agent's console port) plus
     ``vmr.bare=1``, on which the agent reboots as soon as it starts (see
     docs/agent-protocol.md, "Boot"). Timed from ``QemuDriver().boot`` to QEMU's
@@ -55,15 +55,11 @@ from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  
 from vmruntime.rootfs.writable import create_writable_layer  # noqa: E402
 from vmruntime.vm import state  # noqa: E402
 from vmruntime.vm.accel import Accelerator, choose_accelerator  # noqa: E402
+from vmruntime.vm.builder import AGENT_PORT, kernel_cmdline  # noqa: E402
+from vmruntime.vm.config import DEFAULT_MEMORY_MIB, DEFAULT_WRITABLE_SIZE  # noqa: E402
 from vmruntime.vm.driver import MachineSpec  # noqa: E402
 from vmruntime.vm.qemu import QemuDriver, qemu_binary  # noqa: E402
-from vmruntime.vm.sandbox import (  # noqa: E402
-    AGENT_PORT,
-    DEFAULT_MEMORY_MIB,
-    DEFAULT_WRITABLE_SIZE,
-    _kernel_cmdline,
-    console_tail,
-)
+from vmruntime.vm.sandbox import console_tail  # noqa: E402
 
 MIB = 1 << 20
 KVM_GOAL_SECONDS = 0.300
@@ -141,7 +137,7 @@ class BareMachine:
 
     def spec(self, run_dir: Path) -> MachineSpec:
         """The MachineSpec ``AsyncSandbox.create`` builds, plus ``vmr.bare=1``."""
-        cmdline = _kernel_cmdline(len(self.layers), state.new_sandbox_id(), self.accel.name)
+        cmdline = kernel_cmdline(len(self.layers), state.new_sandbox_id(), self.accel.name)
         spec = MachineSpec(
             kernel=self.assets.kernel,
             initramfs=self.assets.initramfs,

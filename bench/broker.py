@@ -56,8 +56,8 @@ import samples  # noqa: E402  (bench/samples.py, beside this script)
 from vmruntime import AsyncSandbox  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
 from vmruntime.vm.accel import Accelerator, choose_accelerator  # noqa: E402
+from vmruntime.vm.config import DEFAULT_MEMORY_MIB  # noqa: E402
 from vmruntime.vm.qemu import qemu_binary  # noqa: E402
-from vmruntime.vm.sandbox import DEFAULT_MEMORY_MIB  # noqa: E402
 
 MB = 10**6
 # The peer script lives beside the repository (../shared/peers), shared by the team.

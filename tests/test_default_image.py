@@ -370,6 +370,7 @@ def test_build_real_default_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """Build for real, validate the layout as handed to the cache, load it into a real
     (empty, private) image cache, then check that a second call costs no build."""
     import vmruntime.images as images
+    import vmruntime.rootfs as rootfs
 
     monkeypatch.setenv("VMRUNTIME_CACHE", str(tmp_path / "cache"))
     loaded: list[tuple[Path, str]] = []
@@ -377,7 +378,7 @@ def test_build_real_default_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def validating_load(layout: Path, tag: str) -> object:
         loaded.append((layout, tag))
         check_default_layout(layout)
-        return images.load(layout, tag)
+        return rootfs.load(layout, tag)  # as the CLI loads it: layer images built too
 
     started = time.monotonic()
     ref = ensure_default_image(load=validating_load, log=print)
@@ -397,7 +398,7 @@ def test_build_real_default_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     print(f"second ensure_default_image: {elapsed:.3f} s")
     assert elapsed < 1.0
     assert len(loaded) == 1
-    check_cached_rootfs(images.resolve(DEFAULT_IMAGE).layer_paths, tmp_path / "mnt")
+    check_cached_rootfs(rootfs.resolve(DEFAULT_IMAGE).layer_paths, tmp_path / "mnt")
 
 
 def check_cached_rootfs(layer_paths: tuple[Path, ...], scratch: Path) -> None:

@@ -22,11 +22,11 @@ from vmruntime.errors import (
 )
 from vmruntime.vm import mounts as mounts_module
 from vmruntime.vm import state
+from vmruntime.vm.builder import kernel_cmdline
 from vmruntime.vm.commands import prune_sandboxes
 from vmruntime.vm.driver import MachineSpec
 from vmruntime.vm.mounts import SandboxMounts, guest_owner, resolve_mounts
 from vmruntime.vm.qemu import qemu_argv
-from vmruntime.vm.sandbox import _kernel_cmdline
 
 
 @pytest.fixture
@@ -144,14 +144,15 @@ def test_unreadable_record_is_named(dirs: Path) -> None:
 def test_record_names_mounts_and_brokers_and_a_version_1_record_still_reads(dirs: Path) -> None:
     paths = save(record("555555555555", mounts=["--mount /h:/g:ro"], brokers=[[123, 456]]))
     again = state.read_record(paths)
-    assert (again.version, again.mounts, again.brokers) == (2, ["--mount /h:/g:ro"], [[123, 456]])
+    assert (again.version, again.mounts, again.brokers) == (3, ["--mount /h:/g:ro"], [[123, 456]])
     doc = json.loads(paths.record.read_text())
-    for key in ("mounts", "brokers"):
+    for key in ("mounts", "brokers", "config", "exec_defaults", "vmm"):
         del doc[key]
     doc["version"] = 1
     paths.record.write_text(json.dumps(doc))
     old = state.read_record(paths)
-    assert (old.mounts, old.brokers) == ([], [])
+    assert (old.mounts, old.brokers, old.config, old.exec_defaults) == ([], [], {}, {})
+    assert old.vmm == "qemu"
 
 
 def test_prune_ends_the_brokers_a_record_names(dirs: Path) -> None:
@@ -289,8 +290,8 @@ def test_a_broker_that_fails_to_start_leaves_no_lock(
 
 
 def test_kernel_command_line_loads_virtiofs_only_with_shares() -> None:
-    assert "vmr.modules=virtiofs" not in _kernel_cmdline(2, "abc", "kvm")
-    assert "vmr.modules=virtiofs" in _kernel_cmdline(2, "abc", "kvm", shares=True)
+    assert "vmr.modules=virtiofs" not in kernel_cmdline(2, "abc", "kvm")
+    assert "vmr.modules=virtiofs" in kernel_cmdline(2, "abc", "kvm", shares=True)
 
 
 def test_a_sandboxs_open_files_are_capped_across_its_shares(dirs: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ExecResult": "vmruntime.vm",
     "Mount": "vmruntime.vm",
     "Sandbox": "vmruntime.vm",
+    "SandboxConfig": "vmruntime.vm",
     "ImageRecord": "vmruntime.images",
     "ImageStore": "vmruntime.images",
     "Reference": "vmruntime.images",
@@ -37,6 +38,7 @@ __all__ = [
     "Mount",
     "Reference",
     "Sandbox",
+    "SandboxConfig",
     "VmruntimeError",
     "__version__",
     "load",
@@ -59,4 +61,4 @@ if TYPE_CHECKING:
     from vmruntime.errors import VmruntimeError
     from vmruntime.images import ImageRecord, ImageStore, Reference, parse_reference
     from vmruntime.rootfs import load, pull, resolve
-    from vmruntime.vm import AsyncSandbox, ExecResult, Mount, Sandbox
+    from vmruntime.vm import AsyncSandbox, ExecResult, Mount, Sandbox, SandboxConfig

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmruntime._child import die_with_parent, log_tail
+from vmruntime._child import die_with_parent, log_tail, start_child
 from vmruntime.errors import BrokerError
 
 # Generous: a broker is listening ~0.2 s after exec, but CI machines are slow.
@@ -48,9 +48,10 @@ class BrokerProcess:
     returns only once the socket listens, or raises :class:`BrokerError` naming
     the share root with the tail of ``log``; the broker exits by itself when
     QEMU disconnects; a non-detached broker runs in its own process group and
-    gets SIGKILL from the kernel when the *thread* that started it dies (call
-    ``start`` from a long-lived thread, as for QEMU); a detached one is in its
-    own session and outlives us. ``stop`` and ``kill`` reap it and are idempotent.
+    gets SIGKILL from the kernel when this process dies (it is started on
+    :func:`vmruntime._child.start_child`'s thread, so any thread may call ``start``,
+    which blocks until the socket listens); a detached one is in its own session
+    and outlives us. ``stop`` and ``kill`` reap it and are idempotent.
     """
 
     def __init__(self, share: ShareConfig, socket: Path, log: Path,
@@ -70,13 +71,13 @@ class BrokerProcess:
         try:
             parent = os.getpid()
             with open(log, "ab") as log_file:
-                process = subprocess.Popen(
+                process = start_child(lambda: subprocess.Popen(
                     [*argv, "--ready-fd", str(ready_w)],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                     pass_fds=(ready_w,), start_new_session=detached,
                     process_group=None if detached else 0,
                     preexec_fn=None if detached else lambda: die_with_parent(parent),
-                )  # fmt: skip
+                ))  # fmt: skip
         except OSError as exc:
             os.close(ready_r)
             raise BrokerError(share.root, f"cannot start the broker: {exc}") from exc

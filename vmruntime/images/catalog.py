@@ -21,7 +21,7 @@ from vmruntime.images.manifest import (
     parse_config,
     parse_manifest_document,
 )
-from vmruntime.images.reference import canonical_reference
+from vmruntime.images.reference import canonical_reference, legacy_names
 from vmruntime.images.store import ImageStore, PruneResult, RefRecord
 
 
@@ -46,7 +46,13 @@ def canonical_name(text: str, store: ImageStore) -> str:
 
 
 def _ref_record(reference: str, store: ImageStore) -> RefRecord:
-    record = store.get_ref(canonical_name(reference, store))
+    name = canonical_name(reference, store)
+    record = store.get_ref(name)
+    for legacy in legacy_names(name) if record is None else ():
+        # Caches from before the local name: only a loaded entry counts, never a pull.
+        old = store.get_ref(legacy)
+        if old is not None and old.source != "pull":
+            record = old
     if record is None:
         raise ImageNotFoundError(reference)
     return record

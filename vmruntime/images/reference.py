@@ -192,6 +192,12 @@ def canonical_reference(text: str) -> str:
     return _LOCAL_ALIASES.get(name, name)
 
 
+def legacy_names(canonical: str) -> list[str]:
+    """Names a local-only image was cached under before it had its own (loaded, never
+    pulled, so still ours)."""
+    return [old for old, new in _LOCAL_ALIASES.items() if new == canonical]
+
+
 def local_only_hint(reference: Reference) -> str | None:
     """For an image that only exists locally, the command that makes it; else None."""
     return _LOCAL_ONLY.get(canonical_reference(str(reference)))

@@ -7,8 +7,26 @@ Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`,
 :class:`SandboxConfig`, :class:`ExecResult`, :class:`Mount`.
 """
 
+from vmruntime.vm.builder import ColdBoot, CreationPlan, FreshLayer
+from vmruntime.vm.config import ExecDefaults, SandboxConfig
+from vmruntime.vm.driver import VmmDriver
 from vmruntime.vm.mounts import Mount
+from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
 from vmruntime.vm.sync import Process, Sandbox
 
-__all__ = ["AsyncProcess", "AsyncSandbox", "ExecResult", "Mount", "Process", "Sandbox"]
+__all__ = [
+    "AsyncProcess",
+    "AsyncSandbox",
+    "ColdBoot",
+    "CreationPlan",
+    "ExecDefaults",
+    "ExecResult",
+    "FreshLayer",
+    "Mount",
+    "Process",
+    "QemuDriver",
+    "Sandbox",
+    "SandboxConfig",
+    "VmmDriver",
+]

@@ -24,9 +24,11 @@ from collections.abc import Iterator
 
 from vmruntime.errors import SandboxError
 from vmruntime.vm import state
+from vmruntime.vm.config import DEFAULT_MEMORY_MIB, SandboxConfig
 from vmruntime.vm.mounts import Mount
-from vmruntime.vm.qemu import adopt_vm
-from vmruntime.vm.sandbox import DEFAULT_MEMORY_MIB, AsyncProcess, AsyncSandbox, ExecResult
+from vmruntime.vm.qemu import QemuDriver
+from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
+from vmruntime.vm.teardown import end_from_outside
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -128,11 +130,12 @@ async def _run_async(args: argparse.Namespace) -> int:
     if args.detach and command:
         hint = "--detach starts an idle sandbox; run commands with `vmr sandbox exec`"
         raise SandboxError("-", hint)
-    sandbox = await AsyncSandbox.create(
+    config = SandboxConfig(
         args.image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
         ports=_ports(args.publish), mounts=_mounts(args), name=args.name,
         writable_size=args.writable_size << 20, detached=args.detach, keep=args.keep,
     )  # fmt: skip
+    sandbox = await AsyncSandbox.from_config(config)
     if args.detach:
         await sandbox.detach()
         print(sandbox.id)
@@ -276,39 +279,26 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 async def _stop_one(record: state.SandboxRecord) -> None:
-    paths = state.SandboxPaths(record.id)
+    """A clean shutdown through the agent when we can have it; else the VMM's own quit."""
     if record.vm_running:
         try:
             sandbox = await AsyncSandbox.attach(record.id)
         except SandboxError:
-            # Its owner holds the agent; stop the VM from outside instead.
-            vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
-            with contextlib.suppress(Exception):
-                await vm.quit()
-            if await vm.wait(5) is None:
-                vm.kill()
+            pass  # its owner holds the agent: stop the VM from outside instead
         else:
             await sandbox.stop(keep=True)  # `stop` keeps files; `rm` removes them
-    state.end_brokers(record)
-    state.mark_stopped(paths)
+            return
+    await end_from_outside(record, QemuDriver(), keep=True, graceful=True)
 
 
 def _rm(args: argparse.Namespace) -> int:
     for name in args.sandboxes:
         record = state.find_record(name)
-        if record.vm_running:
-            if not args.force:
-                raise SandboxError(record.id, "is running; stop it first or use rm -f")
-            _kill(record)
-        state.SandboxPaths(record.id).remove()
+        if record.vm_running and not args.force:
+            raise SandboxError(record.id, "is running; stop it first or use rm -f")
+        asyncio.run(end_from_outside(record, QemuDriver(), keep=False, graceful=False))
         print(f"removed {record.id}")
     return 0
-
-
-def _kill(record: state.SandboxRecord) -> None:
-    paths = state.SandboxPaths(record.id)
-    adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket).kill()
-    state.end_brokers(record)
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -334,7 +324,6 @@ def prune_sandboxes() -> list[state.SandboxRecord]:
     removed = []
     for record in state.list_records():
         if record.status in ("stopped", "orphaned"):
-            _kill(record)
-            state.SandboxPaths(record.id).remove()
+            asyncio.run(end_from_outside(record, QemuDriver(), keep=False, graceful=False))
             removed.append(record)
     return removed

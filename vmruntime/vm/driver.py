@@ -1,19 +1,30 @@
 """The interface between a sandbox and the virtual machine monitor that runs it.
 
-Who calls it: :mod:`vmruntime.vm.sandbox` builds a :class:`MachineSpec`, attaches
-disks, console ports and vhost-user sockets to it, and hands it to a
-:class:`VmmDriver`. What a driver promises: ``boot`` starts the VM as a child in
-its own process group, holding ``pass_fds`` (and no other descriptor of ours) for
-its whole life; ``kill`` ends it at once; and, unless the VM was booted detached,
-the VM dies with the host process that booted it. QEMU is the only
-driver today (:mod:`vmruntime.vm.qemu`); another VMM goes beside it.
+Who calls it: sandbox creation (:mod:`vmruntime.vm.builder`) builds a
+:class:`MachineSpec`, attaches disks, console ports and vhost-user sockets to it, and
+hands it to a :class:`VmmDriver`, which the caller passes in; stopping and the CLI
+reach running VMs through :meth:`VmmDriver.adopt`. What a driver promises: ``boot``
+starts the VM as a child in its own process group, holding ``pass_fds`` (and no
+other descriptor of ours) for its whole life; ``kill`` ends it at once; and, unless
+the VM was booted detached, the VM dies with the host process that booted it. QEMU is
+the driver (:mod:`vmruntime.vm.qemu`); the tests have a fake one (``tests/fake_vmm.py``)
+whose "VM" is the real agent on the host.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vmruntime.guest.assets import GuestAssets
+from vmruntime.vm.state import process_alive
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,74 @@ class VmHandle(ABC):
 
     @abstractmethod
     def kill(self) -> None:
-        """SIGKILL the VMM's process group and reap it."""
+        """SIGKILL the VMM's process group and reap it (nothing if it has ended)."""
+
+
+class ProcessVm(VmHandle):
+    """A VM that is one process leading its own process group: one this process started
+    (``process``), or one found running (adopted: pid plus start time, never a recycled
+    pid). Drivers add :meth:`quit`."""
+
+    def __init__(self, pid: int, process: subprocess.Popen[bytes] | None = None,
+                 start_time: int | None = None) -> None:  # fmt: skip
+        self.pid = pid
+        self._process = process
+        self._start_time = start_time
+
+    def running(self) -> bool:
+        if self._process is not None:
+            return self._process.poll() is None
+        return process_alive(self.pid, self._start_time)
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        if not self.running():
+            return self._exit_status()
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return self._exit_status()
+        try:
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await asyncio.wait_for(exited, timeout)
+            except TimeoutError:
+                return None
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        return self._exit_status()
+
+    def _exit_status(self) -> int:
+        return self._process.wait() if self._process is not None else 0
+
+    def kill(self) -> None:
+        if self.running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self._process is not None:
+            self._process.wait()
+            return
+        # Not our child, so it cannot be reaped here: wait (briefly) until it is gone.
+        deadline = time.monotonic() + 2
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class VmmDriver(ABC):
+    """Boots machines and finds running ones. Passed in to sandbox creation."""
+
     name: str
 
     @abstractmethod
+    def guest_assets(self, cache_root: Path) -> GuestAssets:
+        """The kernel and initramfs this driver boots (made if missing; blocking)."""
+
+    @abstractmethod
     async def boot(self, spec: MachineSpec, *, detached: bool = False) -> VmHandle: ...
+
+    @abstractmethod
+    def adopt(self, pid: int, start_time: int | None, control_socket: Path) -> VmHandle:
+        """A handle on a VM of this driver started by another (possibly gone) process."""

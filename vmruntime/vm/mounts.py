@@ -128,24 +128,28 @@ class ResolvedMount:
     volume: Volume | None = None
 
 
+def check_guest_paths(mounts: Sequence[Mount]) -> None:
+    """The checks that need no disk: every guest path allowed, none used twice."""
+    seen: dict[str, Mount] = {}
+    for mount in mounts:
+        _check_guest_path(mount)
+        if mount.guest in seen:
+            raise MountError(str(mount), f"{mount.guest} is already mounted by {seen[mount.guest]}")
+        seen[mount.guest] = mount
+
+
 def resolve_mounts(mounts: Sequence[Mount | str] | None) -> list[ResolvedMount]:
     """Check every mount and find what backs it; :class:`MountError` for the first bad one.
 
     Strings are taken as ``HOST:GUEST[:ro]`` bind mounts. Volumes are looked up in
     the default volume store (an unknown one raises ``VolumeNotFoundError``).
     """
-    resolved: list[ResolvedMount] = []
-    seen: dict[str, Mount] = {}
-    for item in mounts or ():
-        mount = Mount.parse(item) if isinstance(item, str) else item
+    parsed = [Mount.parse(item) if isinstance(item, str) else item for item in mounts or ()]
+    for mount in parsed:
         if not isinstance(mount, Mount):
-            raise TypeError(f"mounts: {item!r} is not a Mount")
-        _check_guest_path(mount)
-        if mount.guest in seen:
-            raise MountError(str(mount), f"{mount.guest} is already mounted by {seen[mount.guest]}")
-        seen[mount.guest] = mount
-        resolved.append(_resolve_host(mount))
-    return resolved
+            raise TypeError(f"mounts: {mount!r} is not a Mount")
+    check_guest_paths(parsed)
+    return [_resolve_host(mount) for mount in parsed]
 
 
 def _check_guest_path(mount: Mount) -> None:

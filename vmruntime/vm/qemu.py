@@ -4,8 +4,9 @@ Who calls it: :mod:`vmruntime.vm.sandbox`, through :class:`vmruntime.vm.driver.V
 What it promises: the command line docs/sandboxes.md describes (TCG here, KVM where
 the CPU allows it); QEMU runs in its own process group with stdin closed and its
 own messages in ``vmm_log``; a non-detached QEMU gets SIGKILL from the kernel
-when the thread that booted it dies (``PR_SET_PDEATHSIG``), so a crashed host
-process leaves no VM behind; control goes over QMP with the ``qemu.qmp`` library.
+when the host process dies (``PR_SET_PDEATHSIG``, set on the starter thread of
+:func:`vmruntime._child.start_child`), so a crashed host process leaves no VM
+behind; control goes over QMP with the ``qemu.qmp`` library.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-from vmruntime._child import die_with_parent
+from vmruntime._blocking import in_thread
+from vmruntime._child import die_with_parent, start_child
 from vmruntime.errors import VmmError
-from vmruntime.vm.driver import MachineSpec, VmHandle, VmmDriver
-from vmruntime.vm.state import process_alive
+from vmruntime.guest.assets import GuestAssets, ensure_guest_assets
+from vmruntime.vm.driver import MachineSpec, ProcessVm, VmHandle, VmmDriver
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -78,42 +78,14 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-class QemuVm(VmHandle):
-    """A QEMU this process started (``process``) or found running (adopted, no ``process``)."""
+class QemuVm(ProcessVm):
+    """A QEMU this process started, or one found running (adopted)."""
 
     def __init__(self, pid: int, control_socket: Path,
                  process: subprocess.Popen[bytes] | None = None,
                  start_time: int | None = None) -> None:  # fmt: skip
-        self.pid = pid
+        super().__init__(pid, process, start_time)
         self._control_socket = control_socket
-        self._process = process
-        self._start_time = start_time
-
-    def running(self) -> bool:
-        if self._process is not None:
-            return self._process.poll() is None
-        return process_alive(self.pid, self._start_time)
-
-    async def wait(self, timeout: float | None = None) -> int | None:
-        if not self.running():
-            return self._process.wait() if self._process is not None else 0
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return self._process.wait() if self._process is not None else 0
-        try:
-            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-            try:
-                await asyncio.wait_for(exited, timeout)
-            except TimeoutError:
-                return None
-            finally:
-                loop.remove_reader(pidfd)
-        finally:
-            os.close(pidfd)
-        return self._process.wait() if self._process is not None else 0
 
     async def quit(self) -> None:
         from qemu.qmp import QMPClient
@@ -129,33 +101,20 @@ class QemuVm(VmHandle):
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
-    def kill(self) -> None:
-        if self.running():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-        if self._process is not None:
-            self._process.wait()
-            return
-        # Not our child, so it cannot be reaped here: wait (briefly) until it is gone.
-        deadline = time.monotonic() + 2
-        while self.running() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-def adopt_vm(pid: int, start_time: int | None, control_socket: Path) -> VmHandle:
-    """A handle on a QEMU started by another (possibly gone) process."""
-    return QemuVm(pid, control_socket, start_time=start_time)
-
 
 class QemuDriver(VmmDriver):
     name = "qemu"
 
+    def guest_assets(self, cache_root: Path) -> GuestAssets:
+        return ensure_guest_assets(cache_root)
+
     async def boot(self, spec: MachineSpec, *, detached: bool = False) -> VmHandle:
         argv = qemu_argv(spec)
         parent = os.getpid()
-        with open(spec.vmm_log, "ab") as log:
-            try:
-                process = subprocess.Popen(
+
+        def start() -> subprocess.Popen[bytes]:
+            with open(spec.vmm_log, "ab") as log:
+                return subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -164,6 +123,17 @@ class QemuDriver(VmmDriver):
                     pass_fds=spec.pass_fds,
                     preexec_fn=None if detached else lambda: die_with_parent(parent),
                 )
-            except OSError as exc:
-                raise VmmError(f"cannot start QEMU: {exc}", argv) from exc
+
+        try:
+            process = await in_thread(start_child, start, discard=_kill_started)
+        except OSError as exc:
+            raise VmmError(f"cannot start QEMU: {exc}", argv) from exc
         return QemuVm(process.pid, spec.control_socket, process)
+
+    def adopt(self, pid: int, start_time: int | None, control_socket: Path) -> VmHandle:
+        return QemuVm(pid, control_socket, start_time=start_time)
+
+
+def _kill_started(process: subprocess.Popen[bytes]) -> None:
+    """A QEMU started for a creation that was cancelled meanwhile."""
+    QemuVm(process.pid, Path(), process).kill()

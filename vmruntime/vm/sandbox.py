@@ -1,20 +1,22 @@
 """Sandboxes: one microVM each, booted from a cached image, driven through its agent.
 
 Who calls it: users of ``vmruntime.Sandbox`` / ``vmruntime.AsyncSandbox``, the
-``vmr`` CLI, and later the Jupyter provisioner and the Ray actor. What it
-promises:
+``vmr`` CLI, the Jupyter provisioner and the Ray actor. What it promises:
 
 - the guest sees exactly the image's layers (attached read-only, shared by every
   sandbox, never copied) plus a private writable layer, with no network device,
   plus the mounts the caller asks for (:mod:`vmruntime.vm.mounts`), each mounted
   before ``create`` returns or the creation fails with the guest's reason;
+- creation runs in steps (:mod:`vmruntime.vm.builder`) that undo what they made on
+  any failure, and never blocks the caller's event loop;
 - every exit path (an error during create, ``stop``, ``kill``, leaving the
   ``with`` block, a crashed host process) ends the VM and its brokers and
-  releases its disk locks; an ephemeral sandbox (the default) also leaves no
-  files behind;
+  releases its disk locks (:mod:`vmruntime.vm.teardown`); an ephemeral sandbox
+  (the default) also leaves no files behind;
 - failures are errors, never hangs: an unknown image suggests ``vmr image
   pull``; a VM that dies reports the tail of its console; a timeout raises
-  :class:`ExecTimeoutError`, not an exit code.
+  :class:`ExecTimeoutError`, not an exit code; ``check=True`` raises
+  :class:`~vmruntime.errors.CommandFailedError` with the return code and output.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import atexit
 import contextlib
 import errno
 import fcntl
-import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from weakref import WeakSet
@@ -37,6 +38,7 @@ from vmruntime.errors import (
     AgentDiedError,
     AgentProtocolError,
     BootError,
+    CommandFailedError,
     ExecTimeoutError,
     GuestOutOfMemoryError,
     MountError,
@@ -46,24 +48,27 @@ from vmruntime.errors import (
 from vmruntime.guest import protocol as p
 from vmruntime.images.store import ImageStore
 from vmruntime.vm import state
+from vmruntime.vm.builder import CreationPlan, create_sandbox
 from vmruntime.vm.client import STDERR, AgentClient, Channel
-from vmruntime.vm.driver import MachineSpec, VmHandle
-from vmruntime.vm.mounts import Mount, SandboxMounts, guest_owner, resolve_mounts
-from vmruntime.vm.qemu import QemuDriver, adopt_vm
+from vmruntime.vm.config import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_WRITABLE_SIZE,
+    ExecDefaults,
+    Ports,
+    SandboxConfig,
+)
+from vmruntime.vm.driver import VmHandle, VmmDriver
+from vmruntime.vm.mounts import Mount, SandboxMounts
+from vmruntime.vm.qemu import QemuDriver
+from vmruntime.vm.teardown import end_sandbox
 
-AGENT_PORT = "org.vmruntime.agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_MEMORY_MIB = 512
-DEFAULT_WRITABLE_SIZE = 4 << 30
-# Generous: a TCG guest on a loaded 2-core CI machine boots in seconds, not minutes.
-DEFAULT_BOOT_TIMEOUT = 120.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
 # What the guest kernel prints when memory exhaustion is what killed it.
 _OUT_OF_MEMORY_SIGNS = ("Out of memory", "oom-kill", "deadlocked on memory", "out_of_memory")
-# microvm's virtio-mmio transports (QEMU 7.2): layers + writable + console + mounts.
-_VIRTIO_SLOTS = 24
 # Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
 _live: WeakSet[AsyncSandbox] = WeakSet()
 
@@ -77,43 +82,23 @@ class ExecResult:
     stdout: bytes = b""
     stderr: bytes = b""
     oom_killed: bool = False
+    sandbox_id: str = "-"
 
     @property
     def signal(self) -> int | None:
         return -self.returncode if self.returncode < 0 else None
 
     def check(self) -> ExecResult:
+        """This result, or :class:`CommandFailedError` (return code, stdout, stderr) if the
+        command did not exit 0."""
         if self.returncode != 0:
-            detail = self.stderr.decode(errors="replace").strip()[-2000:]
-            raise SandboxError("-", f"{list(self.argv)} exited with {self.returncode}: {detail}")
+            raise CommandFailedError(self.sandbox_id, list(self.argv), self.returncode,
+                                     self.stdout, self.stderr)  # fmt: skip
         return self
-
-
-@dataclass(frozen=True)
-class ExecDefaults:
-    """What an exec gets unless it says otherwise: the image config plus the sandbox's env.
-
-    A sandbox attached by id knows nothing of its image, so everything has a neutral default.
-    """
-
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str = "/"
-    user: str = ""
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
 
 
 def console_tail(path: Path, lines: int = _CONSOLE_TAIL_LINES) -> str:
     return log_tail(path, lines)
-
-
-def _image_env(env: Sequence[str]) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for item in env:
-        name, _, value = item.partition("=")
-        if name:
-            result[name] = value
-    return result
 
 
 class AsyncProcess:
@@ -163,7 +148,8 @@ class AsyncProcess:
         if exit_.timed_out:
             raise ExecTimeoutError(self._sandbox.id, list(self.argv), self._timeout or 0)
         code = exit_.code if exit_.code is not None else -(exit_.signal or 0)
-        return ExecResult(self.argv, code, oom_killed=exit_.oom_killed)
+        return ExecResult(self.argv, code, oom_killed=exit_.oom_killed,
+                          sandbox_id=self._sandbox.id)  # fmt: skip
 
 
 class AsyncGuestFiles:
@@ -180,16 +166,21 @@ class AsyncGuestFiles:
 
 
 class AsyncSandbox:
-    """One microVM running an image; create with :meth:`create` or :meth:`attach`."""
+    """One microVM running an image; create with :meth:`create` (or :meth:`from_config`) or
+    reach a detached one with :meth:`attach`.
+
+    Every method runs on the caller's event loop and never blocks it.
+    """
 
     def __init__(self, paths: state.SandboxPaths, record: state.SandboxRecord,
-                 defaults: ExecDefaults, vm: VmHandle,
-                 mounts: SandboxMounts | None = None) -> None:  # fmt: skip
+                 defaults: ExecDefaults, vm: VmHandle, mounts: SandboxMounts | None = None,
+                 driver: VmmDriver | None = None) -> None:  # fmt: skip
         self._paths = paths
         self._record = record
         self._defaults = defaults
         self._vm = vm
         self._mounts = mounts  # None when attached: the record names its brokers
+        self._driver = driver or QemuDriver()
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
         self._forwards: list[asyncio.Server] = []
@@ -205,6 +196,10 @@ class AsyncSandbox:
         return self._record.id
 
     @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
     def accelerator(self) -> str:
         return self._record.accelerator
 
@@ -216,6 +211,12 @@ class AsyncSandbox:
     def vmm_pid(self) -> int:
         return self._vm.pid
 
+    @property
+    def exec_defaults(self) -> ExecDefaults:
+        """What commands run with unless they say otherwise: the image's env (with the
+        sandbox's on top), working directory, user, entrypoint and cmd."""
+        return self._defaults
+
     # Creating and attaching.
 
     @classmethod
@@ -226,7 +227,7 @@ class AsyncSandbox:
         cpus: int = 1,
         memory_mib: int = DEFAULT_MEMORY_MIB,
         env: Mapping[str, str] | None = None,
-        ports: Mapping[int, int] | Sequence[int] | None = None,
+        ports: Ports | None = None,
         mounts: Sequence[Mount | str] | None = None,
         name: str = "",
         writable_size: int = DEFAULT_WRITABLE_SIZE,
@@ -234,130 +235,85 @@ class AsyncSandbox:
         keep: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         store: ImageStore | None = None,
+        driver: VmmDriver | None = None,
     ) -> AsyncSandbox:
         """Boot a sandbox of ``image`` (a reference or a manifest digest).
 
-        ``ports`` maps guest ports to host ports on 127.0.0.1 (0 picks a free one);
-        a list forwards each guest port from a free host port; ``.ports`` then
-        says which host port serves each guest port. ``mounts`` are
-        :class:`Mount` values (or ``"HOST:GUEST[:ro]"`` strings), all mounted in
-        the guest before this returns. A ``detached`` sandbox outlives this
-        process (``vmr sandbox exec|stop`` reach it, and its brokers live on with
-        it); a ``keep`` sandbox keeps its writable layer and logs after ``stop``.
+        The keywords are those of :class:`~vmruntime.vm.config.SandboxConfig`, checked
+        before anything is made. ``ports`` maps guest ports to host ports on 127.0.0.1
+        (0 picks a free one); a list forwards each guest port from a free host port;
+        ``.ports`` then says which host port serves each guest port. ``mounts`` are
+        :class:`Mount` values (or ``"HOST:GUEST[:ro]"`` strings), all mounted in the
+        guest before this returns. A ``detached`` sandbox outlives this process
+        (``vmr sandbox exec|stop`` reach it, and its brokers live on with it); a
+        ``keep`` sandbox keeps its writable layer and logs after ``stop``.
         """
-        from vmruntime.guest.assets import ensure_guest_assets
-        from vmruntime.rootfs.bootable import resolve
-        from vmruntime.rootfs.writable import create_writable_layer
-        from vmruntime.vm.accel import choose_accelerator
-
-        if detached and ports:
-            raise SandboxError("-", "a detached sandbox cannot forward ports (nobody serves them)")
-        if cpus < 1 or memory_mib < 64:
-            raise SandboxError("-", f"cpus={cpus}, memory_mib={memory_mib}: need ≥1 cpu, ≥64 MiB")
-        resolved = resolve_mounts(mounts)  # a bad mount fails before anything is made
-        store = store or ImageStore()
-        image_record = resolve(image, store)
-        _check_device_budget(len(image_record.layer_paths), len(resolved))
-        assets = ensure_guest_assets(store.root)
-        accel = choose_accelerator()
-        if writable_size < 16 << 20 or writable_size % (1 << 20):
-            raise SandboxError("-", f"writable_size={writable_size}: want whole MiB, ≥ 16 MiB")
-        paths = state.SandboxPaths(state.new_sandbox_id())
-        try:
-            paths.create()
-        except OSError as exc:
-            raise SandboxError(paths.id, f"cannot create its directories: {exc}") from exc
-        record = state.SandboxRecord(
-            id=paths.id,
-            image=image_record.reference,
-            manifest_digest=image_record.manifest_digest,
-            created=time.time(),
-            cpus=cpus,
-            memory_mib=memory_mib,
-            accelerator=accel.name,
-            detached=detached,
-            owner_pid=os.getpid(),
-            owner_start=state.process_start_time(os.getpid()),
-            name=name,
-            keep=keep or detached,
-        )
-        started = time.monotonic()
-        vm: VmHandle | None = None
-        attached: SandboxMounts | None = None
-        config = image_record.config
-        try:
-            state.write_record(paths, record)
-            create_writable_layer(paths.writable, writable_size, cache_root=store.root)
-            # Before QEMU: it connects to the brokers' sockets as it starts.
-            attached = SandboxMounts.prepare(
-                resolved, paths, owner=guest_owner(config.user), detached=detached
-            )
-            record.mounts, record.brokers = attached.describe(), attached.broker_processes
-            state.write_record(paths, record)
-            layers = len(image_record.layer_paths)
-            spec = MachineSpec(
-                kernel=assets.kernel,
-                initramfs=assets.initramfs,
-                cmdline=_kernel_cmdline(layers, paths.id, accel.name, shares=bool(attached.shares)),
-                cpus=cpus,
-                memory_mib=memory_mib,
-                accelerator=accel.name,
-                console_log=paths.console_log,
-                control_socket=paths.control_socket,
-                vmm_log=paths.vmm_log,
-            )
-            for index, layer in enumerate(image_record.layer_paths):
-                spec.attach_disk(layer, serial=f"L{index}", readonly=True)
-            spec.attach_disk(paths.writable, serial="W", readonly=False)
-            attached.attach(spec)
-            spec.attach_console_port(AGENT_PORT, paths.agent_socket)
-            vm = await QemuDriver().boot(spec, detached=detached)
-            record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
-            state.write_record(paths, record)
-            defaults = ExecDefaults(
-                env={**_image_env(config.env), **(env or {})},
-                cwd=config.working_dir or "/",
-                user=config.user,
-                entrypoint=tuple(config.entrypoint or ()),
-                cmd=tuple(config.cmd or ()),
-            )
-            sandbox = cls(paths, record, defaults, vm, attached)
-            await sandbox._connect(boot_timeout)
-            await sandbox._mount_all(started + boot_timeout)
-            if not detached:
-                _live.add(sandbox)
-            sandbox.boot_seconds = time.monotonic() - started
-            await sandbox._forward_ports(ports or {})
-            return sandbox
-        except BaseException as exc:
-            if vm is not None:
-                vm.kill()
-            if attached is not None:
-                attached.close()
-            paths.remove()
-            if isinstance(exc, OSError):  # e.g. a full disk while cloning the writable layer
-                raise SandboxError(paths.id, f"cannot prepare the sandbox: {exc}") from exc
-            raise
+        config = SandboxConfig(
+            image, cpus=cpus, memory_mib=memory_mib, env=env or {}, ports=ports or (),
+            mounts=mounts or (), name=name, writable_size=writable_size, detached=detached,
+            keep=keep, boot_timeout=boot_timeout,
+        )  # fmt: skip
+        return await cls.from_config(config, plan=CreationPlan(driver or QemuDriver(), store=store))
 
     @classmethod
-    async def attach(cls, id_or_name: str) -> AsyncSandbox:
-        """Connect to a running detached sandbox (one connection at a time)."""
+    async def from_config(cls, config: SandboxConfig,
+                          plan: CreationPlan | None = None) -> AsyncSandbox:  # fmt: skip
+        """Create the sandbox ``config`` describes; ``plan`` replaces steps of creation
+        (the VMM driver, where the writable layer comes from, how the machine starts)."""
+        sandbox = await create_sandbox(cls, config, plan or CreationPlan())
+        if not config.detached:
+            _live.add(sandbox)
+        return sandbox
+
+    @classmethod
+    async def attach(cls, id_or_name: str, *, driver: VmmDriver | None = None) -> AsyncSandbox:
+        """Connect to a running detached sandbox (one connection at a time).
+
+        Commands run with the image's env, working directory and user, as they did for
+        the process that created it (sandbox record version 3 and later).
+        """
         record = state.find_record(id_or_name)
         if not record.vm_running:
             raise SandboxError(record.id, f"is {record.status}, not running")
+        driver = driver or QemuDriver()
+        if record.vmm != driver.name:
+            raise SandboxError(record.id, f"runs under {record.vmm!r}, not {driver.name!r}")
         paths = state.SandboxPaths(record.id)
-        vm = adopt_vm(record.vmm_pid, record.vmm_start, paths.control_socket)
-        sandbox = cls(paths, record, ExecDefaults(), vm)
+        vm = driver.adopt(record.vmm_pid, record.vmm_start, paths.control_socket)
+        defaults = ExecDefaults.from_json(record.exec_defaults)
+        sandbox = cls(paths, record, defaults, vm, driver=driver)
         await sandbox._connect(DEFAULT_BOOT_TIMEOUT)
         return sandbox
+
+    async def personalize(self, *, env: Mapping[str, str] | None = None,
+                          ports: Mapping[int, int] | None = None,
+                          name: str = "") -> None:  # fmt: skip
+        """Apply the per-caller settings to a running sandbox: ``env`` over the image's for
+        every later command, ``ports`` forwarded (guest → host, 0: any free), ``name``.
+
+        Creation calls it last; a warm pool calls it when it hands a sandbox out.
+        """
+        self._defaults = self._defaults.with_env(env or {})
+        await self._forward_ports(ports or {})
+        record = self._record
+        record.exec_defaults = self._defaults.to_json()
+        record.ports = {str(guest): host for guest, host in self.ports.items()}
+        record.name = name or record.name
+        await asyncio.to_thread(state.write_record, self._paths, record)
 
     async def _connect(self, timeout: float) -> None:
         self._take_agent_lock()
         try:
             await self._connect_locked(timeout)
         except BaseException:
-            self._release_lock()  # a failed attach must not keep others out
+            await self._disconnect()  # a failed attach must not keep others out
             raise
+
+    async def _disconnect(self) -> None:
+        """Close the agent connection and let others connect."""
+        if self._client is not None:
+            await self._client.close()
+        self._release_lock()
 
     async def _connect_locked(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -554,9 +510,8 @@ class AsyncSandbox:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError, SandboxError):
                     await feeder
-        result = ExecResult(
-            process.argv, result.returncode, b"".join(out), b"".join(err), result.oom_killed
-        )
+        result = ExecResult(process.argv, result.returncode, b"".join(out), b"".join(err),
+                            result.oom_killed, self.id)  # fmt: skip
         return result.check() if check else result
 
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
@@ -567,12 +522,11 @@ class AsyncSandbox:
 
     # Ports.
 
-    async def _forward_ports(self, ports: Mapping[int, int] | Sequence[int]) -> None:
-        wanted = dict(ports) if isinstance(ports, Mapping) else {port: 0 for port in ports}
-        for guest_port, host_port in wanted.items():
+    async def _forward_ports(self, ports: Mapping[int, int]) -> None:
+        for guest_port, host_port in ports.items():
             if not (0 < guest_port < 65536 and 0 <= host_port < 65536):
                 raise SandboxError(self.id, f"bad port forward {host_port} -> {guest_port}")
-        for guest_port, host_port in wanted.items():
+        for guest_port, host_port in ports.items():
             server = await asyncio.start_server(
                 lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
             )
@@ -633,9 +587,7 @@ class AsyncSandbox:
 
     async def detach(self) -> None:
         """Drop this process's connection; the (detached) sandbox keeps running."""
-        if self._client is not None:
-            await self._client.close()
-        self._release_lock()
+        await self._disconnect()
         if self._mounts is not None:
             self._mounts.release_locks()  # QEMU holds its own copies for the VM's life
         self._closed = True
@@ -650,25 +602,18 @@ class AsyncSandbox:
     async def _finish(self) -> None:
         self._closed = True
         _live.discard(self)
-        if self._client is not None:
-            await self._client.close()
-        self._release_lock()
-        self._end_mounts()
-        if self._record.keep:
-            state.mark_stopped(self._paths)
-        else:
-            self._paths.remove()
+        await self._disconnect()
+        self._end()
+
+    def _end(self) -> None:
+        """Everything but the guest: see :func:`vmruntime.vm.teardown.end_sandbox`."""
+        end_sandbox(self._paths, self._record, vm=self._vm, mounts=self._mounts,
+                    keep=self._record.keep)  # fmt: skip
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-    def _end_mounts(self) -> None:
-        """Once the VM is gone: end the brokers and release the disk locks."""
-        if self._mounts is not None:
-            self._mounts.close()
-        state.end_brokers(self._record)  # an attached sandbox knows them from the record only
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
@@ -682,51 +627,10 @@ def _end_owned_sandboxes_at_exit() -> None:
     """A process that exits without stopping its sandboxes still leaves nothing behind.
 
     The parent-death signal would end QEMU anyway; this also removes the files of
-    ephemeral sandboxes (it runs before the facade's daemon loop thread is gone,
-    and needs no event loop: killing and removing are synchronous).
+    ephemeral sandboxes (it needs no event loop: ending is synchronous).
     """
     for sandbox in list(_live):
-        sandbox._vm.kill()
-        sandbox._end_mounts()
-        if sandbox._record.keep:
-            state.mark_stopped(sandbox._paths)
-        else:
-            sandbox._paths.remove()
-
-
-def _check_device_budget(layers: int, mounts: int) -> None:
-    used = layers + 2 + mounts  # + the writable layer and the console
-    if used > _VIRTIO_SLOTS:
-        reason = (f"{layers} layers + {mounts} mounts need {used} virtio devices; the"
-                  f" microVM has {_VIRTIO_SLOTS}")  # fmt: skip
-        raise SandboxError("-", reason)
-
-
-def _kernel_cmdline(layers: int, sandbox_id: str, accelerator: str, *, shares: bool = False) -> str:
-    # reboot=t: microvm has no reset device, so the agent's reboot (and panic=-1)
-    # must triple-fault for QEMU's -no-reboot to end the VM.
-    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
-    if accelerator == "tcg" and (khz := host_tsc_khz()):
-        # Under TCG the guest's TSC is the host's; calibrating it against the emulated
-        # PIT sometimes hangs early boot, so the kernel is told the rate instead.
-        args.append(f"tsc_early_khz={khz}")
-    args += [f"vmr.layers={layers}", "vmr.writable=1", f"vmr.hostname=vmr-{sandbox_id}"]
-    if shares:
-        args.append("vmr.modules=virtiofs")  # fuse + virtiofs cost boot time: only on demand
-    if os.environ.get("VMRUNTIME_GUEST_DEBUG"):
-        args.append("vmr.debug=1")  # the agent logs each boot step to the console
-    return " ".join(args)
-
-
-def host_tsc_khz() -> int | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("cpu MHz"):
-            return int(float(line.split(":")[1]) * 1000)
-    return None
+        sandbox._end()
 
 
 async def _feed(process: AsyncProcess, data: bytes) -> None:

@@ -31,7 +31,10 @@ from vmruntime._paths import ensure_runtime_root, private_dir, runtime_root, sta
 from vmruntime.errors import SandboxError, SandboxNotFoundError
 
 # 2: adds `mounts` and `brokers`; a version 1 record reads as one with neither.
-RECORD_VERSION = 2
+# 3: adds `config` (the request, as SandboxConfig.to_json), `exec_defaults` (the image's
+#    env, cwd, user, entrypoint and cmd, with the request's env) and `vmm` (the driver);
+#    an older record reads with empty ones (attach() then runs with neutral defaults).
+RECORD_VERSION = 3
 _RECORD = "sandbox.json"
 
 
@@ -99,6 +102,9 @@ class SandboxRecord:
     mounts: list[str] = field(default_factory=list)
     # [pid, start time] of each virtio-fs broker: ended with QEMU by stop/kill/prune.
     brokers: list[list[int | None]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    exec_defaults: dict[str, Any] = field(default_factory=dict)
+    vmm: str = "qemu"
     version: int = RECORD_VERSION
 
     @property

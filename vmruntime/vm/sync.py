@@ -1,18 +1,33 @@
 """The synchronous facade over :class:`AsyncSandbox`, for scripts, notebooks and Ray tasks.
 
-Who calls it: users of ``vmruntime.Sandbox``. What it promises: the same
-behaviour as the async API, run on one private event loop thread that lives as
-long as the process (QEMU's parent-death signal is tied to the thread that
-started it, so that thread must not end before the process does).
+Who calls it: users of ``vmruntime.Sandbox``. What it promises: the same behaviour
+and signatures as the async API. Every call runs its coroutine on one private event
+loop, ``vmruntime-loop``, in a daemon thread started on first use and kept for the
+life of the process (one loop for every facade object, so sandboxes created by
+different threads share it), and waits for the result in the calling thread; Ctrl-C
+in the caller cancels the coroutine. Child processes (QEMU, brokers) do not depend on
+that thread: they die with the process (:func:`vmruntime._child.start_child`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from vmruntime.images.store import ImageStore
+from vmruntime.vm.builder import CreationPlan
+from vmruntime.vm.config import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_WRITABLE_SIZE,
+    ExecDefaults,
+    Ports,
+    SandboxConfig,
+)
+from vmruntime.vm.driver import VmmDriver
+from vmruntime.vm.mounts import Mount
 from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
 
 T = TypeVar("T")
@@ -93,17 +108,47 @@ class Sandbox:
         self.fs = GuestFiles(inner)
 
     @classmethod
-    def create(cls, image: str, **options: Any) -> Sandbox:
-        """Boot a sandbox; options as for :meth:`AsyncSandbox.create`."""
-        return cls(run(AsyncSandbox.create(image, **options)))
+    def create(
+        cls,
+        image: str,
+        *,
+        cpus: int = 1,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        env: Mapping[str, str] | None = None,
+        ports: Ports | None = None,
+        mounts: Sequence[Mount | str] | None = None,
+        name: str = "",
+        writable_size: int = DEFAULT_WRITABLE_SIZE,
+        detached: bool = False,
+        keep: bool = False,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        store: ImageStore | None = None,
+        driver: VmmDriver | None = None,
+    ) -> Sandbox:
+        """Boot a sandbox of ``image``; the keywords are :meth:`AsyncSandbox.create`'s."""
+        return cls(run(AsyncSandbox.create(
+            image, cpus=cpus, memory_mib=memory_mib, env=env, ports=ports, mounts=mounts,
+            name=name, writable_size=writable_size, detached=detached, keep=keep,
+            boot_timeout=boot_timeout, store=store, driver=driver,
+        )))  # fmt: skip
 
     @classmethod
-    def attach(cls, id_or_name: str) -> Sandbox:
-        return cls(run(AsyncSandbox.attach(id_or_name)))
+    def from_config(cls, config: SandboxConfig, plan: CreationPlan | None = None) -> Sandbox:
+        """Create the sandbox ``config`` describes (see :meth:`AsyncSandbox.from_config`)."""
+        return cls(run(AsyncSandbox.from_config(config, plan)))
+
+    @classmethod
+    def attach(cls, id_or_name: str, *, driver: VmmDriver | None = None) -> Sandbox:
+        """Connect to a running detached sandbox (see :meth:`AsyncSandbox.attach`)."""
+        return cls(run(AsyncSandbox.attach(id_or_name, driver=driver)))
 
     @property
     def id(self) -> str:
         return self._inner.id
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
 
     @property
     def accelerator(self) -> str:
@@ -122,14 +167,54 @@ class Sandbox:
         return self._inner.vmm_pid
 
     @property
+    def exec_defaults(self) -> ExecDefaults:
+        return self._inner.exec_defaults
+
+    @property
     def asynchronous(self) -> AsyncSandbox:
+        """The :class:`AsyncSandbox` behind this one (use it on the facade's loop only)."""
         return self._inner
 
-    def exec(self, argv: Sequence[str], **options: Any) -> ExecResult:
-        return run(self._inner.exec(argv, **options))
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        rlimits: Mapping[int, tuple[int, int]] | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and collect its output (like ``subprocess.run``)."""
+        return run(self._inner.exec(argv, input=input, env=env, cwd=cwd, user=user,
+                                    timeout=timeout, rlimits=rlimits, check=check))  # fmt: skip
 
-    def exec_stream(self, argv: Sequence[str], **options: Any) -> Process:
-        return Process(run(self._inner.exec_stream(argv, **options)))
+    def exec_stream(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        stdin: bool = True,
+        timeout: float | None = None,
+        rlimits: Mapping[int, tuple[int, int]] | None = None,
+    ) -> Process:
+        """Start ``argv``; stream its stdio through the returned :class:`Process`."""
+        return Process(run(self._inner.exec_stream(
+            argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdin=stdin,
+            timeout=timeout, rlimits=rlimits,
+        )))  # fmt: skip
+
+    def personalize(self, *, env: Mapping[str, str] | None = None,
+                    ports: Mapping[int, int] | None = None, name: str = "") -> None:  # fmt: skip
+        """See :meth:`AsyncSandbox.personalize`."""
+        run(self._inner.personalize(env=env, ports=ports, name=name))
 
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         return self._inner.default_command(args)

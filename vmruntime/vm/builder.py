@@ -1,0 +1,270 @@
+"""Creating a sandbox, as named steps over shared ``attach_*`` helpers.
+
+Who calls it: :meth:`AsyncSandbox.from_config` (and through it ``create``, ``vmr run``,
+the Jupyter provisioner and Ray actors). The steps, in order:
+
+1. **inputs**: resolve the image (building missing layer images), the driver's guest
+   assets, the accelerator, the mounts' host side, the device budget;
+2. **directories**: the sandbox's state and runtime directories and its record;
+3. **writable layer**: from the plan's :class:`WritableLayerSource` (a fresh layer
+   today; a snapshot's layer, copy-on-write, later);
+4. **mounts**: attach locks and one broker per share;
+5. **machine**: the spec (layers, writable layer, mounts, agent port) started by the
+   plan's :class:`MachineStart` (a cold boot today; a resume later) with the plan's
+   :class:`~vmruntime.vm.driver.VmmDriver`;
+6. **agent**: connect, handshake, mount the shares and disks;
+7. **personalise**: the per-caller settings (env, ports, name), which a warm pool
+   cannot know when it boots a sandbox.
+
+What it promises: each step that makes something registers its undo as it makes it,
+so a failure or a cancellation at any step removes exactly what was made (no
+directory, layer, broker, lock or VM is left) and raises what went wrong; blocking
+work (resolving and rebuilding layers, building guest assets, copying the layer,
+starting brokers, writing the record) runs in worker threads, never on the caller's
+event loop (the Jupyter provisioner runs on the Jupyter server's loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from vmruntime._blocking import in_thread
+from vmruntime.errors import SandboxError
+from vmruntime.guest.assets import GuestAssets
+from vmruntime.images import ImageRecord, ImageStore
+from vmruntime.rootfs.bootable import resolve
+from vmruntime.rootfs.writable import create_writable_layer
+from vmruntime.vm import state
+from vmruntime.vm.accel import Accelerator, choose_accelerator
+from vmruntime.vm.config import ExecDefaults, SandboxConfig
+from vmruntime.vm.driver import MachineSpec, VmHandle, VmmDriver
+from vmruntime.vm.mounts import ResolvedMount, SandboxMounts, guest_owner, resolve_mounts
+from vmruntime.vm.qemu import QemuDriver
+
+if TYPE_CHECKING:
+    from vmruntime.vm.sandbox import AsyncSandbox
+
+AGENT_PORT = "org.vmruntime.agent"
+# microvm's virtio-mmio transports (QEMU 7.2): layers + writable + console + mounts.
+VIRTIO_SLOTS = 24
+
+
+class WritableLayerSource(Protocol):
+    """Where a new sandbox's writable layer comes from (step 3)."""
+
+    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> None:
+        """Create ``dest`` (blocking; runs in a worker thread). On failure, leave nothing."""
+
+
+@dataclass(frozen=True)
+class FreshLayer:
+    """An empty layer of ``config.writable_size``, cloned from the cached template."""
+
+    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> None:
+        create_writable_layer(dest, config.writable_size, cache_root=cache_root)
+
+
+class MachineStart(Protocol):
+    """How the machine comes up (step 5)."""
+
+    async def start(self, driver: VmmDriver, spec: MachineSpec, *, detached: bool) -> VmHandle:
+        """The started machine; the agent is connected afterwards, whatever the start."""
+
+
+@dataclass(frozen=True)
+class ColdBoot:
+    """Boot the guest kernel from the start."""
+
+    async def start(self, driver: VmmDriver, spec: MachineSpec, *, detached: bool) -> VmHandle:
+        return await driver.boot(spec, detached=detached)
+
+
+@dataclass(frozen=True)
+class CreationPlan:
+    """The replaceable steps of creation; the defaults make a fresh, cold-booted sandbox."""
+
+    driver: VmmDriver = field(default_factory=QemuDriver)
+    layer: WritableLayerSource = field(default_factory=FreshLayer)
+    start: MachineStart = field(default_factory=ColdBoot)
+    store: ImageStore | None = None
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What step 1 found: everything later steps need from the disk."""
+
+    image: ImageRecord
+    assets: GuestAssets
+    accelerator: Accelerator
+    mounts: list[ResolvedMount]
+    cache_root: Path
+
+
+async def create_sandbox(cls: type[AsyncSandbox], config: SandboxConfig,
+                         plan: CreationPlan) -> AsyncSandbox:  # fmt: skip
+    """Run the steps; on any failure, undo what was made and raise."""
+    started = time.monotonic()
+    inputs = await in_thread(_find_inputs, config, plan)
+    sandbox_id = "-"
+    try:
+        async with contextlib.AsyncExitStack() as undo:
+            paths = await in_thread(_make_directories, undo)
+            sandbox_id = paths.id
+            record = _first_record(paths, config, inputs, plan.driver)
+            await in_thread(state.write_record, paths, record)
+            await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
+            mounts = await in_thread(_start_mounts, inputs, paths, config, undo)
+            record.mounts, record.brokers = mounts.describe(), mounts.broker_processes
+            spec = machine_spec(config, paths, inputs, mounts)
+            vm = await plan.start.start(plan.driver, spec, detached=config.detached)
+            undo.callback(vm.kill)
+            record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
+            await in_thread(state.write_record, paths, record)
+            sandbox = cls(paths, record, ExecDefaults.from_image(inputs.image.config), vm,
+                          mounts, plan.driver)  # fmt: skip
+            await sandbox._connect(config.boot_timeout)
+            undo.push_async_callback(sandbox._disconnect)
+            await sandbox._mount_all(started + config.boot_timeout)
+            sandbox.boot_seconds = time.monotonic() - started
+            undo.push_async_callback(sandbox._close_forwards)
+            await sandbox.personalize(env=config.env, ports=config.port_map, name=config.name)
+            undo.pop_all()  # made it: nothing to undo
+    except OSError as exc:  # e.g. a full disk while copying the layer
+        raise SandboxError(sandbox_id, f"cannot prepare the sandbox: {exc}") from exc
+    return sandbox
+
+
+def _find_inputs(config: SandboxConfig, plan: CreationPlan) -> _Inputs:
+    resolved = resolve_mounts(config.mounts)  # a bad mount fails before anything is made
+    store = plan.store or ImageStore()
+    image = resolve(config.image, store)
+    check_device_budget(len(image.layer_paths), len(resolved))
+    assets = plan.driver.guest_assets(store.root)
+    return _Inputs(image, assets, choose_accelerator(), resolved, store.root)
+
+
+def _make_directories(undo: contextlib.AsyncExitStack) -> state.SandboxPaths:
+    paths = state.SandboxPaths(state.new_sandbox_id())
+    try:
+        paths.create()
+    except OSError as exc:
+        paths.remove()
+        raise SandboxError(paths.id, f"cannot create its directories: {exc}") from exc
+    undo.callback(paths.remove)
+    return paths
+
+
+def _first_record(paths: state.SandboxPaths, config: SandboxConfig, inputs: _Inputs,
+                  driver: VmmDriver) -> state.SandboxRecord:  # fmt: skip
+    image = inputs.image
+    defaults = ExecDefaults.from_image(image.config).with_env(config.env)
+    return state.SandboxRecord(
+        id=paths.id,
+        image=image.reference,
+        manifest_digest=image.manifest_digest,
+        created=time.time(),
+        cpus=config.cpus,
+        memory_mib=config.memory_mib,
+        accelerator=inputs.accelerator.name,
+        detached=config.detached,
+        owner_pid=os.getpid(),
+        owner_start=state.process_start_time(os.getpid()),
+        name=config.name,
+        keep=config.keep or config.detached,
+        config=config.to_json(),
+        exec_defaults=defaults.to_json(),
+        vmm=driver.name,
+    )
+
+
+def _make_layer(source: WritableLayerSource, paths: state.SandboxPaths, config: SandboxConfig,
+                inputs: _Inputs, undo: contextlib.AsyncExitStack) -> None:  # fmt: skip
+    undo.callback(paths.writable.unlink, missing_ok=True)
+    source.make(paths.writable, config, inputs.cache_root)
+
+
+def _start_mounts(inputs: _Inputs, paths: state.SandboxPaths, config: SandboxConfig,
+                  undo: contextlib.AsyncExitStack) -> SandboxMounts:  # fmt: skip
+    # Before the machine: QEMU connects to the brokers' sockets as it starts.
+    owner = guest_owner(inputs.image.config.user)
+    mounts = SandboxMounts.prepare(inputs.mounts, paths, owner=owner, detached=config.detached)
+    undo.callback(mounts.close)
+    return mounts
+
+
+def machine_spec(config: SandboxConfig, paths: state.SandboxPaths, inputs: _Inputs,
+                 mounts: SandboxMounts) -> MachineSpec:  # fmt: skip
+    """The machine of step 5: kernel and command line, then every device."""
+    layers = inputs.image.layer_paths
+    cmdline = kernel_cmdline(len(layers), paths.id, inputs.accelerator.name,
+                             shares=bool(mounts.shares))  # fmt: skip
+    spec = MachineSpec(
+        kernel=inputs.assets.kernel,
+        initramfs=inputs.assets.initramfs,
+        cmdline=cmdline,
+        cpus=config.cpus,
+        memory_mib=config.memory_mib,
+        accelerator=inputs.accelerator.name,
+        console_log=paths.console_log,
+        control_socket=paths.control_socket,
+        vmm_log=paths.vmm_log,
+    )
+    attach_image_layers(spec, layers)
+    attach_writable_layer(spec, paths.writable)
+    mounts.attach(spec)
+    attach_agent_port(spec, paths.agent_socket)
+    return spec
+
+
+def attach_image_layers(spec: MachineSpec, layers: tuple[Path, ...]) -> None:
+    """Read-only, shared by every sandbox of the image; serials L0… bottom first."""
+    for index, layer in enumerate(layers):
+        spec.attach_disk(layer, serial=f"L{index}", readonly=True)
+
+
+def attach_writable_layer(spec: MachineSpec, layer: Path) -> None:
+    spec.attach_disk(layer, serial="W", readonly=False)
+
+
+def attach_agent_port(spec: MachineSpec, socket: Path) -> None:
+    spec.attach_console_port(AGENT_PORT, socket)
+
+
+def check_device_budget(layers: int, mounts: int) -> None:
+    used = layers + 2 + mounts  # + the writable layer and the console
+    if used > VIRTIO_SLOTS:
+        reason = (f"{layers} layers + {mounts} mounts need {used} virtio devices; the"
+                  f" microVM has {VIRTIO_SLOTS}")  # fmt: skip
+        raise SandboxError("-", reason)
+
+
+def kernel_cmdline(layers: int, sandbox_id: str, accelerator: str, *, shares: bool = False) -> str:
+    # reboot=t: microvm has no reset device, so the agent's reboot (and panic=-1)
+    # must triple-fault for QEMU's -no-reboot to end the VM.
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    if accelerator == "tcg" and (khz := host_tsc_khz()):
+        # Under TCG the guest's TSC is the host's; calibrating it against the emulated
+        # PIT sometimes hangs early boot, so the kernel is told the rate instead.
+        args.append(f"tsc_early_khz={khz}")
+    args += [f"vmr.layers={layers}", "vmr.writable=1", f"vmr.hostname=vmr-{sandbox_id}"]
+    if shares:
+        args.append("vmr.modules=virtiofs")  # fuse + virtiofs cost boot time: only on demand
+    if os.environ.get("VMRUNTIME_GUEST_DEBUG"):
+        args.append("vmr.debug=1")  # the agent logs each boot step to the console
+    return " ".join(args)
+
+
+def host_tsc_khz() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return None
