@@ -1,5 +1,13 @@
 """Shared fixtures: real local registries, an isolated image cache per test, and a
-session environment for the tests that boot real microVMs."""
+session environment for the tests that boot real microVMs.
+
+No test sees the user's cache, state or runtime directory: before any test module is
+imported, ``pytest_configure`` points ``VMRUNTIME_CACHE``, ``VMRUNTIME_STATE``,
+``XDG_RUNTIME_DIR``, ``HOME`` and the ``XDG_*_HOME`` directories at a fresh directory
+under /tmp (removed at the end). The few fixtures that need what ``scripts/setup.sh``
+prepared (the guest kernel, the built default image, the virtiofsd peer's chroot) say
+so and use ``USER_CACHE`` / ``PEER_CACHE``, captured before the switch.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +25,51 @@ from hypothesis import settings
 from registry_support import LocalRegistry
 from vm_support import broker_processes, load_busybox_image, qemu_processes
 
-from vmruntime.guest.kernel import ensure_kernel
+from vmruntime.guest.kernel import GuestKernel, cached_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
+
+# The user's real directories, read before pytest_configure replaces them.
+USER_CACHE = default_cache_dir()
+PEER_CACHE = Path(os.environ.get("PEER_CACHE") or Path.home() / ".cache" / "vmruntime-peers")
+_DROPPED_VARIABLES = ("VMRUNTIME_AUTH_FILE", "REGISTRY_AUTH_FILE")  # the user's credentials
+_isolated_root: Path | None = None
 
 # CI explores the same examples every run, so a red build is reproducible; developers'
 # runs keep drawing new ones (and remember failures in .hypothesis/).
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def isolated_environment(root: Path) -> dict[str, str]:
+    """Every directory the runtime (or a tool it runs) would default to, under ``root``."""
+    home = root / "home"
+    return {
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_STATE_HOME": str(home / ".local" / "state"),
+        "VMRUNTIME_CACHE": str(root / "cache"),
+        "VMRUNTIME_STATE": str(root / "state"),
+        # Unix socket paths live under it and must stay under 108 bytes: hence /tmp.
+        "XDG_RUNTIME_DIR": str(root / "run"),
+    }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _isolated_root
+    _isolated_root = Path(tempfile.mkdtemp(prefix="vmr-tests-", dir="/tmp"))
+    for name, value in isolated_environment(_isolated_root).items():
+        Path(value).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ[name] = value
+    for name in _DROPPED_VARIABLES:
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _isolated_root is not None:
+        shutil.rmtree(_isolated_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +145,16 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
     """Private cache, state and runtime dirs holding the busybox test image.
 
     The guest kernel is the one scripts/setup.sh downloaded into the user's cache
-    (linked, read-only), so no session downloads a kernel; the agent, initramfs
-    and writable-layer templates are built in the session's own cache. At the
-    end, any QEMU or virtio-fs broker still running from this session fails the run.
+    (linked, read-only); without it the session fails, it never downloads one. The
+    agent, initramfs and writable-layer templates are built in the session's own
+    cache. At the end, any QEMU or virtio-fs broker still running from this
+    session fails the run.
     """
-    real_cache = default_cache_dir()
-    ensure_kernel(real_cache)  # a no-op once setup has run
+    kernel = setup_kernel()
     root = tmp_path_factory.mktemp("vm")
     cache = root / "cache"
-    (cache / "guest").mkdir(parents=True)
-    (cache / "guest" / "kernel").symlink_to(real_cache / "guest" / "kernel")
+    (cache / "guest" / "kernel").mkdir(parents=True)
+    (cache / "guest" / "kernel" / kernel.release).symlink_to(kernel.vmlinuz.parent)
     # Unix socket paths are short-lived and must stay under 108 bytes.
     runtime = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
     with pytest.MonkeyPatch.context() as patch:
@@ -118,7 +163,7 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
         patch.setenv("XDG_RUNTIME_DIR", str(runtime))
         patch.setenv("VMRUNTIME_AUTH_FILE", str(root / "no-auth.json"))
         image = load_busybox_image(root)
-        yield VmSession(cache, root / "state", runtime, image, real_cache)
+        yield VmSession(cache, root / "state", runtime, image, USER_CACHE)
     leftovers = qemu_processes(str(runtime))
     brokers = broker_processes(str(runtime))
     for pid in leftovers + brokers:
@@ -126,3 +171,19 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
     shutil.rmtree(runtime, ignore_errors=True)
     assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"
     assert not brokers, f"broker processes outlived the test session: {brokers}"
+
+
+def setup_kernel() -> GuestKernel:
+    """The guest kernel scripts/setup.sh put in the user's cache; fails if there is none.
+
+    Failing, not skipping: a slow run whose every VM test skipped would look green
+    while testing nothing, and the cure is one setup step, not a different machine.
+    """
+    kernel = cached_kernel(USER_CACHE)
+    if kernel is None:
+        pytest.fail(
+            f"no guest kernel in {USER_CACHE}/guest/kernel: run scripts/setup.sh first "
+            "(the tests never download one)",
+            pytrace=False,
+        )
+    return kernel

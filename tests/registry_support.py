@@ -3,7 +3,7 @@
 Who calls this: ``tests/conftest.py`` fixtures (see the recommended ones in the report /
 ``tests/test_registry_support.py``) and the image-pull tests. It drives:
 
-* ``/usr/bin/docker-registry`` (Debian ``docker-registry``, CNCF distribution 2.8) as
+* ``docker-registry`` on PATH (Debian ``docker-registry``, CNCF distribution 2.8) as
   ``LocalRegistry``, with no auth, htpasswd basic auth, or bearer-token auth backed by the
   in-process ``TokenServer`` (JWTs signed with the ``openssl`` command line tool);
 * ``skopeo`` (Debian ``skopeo``) in ``push_layout`` to push layouts made by
@@ -14,7 +14,8 @@ Who calls this: ``tests/conftest.py`` fixtures (see the recommended ones in the 
 Every server binds 127.0.0.1 only, on a free port, and every object with a ``stop()`` is
 also a context manager; ``stop()`` is idempotent, so fixtures can call it in finalizers
 unconditionally. Basic auth needs a bcrypt hasher: the ``bcrypt`` Python module if it is
-importable, else ``htpasswd`` from Debian ``apache2-utils``.
+importable, else ``htpasswd`` from Debian ``apache2-utils``. Every tool is found on PATH;
+a test that needs one that is absent is skipped, naming the package (``require_tool``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urljoin, urlsplit
 
+import pytest
 import requests
-
-REGISTRY_BIN = "/usr/bin/docker-registry"
-SKOPEO_BIN = "skopeo"
 
 # Every manifest type a pull client may ask for; used for digest look-ups after a push.
 MANIFEST_ACCEPT = ", ".join(
@@ -65,6 +64,14 @@ _INDEX_TYPES = {
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 AuthMode = Literal["none", "basic", "token"]
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of ``name`` on PATH; skips the calling test if it is not there."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not on PATH (apt-get install {package})")
+    return path
 
 
 def free_port() -> int:
@@ -215,7 +222,7 @@ class TokenServer:
         # openssl rather than the cryptography package: it is on every Debian machine.
         subprocess.run(
             [
-                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                require_tool("openssl", "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                 "-keyout", str(self.key_path), "-out", str(self.cert_path),
                 "-days", "7", "-subj", "/CN=vmr-test-token-issuer",
             ],
@@ -252,7 +259,7 @@ class TokenServer:
         header = {"typ": "JWT", "alg": "RS256", "x5c": self._x5c}
         signing_input = ".".join(_b64url(json.dumps(part).encode()) for part in (header, claims))
         signature = subprocess.run(
-            ["openssl", "dgst", "-sha256", "-sign", str(self.key_path)],
+            [require_tool("openssl", "openssl"), "dgst", "-sha256", "-sign", str(self.key_path)],
             input=signing_input.encode(),
             capture_output=True,
             check=True,
@@ -433,8 +440,7 @@ class LocalRegistry:
         raise ValueError(f"unknown auth mode {self.auth_mode!r}")
 
     def _start(self, auth_cfg: dict[str, Any], log_level: str, timeout: float) -> None:
-        if not os.access(REGISTRY_BIN, os.X_OK):
-            raise RuntimeError(f"{REGISTRY_BIN} missing: apt-get install docker-registry")
+        registry_bin = require_tool("docker-registry", "docker-registry")
         for _attempt in range(5):
             self.port = free_port()
             config: dict[str, Any] = {
@@ -458,7 +464,7 @@ class LocalRegistry:
             log_offset = len(self.log_text())  # judge this attempt by its own log lines
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             self._proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.config_path)],
+                [registry_bin, "serve", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
@@ -639,7 +645,8 @@ def push_layout(
         return push_layout_http(registry, root, repo, tag, src_tag=src_tag)
     if all_platforms is None:
         all_platforms = desc["mediaType"] in _INDEX_TYPES
-    cmd = [SKOPEO_BIN, "--insecure-policy", "copy", "--quiet", "--preserve-digests"]
+    skopeo = require_tool("skopeo", "skopeo")
+    cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests"]
     cmd += ["--dest-tls-verify=false", "--retry-times", "2"]
     if all_platforms:
         cmd.append("--all")
@@ -988,5 +995,6 @@ __all__: Sequence[str] = [
     "manifest_digest",
     "push_layout",
     "push_layout_http",
+    "require_tool",
     "tamper_blob",
 ]

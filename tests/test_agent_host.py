@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -174,6 +175,14 @@ class AgentConn:
 
 def fields(*pairs: tuple[int, int | bytes | str]) -> bytes:
     return p.encode_fields(pairs)
+
+
+def host_tool(name: str) -> str:
+    """``name``'s absolute path on this host, for commands run without a PATH search."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not on PATH")
+    return os.path.abspath(path)
 
 
 def alive(pid: int) -> bool:
@@ -347,9 +356,10 @@ def test_command_not_found_and_not_executable(agent: AgentConn, tmp_path: Path) 
 
 def test_cwd_env_and_path_search_are_exactly_as_given(agent: AgentConn, tmp_path: Path) -> None:
     env = {"A": "1", "B": "x y", "EMPTY": ""}
-    result = agent.run(["/usr/bin/env"], env=env, cwd=str(tmp_path))
+    result = agent.run([host_tool("env")], env=env, cwd=str(tmp_path))
     assert result.stdout == b"A=1\nB=x y\nEMPTY=\n"
-    assert agent.run(["/bin/pwd"], env={}, cwd=str(tmp_path)).stdout == f"{tmp_path}\n".encode()
+    pwd = agent.run([host_tool("pwd")], env={}, cwd=str(tmp_path))
+    assert pwd.stdout == f"{tmp_path}\n".encode()
     tool = tmp_path / "bin" / "mytool"
     tool.parent.mkdir()
     tool.write_text("#!/bin/sh\necho mytool ran\n")

@@ -863,7 +863,7 @@ def test_new_symlink_records_its_creator(make_share: MakeShare) -> None:
     s = make_share(uid=1234, gid=5678, allow_other=True)
     os.chmod(s.mnt, 0o777)  # virtual: lets another user make a name in the share root
     subprocess.run(
-        [SYSTEM_PYTHON, "-I", "-c", "import os, sys; os.symlink('t', sys.argv[1])",
+        [python_for_nobody(), "-I", "-c", "import os, sys; os.symlink('t', sys.argv[1])",
          str(s.mnt / "theirs")],
         user=4321, group=4322, extra_groups=[], capture_output=True, timeout=30, check=True,
     )  # fmt: skip
@@ -954,7 +954,7 @@ def test_unprivileged_broker_refuses_what_it_cannot_record(
     assert lowner(m / "mine") == (0, 0)
     os.chmod(m, 0o777)
     theirs = subprocess.run(
-        [SYSTEM_PYTHON, "-I", "-c", THEIR_SYMLINK, str(m / "theirs")],
+        [python_for_nobody(), "-I", "-c", THEIR_SYMLINK, str(m / "theirs")],
         user=4321, group=4322, extra_groups=[], capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert theirs.stdout.strip() == str(errno.EOPNOTSUPP), theirs.stderr
@@ -1240,8 +1240,20 @@ def test_start_errors_leave_nothing_mounted() -> None:
         shutil.rmtree(base)
 
 
-# The probe runs as nobody, so not with our venv's interpreter (it lives under /root).
-SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+def python_for_nobody() -> str:
+    """A python3 on PATH that user nobody can run (the probe's user): not one under a home
+    such as /root, where our own interpreter may live. Skips the test if there is none."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("python3", path=directory)
+        if found and all_searchable_by_others(Path(found).resolve()):
+            return found
+    pytest.skip("no python3 on PATH that user nobody can run")
+
+
+def all_searchable_by_others(path: Path) -> bool:
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+
 NOBODY_PROBE = """
 import json, os, sys
 mnt = sys.argv[1]
@@ -1283,7 +1295,7 @@ def test_other_users_and_default_permissions(make_share: MakeShare, allow_other:
     s = make_share(populate, allow_other=allow_other)
     os.chmod(s.mnt / "open", 0o777)  # virtual: the host directory stays 0755
     probe = subprocess.run(
-        [SYSTEM_PYTHON, "-I", "-c", NOBODY_PROBE, str(s.mnt)],
+        [python_for_nobody(), "-I", "-c", NOBODY_PROBE, str(s.mnt)],
         user=65534,
         group=65534,
         extra_groups=[],

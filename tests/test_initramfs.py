@@ -6,23 +6,22 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import setup_kernel
+from vm_support import static_busybox
 
 from vmruntime.errors import GuestAssetError
 from vmruntime.guest.initramfs import ensure_initramfs
 from vmruntime.guest.kernel import (
     NEEDED_MODULES,
     GuestKernel,
-    cached_kernel,
     module_load_order,
     read_modinfo,
     read_modules_dep,
 )
-
-BUSYBOX = Path("/bin/busybox")
-pytestmark = pytest.mark.skipif(not BUSYBOX.is_file(), reason="needs busybox-static")
 
 # Deliberately not in load order: the writer must sort dependencies first.
 FAKE_DEP = """\
@@ -49,10 +48,15 @@ def kernel(tmp_path: Path) -> GuestKernel:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Path:
+def busybox() -> Path:
+    return static_busybox()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, busybox: Path) -> Path:
     # Any static binary will do as /init for packing; busybox-static is one.
     path = tmp_path / "agent"
-    shutil.copyfile(BUSYBOX, path)
+    shutil.copyfile(busybox, path)
     return path
 
 
@@ -60,27 +64,29 @@ def read_modules_dep_text(text: str) -> list[str]:
     return [line.split(":")[0] for line in text.splitlines()]
 
 
-def cpio_listing(archive: Path) -> list[str]:
+def cpio_listing(archive: Path, busybox: Path) -> list[str]:
     out = subprocess.run(
-        [str(BUSYBOX), "cpio", "-t"], stdin=archive.open("rb"), capture_output=True, check=True
+        [busybox, "cpio", "-t"], stdin=archive.open("rb"), capture_output=True, check=True
     )
     return out.stdout.decode().split()
 
 
-def extract(archive: Path, dest: Path) -> None:
+def extract(archive: Path, dest: Path, busybox: Path) -> None:
     dest.mkdir()
     with archive.open("rb") as f:
         subprocess.run(
-            [str(BUSYBOX), "cpio", "-i", "-d"], stdin=f, cwd=dest, capture_output=True, check=True
+            [busybox, "cpio", "-i", "-d"], stdin=f, cwd=dest, capture_output=True, check=True
         )
 
 
-def test_layout_is_what_the_agent_expects(kernel: GuestKernel, agent: Path, tmp_path: Path) -> None:
-    archive = ensure_initramfs(kernel, agent, tmp_path / "cache")
+def test_layout_is_what_the_agent_expects(
+    kernel: GuestKernel, agent: Path, busybox: Path, tmp_path: Path
+) -> None:
+    archive = ensure_initramfs(kernel, agent, tmp_path / "cache", busybox=busybox)
     assert archive.parent == tmp_path / "cache" / "guest" / "initramfs"
     assert archive.name.endswith(".cpio") and len(archive.stem) == 16
     assert archive.read_bytes()[:6] == b"070701"  # uncompressed newc
-    names = cpio_listing(archive)
+    names = cpio_listing(archive, busybox)
     assert names == sorted(names)
     for expected in (
         "init", "bin/busybox", "bin/sh", "dev/console", "dev/null", "lib/modules/load.order",
@@ -91,9 +97,11 @@ def test_layout_is_what_the_agent_expects(kernel: GuestKernel, agent: Path, tmp_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="extracting device nodes needs root")
-def test_extracted_files_nodes_and_modes(kernel: GuestKernel, agent: Path, tmp_path: Path) -> None:
+def test_extracted_files_nodes_and_modes(
+    kernel: GuestKernel, agent: Path, busybox: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "x"
-    extract(ensure_initramfs(kernel, agent, tmp_path / "cache"), out)
+    extract(ensure_initramfs(kernel, agent, tmp_path / "cache", busybox=busybox), out, busybox)
     console, null = os.lstat(out / "dev/console"), os.lstat(out / "dev/null")
     assert stat.S_ISCHR(console.st_mode) and os.major(console.st_rdev) == 5
     assert os.minor(console.st_rdev) == 1
@@ -106,10 +114,10 @@ def test_extracted_files_nodes_and_modes(kernel: GuestKernel, agent: Path, tmp_p
 
 
 def test_load_order_puts_dependencies_first(
-    kernel: GuestKernel, agent: Path, tmp_path: Path
+    kernel: GuestKernel, agent: Path, busybox: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "x"
-    extract(ensure_initramfs(kernel, agent, tmp_path / "cache"), out)
+    extract(ensure_initramfs(kernel, agent, tmp_path / "cache", busybox=busybox), out, busybox)
     lines = (out / "lib/modules/load.order").read_text().split()
     assert lines[lines.index("[virtiofs]") + 1 :] == ["fuse.ko", "virtiofs.ko"]
     order = [line for line in lines if not line.startswith("[")]
@@ -123,31 +131,31 @@ def test_load_order_puts_dependencies_first(
 
 
 def test_output_is_deterministic_and_cached(
-    kernel: GuestKernel, agent: Path, tmp_path: Path
+    kernel: GuestKernel, agent: Path, busybox: Path, tmp_path: Path
 ) -> None:
-    first = ensure_initramfs(kernel, agent, tmp_path / "a")
-    other = ensure_initramfs(kernel, agent, tmp_path / "b")
+    first = ensure_initramfs(kernel, agent, tmp_path / "a", busybox=busybox)
+    other = ensure_initramfs(kernel, agent, tmp_path / "b", busybox=busybox)
     assert first.name == other.name and first.read_bytes() == other.read_bytes()
     before = first.stat().st_mtime_ns
-    assert ensure_initramfs(kernel, agent, tmp_path / "a") == first
+    assert ensure_initramfs(kernel, agent, tmp_path / "a", busybox=busybox) == first
     assert first.stat().st_mtime_ns == before
     assert list((tmp_path / "a" / "tmp").iterdir()) == []
     # A different agent is a different input, hence a different archive.
     with agent.open("ab") as f:
         f.write(b"\0")
-    assert ensure_initramfs(kernel, agent, tmp_path / "a") != first
+    assert ensure_initramfs(kernel, agent, tmp_path / "a", busybox=busybox) != first
 
 
-def test_dynamic_agent_is_refused(kernel: GuestKernel, tmp_path: Path) -> None:
+def test_dynamic_agent_is_refused(kernel: GuestKernel, busybox: Path, tmp_path: Path) -> None:
+    dynamic = Path(sys.executable).resolve()  # CPython loads its extension modules: dynamic
     with pytest.raises(GuestAssetError, match="dynamically linked"):
-        ensure_initramfs(kernel, Path(shutil.which("ls") or "/bin/ls"), tmp_path / "cache")
+        ensure_initramfs(kernel, dynamic, tmp_path / "cache", busybox=busybox)
     assert not (tmp_path / "cache" / "guest" / "initramfs").exists()
 
 
-@pytest.mark.skipif(cached_kernel() is None, reason="no guest kernel cached (scripts/setup.sh)")
+@pytest.mark.slow
 def test_real_kernel_modules_and_order() -> None:
-    kernel = cached_kernel()
-    assert kernel is not None
+    kernel = setup_kernel()  # the one scripts/setup.sh downloaded into the user's cache
     order = module_load_order(kernel)
     names = [Path(rel).name.removesuffix(".ko") for rel in order]
     assert set(NEEDED_MODULES) <= set(names)

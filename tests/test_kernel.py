@@ -20,7 +20,7 @@ def failing_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = bin_dir / "apt-get"
     script.write_text(
         f'#!/bin/sh\necho "$@" >> {calls}\n'
-        "echo 'E: Failed to fetch http://deb.debian.org/x  Temporary failure resolving' >&2\n"
+        "echo 'E: Failed to fetch http://mirror.invalid/x  Temporary failure resolving' >&2\n"
         "exit 100\n"
     )
     script.chmod(0o755)

@@ -1,6 +1,6 @@
 """Proof that the image-pull test support works against the real tools.
 
-Fast tier (no VM): starts ``/usr/bin/docker-registry`` three times (no auth, basic, token)
+Fast tier (no VM): starts ``docker-registry`` three times (no auth, basic, token)
 per module, pushes with ``skopeo`` and reads everything back with plain ``requests`` /
 ``http.client``, so a pull test failing later can blame the code under test, not the
 fixtures. Module-scoped registries stand in for the session fixtures conftest.py will

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from broker_wire import has_sys_admin
-from conftest import VmSession
+from conftest import PEER_CACHE, VmSession
 from vm_support import broker_processes, qemu_processes
 
 from vmruntime import Mount, Sandbox
@@ -335,31 +335,51 @@ def test_a_crashed_host_process_leaves_no_broker(vm_session: VmSession, tmp_path
 
 # --- someone else's server ------------------------------------------------------------
 
-PEER = Path("/work/shared/peers/virtiofsd-peer.sh")
-PEER_ROOT = Path(os.environ.get("PEER_CACHE", Path.home() / ".cache/vmruntime-peers")) / "trixie"
+# The peers live beside the repository (../shared/peers) in every checkout and in CI.
+PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "virtiofsd-peer.sh"
+# The first use builds the peer's Debian 13 chroot (debootstrap, about 2 minutes).
+PEER_START_TIMEOUT = 600
 
 
-PEER_READY = (PEER_ROOT / "usr/libexec/virtiofsd").exists() and os.geteuid() == 0
+def start_peer(share: Path, socket: Path, log: Path) -> subprocess.Popen[bytes]:
+    """virtiofsd-peer.sh serving ``share`` at ``socket``; waits for the socket.
+
+    Its chroot is kept in the user's PEER_CACHE (not the tests' HOME), so it is
+    built once per machine, not once per run.
+    """
+    if not PEER.is_file():
+        pytest.skip(f"no virtiofsd peer at {PEER} (the shared peers beside the checkout)")
+    if os.geteuid() != 0:
+        pytest.skip("the virtiofsd peer needs root (debootstrap, chroot, bind mounts)")
+    with log.open("wb") as out:
+        peer = subprocess.Popen([PEER, share, socket], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PEER_CACHE": str(PEER_CACHE)},
+                                start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + PEER_START_TIMEOUT
+    while not socket.exists() and peer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not socket.exists():
+        stop_peer(peer)
+        pytest.fail(f"{PEER} gave no socket (exit {peer.returncode}):\n{log.read_text()[-3000:]}")
+    return peer
 
 
-@pytest.mark.skipif(not PEER_READY, reason="Debian's virtiofsd peer is not set up (see peers/)")
+def stop_peer(peer: subprocess.Popen[bytes]) -> None:
+    if peer.poll() is None:  # SIGTERM, not SIGKILL: the script's trap unmounts its binds
+        os.killpg(peer.pid, signal.SIGTERM)
+        peer.wait(timeout=30)
+
+
 def test_external_vhost_user_fs_server(vm_session: VmSession, tmp_path: Path) -> None:
     """Mount.external, as bench/ uses it: Debian's virtiofsd serves the folder."""
     (tmp_path / "share").mkdir()
     (tmp_path / "share" / "hello").write_text("from virtiofsd\n")
     socket = tmp_path / "vfs.sock"
-    peer = subprocess.Popen([str(PEER), str(tmp_path / "share"), str(socket)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    peer = start_peer(tmp_path / "share", socket, tmp_path / "peer.log")
     try:
-        deadline = time.monotonic() + 60
-        while not socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
         with Sandbox.create(vm_session.image, mounts=[Mount.external(socket, "/ext")]) as box:
             assert sh(box, "cat /ext/hello") == "from virtiofsd\n"
             assert brokers_of(box) == []
         assert peer.wait(timeout=30) == 0  # virtiofsd exits when QEMU disconnects
     finally:
-        if peer.poll() is None:  # SIGTERM, not SIGKILL: the script's trap unmounts its binds
-            os.killpg(peer.pid, signal.SIGTERM)
-            peer.wait(timeout=30)
+        stop_peer(peer)

@@ -9,24 +9,43 @@ cache ``scripts/setup.sh`` prepared, so the session does not download a kernel.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from imagefactory import directory, file, make_layer_tar, symlink, whiteout, write_oci_layout
+
+from vmruntime.errors import GuestAssetError
+from vmruntime.guest.initramfs import require_static_elf
 
 BUSYBOX_IMAGE = "test/busybox:1"
 IMAGE_MARKER = b"made by tests/vm_support.py\n"
 PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
 
 
+def static_busybox() -> Path:
+    """The ``busybox`` on PATH, which must be statically linked (a guest has no libc for
+    it: not in the initramfs, not in the test image); skips the test if there is none."""
+    found = shutil.which("busybox")
+    if found is None:
+        pytest.skip("no busybox on PATH (apt-get install busybox-static)")
+    try:
+        require_static_elf(Path(found), "busybox", "apt-get install busybox-static")
+    except GuestAssetError as exc:
+        pytest.skip(f"needs a static busybox: {exc.reason}")
+    return Path(found)
+
+
 def busybox_layers() -> list[bytes]:
     """Layer 0: busybox, its applets, /etc; layer 1: a marker, /work, a deletion."""
+    busybox = static_busybox()
     applets = subprocess.run(
-        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
+        [busybox, "--list"], capture_output=True, text=True, check=True
     ).stdout.split()
     base = [
         directory("bin"),
-        file("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755),
+        file("bin/busybox", busybox.read_bytes(), mode=0o755),
         *(symlink(f"bin/{name}", "busybox") for name in applets if name != "busybox"),
         directory("etc"),
         file("etc/passwd", PASSWD),

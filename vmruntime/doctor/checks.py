@@ -210,7 +210,7 @@ def _check_fuse() -> Check:
     except OSError as exc:
         return Check("/dev/fuse", False, f"cannot open: {exc.strerror}", fix, required=False)
     os.close(fd)
-    return Check("/dev/fuse", True, "opens read-write")
+    return Check("/dev/fuse", True, "opens read-write", required=False)
 
 
 def _check_memfd() -> Check:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import struct
 from collections.abc import Iterable
@@ -37,7 +38,8 @@ from vmruntime.guest.kernel import ON_DEMAND_MODULES, GuestKernel, module_load_o
 
 # Bump when the layout or the writer changes, so old cached archives are not reused.
 FORMAT_VERSION = 1
-HOST_BUSYBOX = Path("/bin/busybox")
+# Debian's busybox-static; found on PATH (usr-merged or not), checked static where used.
+HOST_BUSYBOX = Path(shutil.which("busybox") or "/bin/busybox")
 MOUNT_POINTS = ("dev", "proc", "sys", "newroot", "layers", "tmp", "run")
 _TRAILER = "TRAILER!!!"
 
