@@ -530,6 +530,9 @@ class LocalRegistry:
         # The access-log line is written after the response is sent, so a client may have
         # its bytes before the line exists. A marker request sent now is logged after every
         # request whose response the caller has already received: wait for it.
+        # That holds per connection only: a request answered on another connection may
+        # still be logging when the marker's line appears, so also wait for the log to
+        # stay the same for a moment.
         marker = uuid.uuid4().hex
         requests.get(f"{self.url}/v2/?vmr-log-sync={marker}", timeout=5)
         deadline = time.monotonic() + timeout
@@ -537,6 +540,14 @@ class LocalRegistry:
             if time.monotonic() > deadline:
                 raise TimeoutError("registry access log did not show the sync marker")
             time.sleep(0.02)
+        self._wait_for_quiet_log(deadline)
+
+    def _wait_for_quiet_log(self, deadline: float, quiet: float = 0.1) -> None:
+        size, since = len(self.log_text()), time.monotonic()
+        while time.monotonic() - since < quiet and time.monotonic() < deadline:
+            time.sleep(0.02)
+            if (now := len(self.log_text())) != size:
+                size, since = now, time.monotonic()
 
     def access_log(self) -> list[AccessLogRecord]:
         """All requests answered so far, oldest first (marker requests excluded)."""
@@ -789,6 +800,9 @@ class TruncatingProxy:
       request). Answers 503 with a distribution-style JSON error and ``Retry-After`` if
       ``retry_after`` is set; the request never reaches the registry.
     * ``"reset"``: like "503" but closes the connection without any response.
+    * ``"stall"``: like "truncate", but instead of closing the connection after the cut it
+      keeps it open and silent (a stalled network) until ``stop()`` or two minutes;
+      ``stalled`` is set once it does.
 
     Counters (thread-safe): ``records``, ``blob_gets`` (GETs of blob paths seen, failed or
     not), ``failures_injected``. ``rearm(n)`` starts a new round of failures.
@@ -800,7 +814,7 @@ class TruncatingProxy:
         fail_first_n: int = 1,
         truncate_at: int | None = None,
         *,
-        mode: Literal["truncate", "503", "reset"] = "truncate",
+        mode: Literal["truncate", "503", "reset", "stall"] = "truncate",
         path_contains: str | None = None,
         retry_after: int | None = None,
     ) -> None:
@@ -809,13 +823,15 @@ class TruncatingProxy:
         self.truncate_at = truncate_at
         self.retry_after = retry_after
         if path_contains is None:
-            path_contains = "/blobs/sha256:" if mode == "truncate" else ""
+            path_contains = "/blobs/sha256:" if mode in ("truncate", "stall") else ""
         self.path_contains = path_contains
         self.records: list[ProxyRecord] = []
         self.blob_gets = 0
         self.failures_injected = 0
         self._remaining = fail_first_n
         self._lock = threading.Lock()
+        self.stalled = threading.Event()
+        self._stopped = threading.Event()
         self._server = _LoopbackServer(_ProxyHandler, self, "vmr-truncating-proxy")
         self.port = self._server.port
 
@@ -839,7 +855,8 @@ class TruncatingProxy:
         with self._lock:
             if method == "GET" and "/blobs/" in path:
                 self.blob_gets += 1
-            matches = self.path_contains in path and (self.mode != "truncate" or method == "GET")
+            on_body = self.mode in ("truncate", "stall")  # these act on GET bodies only
+            matches = self.path_contains in path and (not on_body or method == "GET")
             if matches and self._remaining > 0:
                 self._remaining -= 1
                 self.failures_injected += 1
@@ -852,6 +869,7 @@ class TruncatingProxy:
 
     def stop(self) -> None:
         """Stop serving (idempotent). Connections still open are daemon threads and die."""
+        self._stopped.set()
         self._server.stop()
 
     def __enter__(self) -> Self:
@@ -947,6 +965,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
 
+        if action == "stall" and data:
+            cut = len(data) // 2 if proxy.truncate_at is None else proxy.truncate_at
+            proxy._record(ProxyRecord(self.command, self.path, "stall", resp.status))
+            self.wfile.write(data[: max(0, min(cut, len(data) - 1))])
+            self.wfile.flush()
+            proxy.stalled.set()
+            proxy._stopped.wait(120)
+            self._abort()
+            return
         if action == "truncated" and data:
             cut = len(data) // 2 if proxy.truncate_at is None else proxy.truncate_at
             cut = max(0, min(cut, len(data) - 1))

@@ -524,3 +524,65 @@ def test_the_default_image_is_never_pulled(store, tmp_path) -> None:
     record = load(info.layout_dir, "vmruntime/default:latest", store=store)
     assert record.reference == "localhost/vmruntime/default:latest"
     assert resolve("vmruntime/default", store).manifest_digest == info.manifest_digest
+
+
+def test_ctrl_c_during_a_pull_returns_at_once_and_the_next_pull_resumes(
+    local_registry, store, tmp_path
+) -> None:
+    """One layer's server stalls mid-body (a read that would wait a minute); Ctrl-C must
+    end `vmr image pull` within a second, keep only verified blobs, and leave nothing
+    running; the next pull downloads only what is missing."""
+    import hashlib
+    import signal
+
+    layers = [unique_layer("small-a"), unique_layer("big", 4_000_000), unique_layer("small-b")]
+    ref, info = push(local_registry, tmp_path, layers)
+    stalling = info.layer_digests[1]
+    with TruncatingProxy(local_registry.host, mode="stall", path_contains=stalling) as proxy:
+        pull_cli = subprocess.Popen(
+            [sys.executable, "-m", "vmruntime", "image", "pull",
+             ref.replace(local_registry.host, proxy.host)],
+            env=vmr_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # A shell starts background jobs with SIGINT ignored, which children inherit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        small = [info.layer_digests[0], info.layer_digests[2]]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            proxy.stalled.is_set() and all(store.has_blob(d) for d in small)
+        ):
+            time.sleep(0.02)
+        assert proxy.stalled.is_set(), "the big layer's transfer never stalled"
+        interrupted = time.monotonic()
+        pull_cli.send_signal(signal.SIGINT)
+        _, err = pull_cli.communicate(timeout=10)
+        elapsed = time.monotonic() - interrupted
+    assert pull_cli.returncode == 130, err.decode()
+    assert elapsed < 1.0, f"Ctrl-C took {elapsed:.2f} s to end the pull"
+    assert b"interrupted" in err
+    for blob in store.blobs_dir.iterdir():  # only verified blobs stay
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    assert not store.has_blob(stalling) and store.list_refs() == []
+    assert list(store.tmp_dir.iterdir()) == []
+    assert unpack_workers() == []
+    record = pull(ref, store=store)
+    assert record.report is not None
+    assert set(small) <= set(record.report.reused)
+    assert stalling in record.report.fetched
+    assert all(path.is_file() for path in record.layer_paths)
+
+
+def test_a_cache_from_before_the_local_name_still_finds_its_default_image(store, tmp_path) -> None:
+    """Caches filed the built default image under Docker Hub's name; a loaded entry there
+    still counts (it was built here), a pulled one never does."""
+    from vmruntime.errors import ImageNotFoundError
+    from vmruntime.images.store import RefRecord
+
+    info = write_oci_layout(tmp_path / "layout", [make_layer_tar([file("etc/marker", "x")])])
+    load(info.layout_dir, "x/built:1", store=store)
+    legacy, oci = "docker.io/vmruntime/default:latest", "application/vnd.oci.image.manifest.v1+json"
+    store.set_ref(RefRecord(legacy, info.manifest_digest, oci, source="load /old/build"))
+    assert resolve("vmruntime/default", store).manifest_digest == info.manifest_digest
+    store.set_ref(RefRecord(legacy, info.manifest_digest, oci, source="pull"))
+    with pytest.raises(ImageNotFoundError):
+        resolve("vmruntime/default", store)

@@ -5,7 +5,9 @@ Who calls it: :mod:`~vmruntime.images.pull` (a registry) and
 
 What it promises: every blob is verified against its digest and size while it
 is written, and enters the cache only then, so a tampered or truncated blob leaves
-the cache exactly as it was. A reference is recorded last.
+the cache exactly as it was. A reference is recorded last. An interrupted ingest
+(Ctrl-C) cancels the transfers in flight and returns at once: the blobs verified
+by then stay, so the next pull or load resumes from them.
 
 What a layer becomes besides a blob is not this package's business: a caller that
 wants more (a filesystem image, say) passes a :class:`LayerHandler`, which is fed
@@ -17,12 +19,13 @@ the runtime uses.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +40,9 @@ from vmruntime.images.store import ImageStore, RefRecord, StagedBlob
 
 ProgressFactory = Callable[[Descriptor, str], "Progress"]
 _PARALLEL_LAYERS = 3
+# How long an interrupted ingest waits for its transfers to remove their temporary
+# files and unpack workers before it returns anyway (Ctrl-C must return within 1 s).
+_CANCEL_GRACE = 0.5
 
 
 class Progress(Protocol):
@@ -97,10 +103,53 @@ class BlobSource(Protocol):
     """Somewhere blobs come from. ``copy_blob`` writes the blob's bytes into ``sink``.
 
     A source that can fail transiently (a network) retries inside ``copy_blob``,
-    calling ``sink.reset()`` before each new attempt.
+    calling ``sink.reset()`` before each new attempt. A source whose reads can block
+    (a network) may also have ``cancel()``: called from another thread, it makes every
+    transfer in flight end at once with :class:`TransferCancelled`.
     """
 
     def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None: ...
+
+
+class TransferCancelled(Exception):
+    """The ingest this transfer belongs to was interrupted (raised in its worker thread)."""
+
+
+class _Cancellable:
+    """A source whose transfers stop at their next chunk once :meth:`cancel` is called."""
+
+    def __init__(self, source: BlobSource) -> None:
+        self._source = source
+        self._cancelled = threading.Event()
+
+    def copy_blob(self, desc: Descriptor, sink: BlobSink, progress: Progress) -> None:
+        self._source.copy_blob(desc, _CheckedSink(sink, self._cancelled), progress)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        cancel = getattr(self._source, "cancel", None)
+        if cancel is not None:
+            cancel()  # unblocks a read that is waiting for the network
+
+
+class _CheckedSink:
+    def __init__(self, sink: BlobSink, cancelled: threading.Event) -> None:
+        self._sink = sink
+        self._cancelled = cancelled
+
+    @property
+    def written(self) -> int:
+        return self._sink.written
+
+    def write(self, chunk: bytes) -> None:
+        if self._cancelled.is_set():
+            raise TransferCancelled
+        self._sink.write(chunk)
+
+    def reset(self) -> None:
+        if self._cancelled.is_set():
+            raise TransferCancelled
+        self._sink.reset()
 
 
 @dataclass
@@ -207,19 +256,57 @@ def _ensure_layers(
 ) -> None:
     # The same layer may appear twice in one manifest (empty layers do); do it once.
     unique = dict.fromkeys(zip(manifest.layers, config.diff_ids, strict=True))
-    if len(unique) <= 1:
-        for desc, diff_id in unique:
-            ensure_layer(store, source, desc, diff_id, report, progress, layers)
-        return
-    with ThreadPoolExecutor(max_workers=_PARALLEL_LAYERS, thread_name_prefix="layer") as pool:
-        futures = [
-            pool.submit(ensure_layer, store, source, desc, diff_id, report, progress, layers)
-            for desc, diff_id in unique
-        ]
-        errors = [f.exception() for f in futures]
+    cancellable = _Cancellable(source)
+    jobs = [
+        partial(ensure_layer, store, cancellable, desc, diff_id, report, progress, layers)
+        for desc, diff_id in unique
+    ]
+    errors = _run_all(jobs, _PARALLEL_LAYERS, on_interrupt=cancellable.cancel)
     for error in errors:
         if error is not None:
             raise error
+
+
+def _run_all(jobs: list[Callable[[], None]], parallel: int,
+             on_interrupt: Callable[[], None]) -> list[BaseException | None]:  # fmt: skip
+    """Run every job on up to ``parallel`` daemon threads; each job's error, in order.
+
+    Interrupted (Ctrl-C in the waiting thread), it calls ``on_interrupt``, gives the
+    jobs ``_CANCEL_GRACE`` seconds to clean up, and raises. Daemon threads, because a
+    worker stuck in a read must not keep the process from exiting.
+    """
+    results: list[BaseException | None] = [None] * len(jobs)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index in range(len(jobs)):
+        todo.put(index)
+    finished: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def work() -> None:
+        while True:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                jobs[index]()
+            except BaseException as exc:  # reported to the waiting thread
+                results[index] = exc
+            finished.put(index)
+
+    threads = [threading.Thread(target=work, name="layer", daemon=True)
+               for _ in range(min(parallel, len(jobs)))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in jobs:
+            finished.get()
+    except BaseException:
+        on_interrupt()
+        deadline = time.monotonic() + _CANCEL_GRACE
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        raise
+    return results
 
 
 def ensure_layer(

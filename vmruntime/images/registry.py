@@ -5,22 +5,26 @@ Who calls it: :func:`vmruntime.images.pull`.
 What it promises: plain HTTP only for loopback registries (HTTPS elsewhere);
 the anonymous bearer-token flow and basic auth from a credentials file; retries
 with backoff on connection errors, timeouts, 429 and 5xx answers and truncated
-blob transfers; bounded manifest sizes. It does not verify digests: the blob
-sink it writes into does (see :class:`~vmruntime.images.store.StagedBlob`).
+blob transfers; bounded manifest sizes; :meth:`RegistryClient.cancel` ends every
+transfer in flight at once, even one waiting for a stalled server. It does not
+verify digests: the blob sink it writes into does (see
+:class:`~vmruntime.images.store.StagedBlob`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import re
-import time
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from vmruntime.errors import AuthenticationError, RegistryError, SizeMismatchError
 from vmruntime.images.auth import Credentials, find_credentials
-from vmruntime.images.ingest import BlobSink, Progress
+from vmruntime.images.ingest import BlobSink, Progress, TransferCancelled
 from vmruntime.images.manifest import ACCEPT_MANIFESTS, MAX_JSON_DOCUMENT, Descriptor
 from vmruntime.images.reference import Reference, is_loopback_host
 from vmruntime.images.streams import CHUNK
@@ -75,6 +79,9 @@ class RegistryClient:
         self.session = session
         self.session.headers["User-Agent"] = _USER_AGENT
         self._authorization: str | None = None
+        self._cancelled = threading.Event()
+        self._open: set[requests.Response] = set()
+        self._open_lock = threading.Lock()
 
     # --- public ----------------------------------------------------------
 
@@ -101,7 +108,8 @@ class RegistryClient:
             sink.reset()
             progress.reset()
             # identity: the blob's bytes are what the digest covers, never re-encoded.
-            with self._get(url, {"Accept-Encoding": "identity"}, stream=True) as response:
+            response = self._get(url, {"Accept-Encoding": "identity"}, stream=True)
+            with response, self._tracked(response):
                 for chunk in response.iter_content(CHUNK):
                     sink.write(chunk)
                     progress.advance(len(chunk))
@@ -112,13 +120,40 @@ class RegistryClient:
 
         self._with_retries(url, attempt)
 
+    def cancel(self) -> None:
+        """End every transfer in flight (from any thread): each raises TransferCancelled.
+
+        A read blocked on a silent server does not notice a closed file descriptor, so
+        the connections are shut down, which wakes it.
+        """
+        self._cancelled.set()
+        with self._open_lock:
+            responses = list(self._open)
+        for response in responses:
+            sock = _socket_of(response)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     # --- plumbing --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tracked(self, response: requests.Response) -> Iterator[None]:
+        with self._open_lock:
+            self._open.add(response)
+        try:
+            yield
+        finally:
+            with self._open_lock:
+                self._open.discard(response)
 
     def _with_retries(self, url: str, attempt: Callable[[], Any]) -> Any:
         last: BaseException | None = None
         for number in range(self.retries + 1):
             if number:
-                time.sleep(self.backoff * 2 ** (number - 1))
+                self._cancelled.wait(self.backoff * 2 ** (number - 1))
+            if self._cancelled.is_set():
+                raise TransferCancelled
             try:
                 return attempt()
             except _Transient as exc:
@@ -192,6 +227,17 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise AuthenticationError(realm, "token response has no token")
         return token
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    """The socket a streamed response reads from (urllib3 keeps it on the connection,
+    or, for a connection that closes after this response, only on the body's reader)."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(reader, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _basic(credentials: Credentials) -> str:
