@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 from weakref import WeakSet
 
+from vmruntime._blocking import in_thread
 from vmruntime._child import log_tail
 from vmruntime.errors import (
     AgentDiedError,
@@ -603,7 +604,8 @@ class AsyncSandbox:
         self._closed = True
         _live.discard(self)
         await self._disconnect()
-        self._end()
+        # Ending brokers may wait seconds, and removing a layer is disk work: not on the loop.
+        await in_thread(self._end)
 
     def _end(self) -> None:
         """Everything but the guest: see :func:`vmruntime.vm.teardown.end_sandbox`."""
