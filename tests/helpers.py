@@ -54,15 +54,17 @@ def vmr_env(store: ImageStore) -> dict[str, str]:
     return {**os.environ, "VMRUNTIME_CACHE": str(store.root)}
 
 
-def unpack_workers() -> list[str]:
-    """Command lines of running layer-unpack worker processes (read from /proc)."""
+def unpack_workers(under: Path) -> list[str]:
+    """Command lines of running layer-unpack workers building an image under ``under``
+    (their last argument; other processes on the machine may be pulling too)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:  # the process ended while we looked
             continue
-        if b"vmruntime.rootfs.unpack_worker" in argv:
+        argv = [arg for arg in argv if arg]
+        if b"vmruntime.rootfs.unpack_worker" in argv and argv[-1].startswith(bytes(under)):
             found.append(b" ".join(argv).decode(errors="replace"))
     return found
 

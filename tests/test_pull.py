@@ -446,9 +446,9 @@ def test_kill_minus_9_during_a_pull_then_pull_again(local_registry, store, tmp_p
     assert leftovers, "the killed pull should have left its temp files for the next open"
     # its unpack worker read end-of-file when the feeder died, and quit
     deadline = time.monotonic() + 10
-    while unpack_workers() and time.monotonic() < deadline:
+    while unpack_workers(store.root) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert unpack_workers() == []
+    assert unpack_workers(store.root) == []
     record = pull(ref, store=ImageStore(store.root))
     assert record.manifest_digest == info.manifest_digest
     assert list(store.tmp_dir.iterdir()) == []
@@ -564,7 +564,7 @@ def test_ctrl_c_during_a_pull_returns_at_once_and_the_next_pull_resumes(
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
     assert not store.has_blob(stalling) and store.list_refs() == []
     assert list(store.tmp_dir.iterdir()) == []
-    assert unpack_workers() == []
+    assert unpack_workers(store.root) == []
     record = pull(ref, store=store)
     assert record.report is not None
     assert set(small) <= set(record.report.reused)

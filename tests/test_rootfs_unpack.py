@@ -90,7 +90,7 @@ def test_abort_mid_stream_leaves_nothing_running(kind, tmp_path: Path) -> None:
     unpacker.feed(data[: len(data) // 2])
     unpacker.abort()
     assert not [t for t in threading.enumerate() if t.name == "unpack"]
-    assert unpack_workers() == []
+    assert unpack_workers(tmp_path) == []
 
 
 def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) -> None:
@@ -99,7 +99,8 @@ def test_pipeline_reports_diff_id_mismatch_and_installs_nothing(tmp_path: Path) 
     wrong = "sha256:" + "4" * 64
     for size in (len(blob), PROCESS_THRESHOLD):  # the thread path, then the process path
         with store.stage_blob(sha(blob), len(blob), "layer") as staged:
-            pipeline = LayerPipeline(ErofsLayers(store), staged, wrong, size=size)
+            layers = ErofsLayers(store)
+            pipeline = layers.sink(staged, wrong, size)
             try:
                 feed_in_chunks(pipeline, blob)
                 staged.verify()
@@ -122,9 +123,7 @@ def test_full_disk_in_the_worker_process_is_a_cache_error(tiny_cache: ImageStore
     tar = make_layer_tar([file("big", os.urandom(3 * 1024 * 1024))])
     blob = gzip.compress(tar, compresslevel=1)
     staged_dir = Path(tiny_cache.tmp_dir)
-    pipeline = LayerPipeline(
-        ErofsLayers(tiny_cache), _NullStaged(sha(blob)), sha(tar), size=PROCESS_THRESHOLD
-    )
+    pipeline = ErofsLayers(tiny_cache).sink(_NullStaged(sha(blob)), sha(tar), PROCESS_THRESHOLD)
     try:
         feed_in_chunks(pipeline, blob)
         with pytest.raises(CacheError, match="no space left on device"):
@@ -133,9 +132,9 @@ def test_full_disk_in_the_worker_process_is_a_cache_error(tiny_cache: ImageStore
         pipeline.close()
     assert list(staged_dir.iterdir()) == []
     deadline = time.monotonic() + 5
-    while unpack_workers() and time.monotonic() < deadline:
+    while unpack_workers(tiny_cache.root) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert unpack_workers() == []
+    assert unpack_workers(tiny_cache.root) == []
 
 
 class _NullStaged:

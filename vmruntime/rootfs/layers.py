@@ -17,6 +17,7 @@ verified blob.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 
 from vmruntime.errors import ImageNotFoundError
@@ -54,11 +55,14 @@ class ErofsLayers:
 
     def sink(self, staged: StagedBlob, diff_id: str, size: int) -> LayerPipeline:
         """Build the layer's image from the blob's bytes as they are written into ``staged``."""
-        return LayerPipeline(self, staged, diff_id, size=size)
+        temp_for = partial(self.temp_for, diff_id)
+        return LayerPipeline(self.store, staged, diff_id, size=size, temp_for=temp_for,
+                             dest=self.path(diff_id))  # fmt: skip
 
     def from_blob(self, blob: Path, layer_digest: str, diff_id: str) -> None:
         """Build the layer's image from its verified blob in the cache."""
-        unpack_file(self, blob, layer_digest, diff_id)
+        unpack_file(self.store, blob, layer_digest, diff_id, temp=self.temp_for(diff_id),
+                    dest=self.path(diff_id))  # fmt: skip
 
     def prune(self, keep: frozenset[str]) -> PruneResult:
         """Delete every layer image whose diff_id is not in ``keep`` (under the cache's

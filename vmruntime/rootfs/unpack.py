@@ -26,17 +26,15 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from vmruntime.errors import DigestMismatchError, LayerError
-from vmruntime.images.store import StagedBlob
+from vmruntime.images.store import ImageStore, StagedBlob
 from vmruntime.images.streams import CHUNK, HashingReader, decompressed, decompression_errors
 from vmruntime.rootfs.erofs import build_erofs_from_tar
-
-if TYPE_CHECKING:
-    from vmruntime.rootfs.layers import ErofsLayers
 
 _DECOMPRESSION_ERRORS = decompression_errors()
 # Chunks in flight between a download and a thread unpacker: bounded, so memory is too.
@@ -85,15 +83,15 @@ def check_outcome(outcome: Outcome, layer_digest: str, diff_id: str) -> None:
         raise outcome.build_error
 
 
-def unpack_file(layers: ErofsLayers, blob_file: Path, layer_digest: str, diff_id: str) -> None:
-    """Build and install the image of a layer whose verified blob is already on disk."""
-    store = layers.store
-    temp = layers.temp_for(diff_id)
+def unpack_file(store: ImageStore, blob_file: Path, layer_digest: str, diff_id: str, *,
+                temp: Path, dest: Path) -> None:  # fmt: skip
+    """Build the image of a layer whose verified blob is already on disk into ``temp``,
+    and install it at ``dest`` once the diff_id matched."""
     try:
         with open(blob_file, "rb") as raw:
             outcome = digest_and_build(raw, layer_digest, temp)
         check_outcome(outcome, layer_digest, diff_id)
-        store.install(temp, layers.path(diff_id))
+        store.install(temp, dest)
     except OSError as exc:
         raise store.os_error(exc, temp) from exc
     finally:
@@ -272,17 +270,19 @@ class LayerPipeline:
     """Unpacks one layer from the chunks a download writes, as they arrive.
 
     Used as the sink of ``BlobSource.copy_blob`` (it is the
-    :class:`~vmruntime.images.ingest.LayerSink` of :class:`ErofsLayers`): ``write`` and
+    :class:`~vmruntime.images.ingest.LayerSink` of
+    :class:`~vmruntime.rootfs.layers.ErofsLayers`): ``write`` and
     ``reset`` go both to the staged blob and to the unpacker. A ``reset`` (a retried
     transfer) abandons the current unpacker and starts afresh.
     """
 
-    def __init__(self, layers: ErofsLayers, staged: StagedBlob, diff_id: str, *,
-                 size: int) -> None:  # fmt: skip
-        self.layers = layers
-        self.store = layers.store
+    def __init__(self, store: ImageStore, staged: StagedBlob, diff_id: str, *, size: int,
+                 temp_for: Callable[[], Path], dest: Path) -> None:  # fmt: skip
+        self.store = store
         self.staged = staged
         self.diff_id = diff_id
+        self._temp_for = temp_for  # a fresh temporary path per attempt
+        self._dest = dest
         self._use_process = size >= PROCESS_THRESHOLD
         self._unpacker: _Unpacker | None = None
         self._temp: Path | None = None
@@ -313,7 +313,7 @@ class LayerPipeline:
     def install(self) -> None:
         """Move the built image into the cache (after every check has passed)."""
         if self._temp is not None:
-            self.store.install(self._temp, self.layers.path(self.diff_id))
+            self.store.install(self._temp, self._dest)
 
     def close(self) -> None:
         """Stop an unpacker still running and remove its temporary file."""
@@ -326,7 +326,7 @@ class LayerPipeline:
 
     def _current(self) -> _Unpacker:
         if self._unpacker is None:
-            self._temp = self.layers.temp_for(self.diff_id)
+            self._temp = self._temp_for()
             kind = _ProcessUnpacker if self._use_process else _ThreadUnpacker
             self._unpacker = kind(self.staged.digest, self._temp)
         return self._unpacker

@@ -1,7 +1,8 @@
-"""Creating a sandbox, as named steps over shared ``attach_*`` helpers.
+"""Creating a sandbox's machine, as named steps over shared ``attach_*`` helpers.
 
 Who calls it: :meth:`AsyncSandbox.from_config` (and through it ``create``, ``vmr run``,
-the Jupyter provisioner and Ray actors). The steps, in order:
+the Jupyter provisioner and Ray actors), which runs :func:`build_machine` (steps 1-5)
+and then the sandbox's own steps 6-7. The steps, in order:
 
 1. **inputs**: resolve the image (building missing layer images), the driver's guest
    assets, the accelerator, the mounts' host side, the device budget;
@@ -12,13 +13,13 @@ the Jupyter provisioner and Ray actors). The steps, in order:
 5. **machine**: the spec (layers, writable layer, mounts, agent port) started by the
    plan's :class:`MachineStart` (a cold boot today; a resume later) with the plan's
    :class:`~vmruntime.vm.driver.VmmDriver`;
-6. **agent**: connect, handshake, mount the shares and disks;
-7. **personalise**: the per-caller settings (env, ports, name), which a warm pool
-   cannot know when it boots a sandbox.
+6. **agent** (the sandbox's): connect, handshake, mount the shares and disks;
+7. **personalise** (the sandbox's): the per-caller settings (env, ports, name), which a
+   warm pool cannot know when it boots a sandbox.
 
-What it promises: each step that makes something registers its undo as it makes it,
-so a failure or a cancellation at any step removes exactly what was made (no
-directory, layer, broker, lock or VM is left) and raises what went wrong; blocking
+What it promises: each step that makes something registers its undo as it makes it
+(on the caller's exit stack), so a failure or a cancellation at any step removes
+exactly what was made (no directory, layer, broker, lock or VM is left); blocking
 work (resolving and rebuilding layers, building guest assets, copying the layer,
 starting brokers, writing the record) runs in worker threads, never on the caller's
 event loop (the Jupyter provisioner runs on the Jupyter server's loop).
@@ -31,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from vmruntime._blocking import in_thread
 from vmruntime.errors import SandboxError
@@ -45,9 +46,6 @@ from vmruntime.vm.config import ExecDefaults, SandboxConfig
 from vmruntime.vm.driver import MachineSpec, VmHandle, VmmDriver
 from vmruntime.vm.mounts import ResolvedMount, SandboxMounts, guest_owner, resolve_mounts
 from vmruntime.vm.qemu import QemuDriver
-
-if TYPE_CHECKING:
-    from vmruntime.vm.sandbox import AsyncSandbox
 
 AGENT_PORT = "org.vmruntime.agent"
 # microvm's virtio-mmio transports (QEMU 7.2): layers + writable + console + mounts.
@@ -105,38 +103,36 @@ class _Inputs:
     cache_root: Path
 
 
-async def create_sandbox(cls: type[AsyncSandbox], config: SandboxConfig,
-                         plan: CreationPlan) -> AsyncSandbox:  # fmt: skip
-    """Run the steps; on any failure, undo what was made and raise."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class Machine:
+    """What steps 1-5 made: a started machine and everything a sandbox needs to drive it."""
+
+    paths: state.SandboxPaths
+    record: state.SandboxRecord
+    defaults: ExecDefaults
+    vm: VmHandle
+    mounts: SandboxMounts
+
+
+async def build_machine(config: SandboxConfig, plan: CreationPlan,
+                        undo: contextlib.AsyncExitStack) -> Machine:  # fmt: skip
+    """Steps 1-5, each registering its undo on ``undo`` as it makes something."""
     inputs = await in_thread(_find_inputs, config, plan)
-    sandbox_id = "-"
+    paths = await in_thread(_make_directories, undo)
     try:
-        async with contextlib.AsyncExitStack() as undo:
-            paths = await in_thread(_make_directories, undo)
-            sandbox_id = paths.id
-            record = _first_record(paths, config, inputs, plan.driver)
-            await in_thread(state.write_record, paths, record)
-            await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
-            mounts = await in_thread(_start_mounts, inputs, paths, config, undo)
-            record.mounts, record.brokers = mounts.describe(), mounts.broker_processes
-            spec = machine_spec(config, paths, inputs, mounts)
-            vm = await plan.start.start(plan.driver, spec, detached=config.detached)
-            undo.callback(vm.kill)
-            record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
-            await in_thread(state.write_record, paths, record)
-            sandbox = cls(paths, record, ExecDefaults.from_image(inputs.image.config), vm,
-                          mounts, plan.driver)  # fmt: skip
-            await sandbox._connect(config.boot_timeout)
-            undo.push_async_callback(sandbox._disconnect)
-            await sandbox._mount_all(started + config.boot_timeout)
-            sandbox.boot_seconds = time.monotonic() - started
-            undo.push_async_callback(sandbox._close_forwards)
-            await sandbox.personalize(env=config.env, ports=config.port_map, name=config.name)
-            undo.pop_all()  # made it: nothing to undo
+        record = _first_record(paths, config, inputs, plan.driver)
+        await in_thread(state.write_record, paths, record)
+        await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
+        mounts = await in_thread(_start_mounts, inputs, paths, config, undo)
+        record.mounts, record.brokers = mounts.describe(), mounts.broker_processes
+        spec = machine_spec(config, paths, inputs, mounts)
+        vm = await plan.start.start(plan.driver, spec, detached=config.detached)
+        undo.callback(vm.kill)
+        record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
+        await in_thread(state.write_record, paths, record)
     except OSError as exc:  # e.g. a full disk while copying the layer
-        raise SandboxError(sandbox_id, f"cannot prepare the sandbox: {exc}") from exc
-    return sandbox
+        raise SandboxError(paths.id, f"cannot prepare the sandbox: {exc}") from exc
+    return Machine(paths, record, ExecDefaults.from_image(inputs.image.config), vm, mounts)
 
 
 def _find_inputs(config: SandboxConfig, plan: CreationPlan) -> _Inputs:

@@ -49,7 +49,7 @@ from vmruntime.errors import (
 from vmruntime.guest import protocol as p
 from vmruntime.images.store import ImageStore
 from vmruntime.vm import state
-from vmruntime.vm.builder import CreationPlan, create_sandbox
+from vmruntime.vm.builder import CreationPlan, build_machine
 from vmruntime.vm.client import STDERR, AgentClient, Channel
 from vmruntime.vm.config import (
     DEFAULT_BOOT_TIMEOUT,
@@ -261,7 +261,22 @@ class AsyncSandbox:
                           plan: CreationPlan | None = None) -> AsyncSandbox:  # fmt: skip
         """Create the sandbox ``config`` describes; ``plan`` replaces steps of creation
         (the VMM driver, where the writable layer comes from, how the machine starts)."""
-        sandbox = await create_sandbox(cls, config, plan or CreationPlan())
+        plan = plan or CreationPlan()
+        started = time.monotonic()
+        async with contextlib.AsyncExitStack() as undo:
+            machine = await build_machine(config, plan, undo)  # steps 1-5
+            sandbox = cls(machine.paths, machine.record, machine.defaults, machine.vm,
+                          machine.mounts, plan.driver)  # fmt: skip
+            await sandbox._connect(config.boot_timeout)  # 6: the agent
+            undo.push_async_callback(sandbox._disconnect)
+            await sandbox._mount_all(started + config.boot_timeout)
+            sandbox.boot_seconds = time.monotonic() - started
+            undo.push_async_callback(sandbox._close_forwards)
+            try:  # 7: the per-caller settings
+                await sandbox.personalize(env=config.env, ports=config.port_map, name=config.name)
+            except OSError as exc:  # e.g. a host port already taken
+                raise SandboxError(sandbox.id, f"cannot prepare the sandbox: {exc}") from exc
+            undo.pop_all()  # made it: nothing to undo
         if not config.detached:
             _live.add(sandbox)
         return sandbox
