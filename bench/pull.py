@@ -766,11 +766,11 @@ def print_ratios(steps: dict[str, Step], skipped: dict[str, str]) -> list[str]:
         what = f"  {c.title:<17} vs {c.peer_label:<28}"
         if c.peer not in steps:
             print(f"{what} skipped: {skipped.get(c.peer, 'not run')}")
-            short.append(f"{c.peer_label} skipped")
+            short.append(f"{c.title} vs {c.peer_label} skipped")
             continue
         r = ratios(steps[c.peer].plain, steps[c.ours].plain)
         verdict = "met" if r.median >= GOAL else "MISSED"
-        print(f"{what} {r.spread_ratio()}  goal >= {GOAL:g}: {verdict}")
+        print(f"{what} {r.spread_ratio()}  goal >= {GOAL:.1f}: {verdict}")
         short.append(f"{c.title} vs {c.peer_label} {r.median:.2f}")
     print("  made durable (each step's time plus the sync() right after it):")
     for c in COMPARISONS:
