@@ -822,7 +822,12 @@ _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _classify(stack: list[str]) -> str:
-    for frame in reversed(stack):
+    # py-spy's process and thread frames name command lines and threads, not code (a
+    # worker's command line holds a "sha256:" digest): only code frames count.
+    code = [f for f in stack if not f.startswith(("process ", "thread "))]
+    if any("<frozen importlib" in frame for frame in code):
+        return "imports (a worker's start-up)"  # whatever the imported module runs
+    for frame in reversed(code):
         for category, needles in _CATEGORIES:
             if any(needle in frame for needle in needles):
                 return category
@@ -858,20 +863,28 @@ def profile_pull(bench: PullBench, dest: Path, out: Path) -> None:
             print(f"profile: py-spy exited: {err.decode(errors='replace')[-500:]}")
             return
         started = time.perf_counter()
-        bench.check_bootable_pull(dest, bench.bootable_pull(dest))
+        record = bench.bootable_pull(dest)
         seconds = time.perf_counter() - started
     finally:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = _stop_spy(proc)
+    try:
+        bench.check_bootable_pull(dest, record)  # the profile of a broken pull would mislead
+    finally:
         clear(dest)
     if not out.exists():
         print(f"profile: py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
         return
     print_profile(out, seconds)
+
+
+def _stop_spy(proc: subprocess.Popen[bytes]) -> bytes:
+    """py-spy's stderr, once it has written its output (it does on SIGINT) and exited."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
 
 
 def print_profile(out: Path, seconds: float) -> None:
