@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import os
 import signal
 import statistics
 import sys
@@ -45,6 +48,93 @@ def leftover_children() -> list[int]:
     for task in Path("/proc/self/task").iterdir():
         pids += [int(pid) for pid in (task / "children").read_text().split()]
     return pids
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> None:
+    """Adopt this process's orphaned descendants, so :func:`leftover_children` sees them.
+
+    A tool that daemonises a helper (podman's pause process, conmon) leaves it to init
+    when its own process exits; as a subreaper, this process gets it instead.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(errno)}")
+
+
+def _process_state(pid: int) -> str:
+    """``Z`` for a zombie, ``?`` for a process already gone, else its state letter."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:
+        return str(pid)
+
+
+def end_leftover_children() -> list[str]:
+    """Reap zombie children, kill and reap live ones; the live ones, described.
+
+    Only for the end of a benchmark: by then every child it started has been waited
+    for, so what is left is a leak (or a descendant adopted as a subreaper).
+    """
+    live = []
+    for pid in leftover_children():
+        if _process_state(pid) != "Z":
+            live.append(_describe(pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return live
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived; raised in the main thread so every finally block runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run_blocking(bench: Callable[[], int]) -> int:
+    """:func:`run` for a benchmark that is plain blocking code: its exit status.
+
+    Ctrl-C and SIGTERM unwind it through its finally blocks (which end what it
+    started); then, whatever happened, any child process still alive is reported
+    and killed, and makes the status nonzero.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        status = _status_of(bench)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        live = end_leftover_children()
+        if live:
+            print(f"warning: child processes still alive, now killed: {live}", file=sys.stderr)
+    return status or (1 if live else 0)
+
+
+def _status_of(bench: Callable[[], int]) -> int:
+    try:
+        return bench()
+    except BenchError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def run(bench: Callable[[], Coroutine[Any, Any, int]]) -> int:
