@@ -87,8 +87,8 @@ from imagefactory import (  # noqa: E402
 from registry_support import LocalRegistry, push_layout  # noqa: E402
 
 from vmruntime import images, rootfs  # noqa: E402
+from vmruntime._streams import HashingReader, decompressed  # noqa: E402
 from vmruntime.images import ImageRecord, ImageStore  # noqa: E402
-from vmruntime.images.streams import HashingReader, decompressed  # noqa: E402
 from vmruntime.rootfs.erofs import build_erofs_from_tar  # noqa: E402
 
 BenchError = samples.BenchError

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from vmruntime._streams import CHUNK, HashingReader, compression_of, sha256_digest
 from vmruntime.errors import ArchiveError, DigestMismatchError, ImageError, SizeMismatchError
 from vmruntime.images.ingest import (
     BlobSink,
@@ -45,7 +46,6 @@ from vmruntime.images.manifest import (
 )
 from vmruntime.images.reference import canonical_reference
 from vmruntime.images.store import ImageStore, RefRecord
-from vmruntime.images.streams import CHUNK, HashingReader, compression_of, sha256_digest
 
 _REF_NAME = "org.opencontainers.image.ref.name"
 _CONTAINERD_NAME = "io.containerd.image.name"

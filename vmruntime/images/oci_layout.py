@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from vmruntime._durable import fsync_dir, fsync_path
+from vmruntime._streams import file_digest
 from vmruntime.errors import ImageBuildError
 from vmruntime.images.manifest import canonical_json
-from vmruntime.images.streams import file_digest
 
 MEDIA_TYPE_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TYPE_LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"

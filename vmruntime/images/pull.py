@@ -10,6 +10,7 @@ the cache are not downloaded again, by this process or a concurrent one.
 
 from __future__ import annotations
 
+from vmruntime._streams import sha256_digest
 from vmruntime.errors import DigestMismatchError, ImageNotPullableError, ManifestError
 from vmruntime.images.ingest import (
     ImageRecord,
@@ -33,7 +34,6 @@ from vmruntime.images.reference import (
 )
 from vmruntime.images.registry import RegistryClient
 from vmruntime.images.store import ImageStore
-from vmruntime.images.streams import sha256_digest
 
 _MAX_INDEX_DEPTH = 2
 

@@ -22,12 +22,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from vmruntime._streams import CHUNK
 from vmruntime.errors import AuthenticationError, RegistryError, SizeMismatchError
 from vmruntime.images.auth import Credentials, find_credentials
 from vmruntime.images.ingest import BlobSink, Progress, TransferCancelled
 from vmruntime.images.manifest import ACCEPT_MANIFESTS, MAX_JSON_DOCUMENT, Descriptor
 from vmruntime.images.reference import Reference, is_loopback_host
-from vmruntime.images.streams import CHUNK
 
 if TYPE_CHECKING:  # imported on first use: processes that never pull skip the HTTP stack
     import requests

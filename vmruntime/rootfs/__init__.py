@@ -2,19 +2,32 @@
 
 What it is: each image layer as a read-only EROFS image written straight from the
 layer's tar (``erofs.py``, ``tarstream.py``), built while the layer downloads
-(``unpack.py``) and kept once per layer in the cache (``layers.py``); bootable
-pulls and loads (``bootable.py``); and the per-sandbox writable layer, a sparse ext4
-image (``writable.py``).
+(``unpack.py``, in worker processes for large layers) and kept once per layer in the
+cache (``layers.py``); bootable pulls and loads (``bootable.py``); and the
+per-sandbox writable layer, a sparse ext4 image (``writable.py``).
 
 Who uses it: sandboxes (:mod:`vmruntime.vm`), the ``vmr image`` commands, and the
 public API, whose ``pull``, ``load`` and ``resolve`` are the bootable ones here.
+
+Names are imported on first use: an unpack worker imports this package on its way
+to ``unpack.py`` and must not pay for the registry client and the rest of images.
 """
 
-from vmruntime.rootfs.bootable import load, pull, resolve
-from vmruntime.rootfs.erofs import ErofsStats, build_erofs_from_tar
-from vmruntime.rootfs.layers import ErofsLayers, layer_images
-from vmruntime.rootfs.writable import create_writable_layer
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ErofsLayers": "vmruntime.rootfs.layers",
+    "ErofsStats": "vmruntime.rootfs.erofs",
+    "build_erofs_from_tar": "vmruntime.rootfs.erofs",
+    "create_writable_layer": "vmruntime.rootfs.writable",
+    "layer_images": "vmruntime.rootfs.layers",
+    "load": "vmruntime.rootfs.bootable",
+    "pull": "vmruntime.rootfs.bootable",
+    "resolve": "vmruntime.rootfs.bootable",
+}
 __all__ = [
     "ErofsLayers",
     "ErofsStats",
@@ -25,3 +38,19 @@ __all__ = [
     "pull",
     "resolve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from vmruntime.rootfs.bootable import load, pull, resolve
+    from vmruntime.rootfs.erofs import ErofsStats, build_erofs_from_tar
+    from vmruntime.rootfs.layers import ErofsLayers, layer_images
+    from vmruntime.rootfs.writable import create_writable_layer

@@ -29,12 +29,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from vmruntime._streams import CHUNK, HashingReader, decompressed, decompression_errors
 from vmruntime.errors import DigestMismatchError, LayerError
-from vmruntime.images.store import ImageStore, StagedBlob
-from vmruntime.images.streams import CHUNK, HashingReader, decompressed, decompression_errors
 from vmruntime.rootfs.erofs import build_erofs_from_tar
+
+if TYPE_CHECKING:  # the unpack worker imports this module and must start fast
+    from vmruntime.images.store import ImageStore, StagedBlob
 
 _DECOMPRESSION_ERRORS = decompression_errors()
 # Chunks in flight between a download and a thread unpacker: bounded, so memory is too.

