@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmruntime.errors import GuestAssetError
-from vmruntime.guest.build import agent_hash, agents_dir, ensure_agent
+from vmruntime.guest.build import AGENT_BINARY_NAME, agent_hash, agents_dir, ensure_agent
 from vmruntime.guest.initramfs import (
     HOST_BUSYBOX,
     ensure_initramfs,
@@ -63,7 +63,7 @@ def prune_guest_assets(cache_root: Path | None = None) -> PruneResult:
     agents = agents_dir(cache_root)
     current_agent = agents / agent_hash()[:16]
     _remove_all_but(result, agents, current_agent)
-    agent = current_agent / "vmr-agent"
+    agent = current_agent / AGENT_BINARY_NAME
     if kernel is not None and agent.is_file():
         try:
             digest = entries_digest(initramfs_entries(kernel, agent, HOST_BUSYBOX))
