@@ -15,14 +15,25 @@ after one warm-up round that is not counted:
     agent error on the console;
 (b) ``AsyncSandbox.create`` of the default image, exec ``true``, ``stop``, end
     to end;
-(c) the same, exec ``python3 -c 'print(1)'`` (stdout must be ``1``).
+(c) the same, exec ``python3 -c 'print(1)'`` (stdout must be ``1``);
+(d) the same, exec a heavier program (``import json, email, http.client, numpy``),
+    of which the exec alone counts: code that touches much different code is what
+    a small TCG translation cache slows down.
 
 It prints the median, min and max of each, the ratios (b)/(a) and (c)/(a) (goal:
 (b)/(a) <= 1.3; on a KVM host also (b) < 300 ms), the accelerator, where the time
 of (b) and (c) goes (host work before QEMU, ``Sandbox.boot_seconds``, the guest's
 uptime at the agent's HELLO, exec, stop), and the host memory one idle sandbox
-uses beyond its guest RAM (from QEMU's ``/proc/PID/smaps_rollup`` and ``status``,
-and this process's RSS). See ``bench/README.md`` for every line.
+uses beyond its guest RAM: the PSS of its QEMU without the guest-RAM memfd, plus
+its other host processes (brokers; none without mounts), ``--idle-seconds`` after
+boot (``--idle-sandboxes N`` also reads N idle together, what a warm pool pays).
+
+``--tb-sizes 16,32,default`` measures all of it for each TCG translation-cache
+size (``-accel tcg,tb-size=N``; ``default`` is QEMU's own), the sizes taking
+turns within each round, and prints a table: medians, the slowdown against
+QEMU's default (or the largest size), idle memory, which sizes stay within 5% on
+(a), (b) and (c), which meet the 40 MiB goal, and the smallest size within 5%.
+See ``bench/README.md`` for every line.
 
 Every VM it starts is ended before it exits, also on Ctrl-C, SIGTERM and errors.
 """
@@ -31,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import platform
 import shutil
@@ -40,13 +53,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import hostmem  # noqa: E402  (bench/hostmem.py, beside this script)
 import samples  # noqa: E402  (bench/samples.py, beside this script)
 
 from vmruntime import AsyncSandbox, ImageStore, resolve  # noqa: E402
@@ -58,7 +72,7 @@ from vmruntime.vm.accel import Accelerator, choose_accelerator  # noqa: E402
 from vmruntime.vm.builder import AGENT_PORT, kernel_cmdline  # noqa: E402
 from vmruntime.vm.config import DEFAULT_MEMORY_MIB, DEFAULT_WRITABLE_SIZE  # noqa: E402
 from vmruntime.vm.driver import MachineSpec  # noqa: E402
-from vmruntime.vm.qemu import QemuDriver, qemu_binary  # noqa: E402
+from vmruntime.vm.qemu import TCG_TB_SIZE_MIB, QemuDriver, qemu_binary  # noqa: E402
 from vmruntime.vm.sandbox import console_tail  # noqa: E402
 
 MIB = 1 << 20
@@ -66,6 +80,12 @@ KVM_GOAL_SECONDS = 0.300
 RATIO_GOAL = 1.3
 TRUE_ARGV = ("true",)
 PYTHON_ARGV = ("python3", "-c", "print(1)")
+# Many modules, pure Python and C (numpy's libraries): much code the TCG cache must hold.
+HEAVY_IMPORTS = "json, email, http.client, numpy"
+HEAVY_ARGV = ("python3", "-c", f"import {HEAVY_IMPORTS}; print(1)")
+HEAVY_LABEL = f"python3 -c 'import {HEAVY_IMPORTS}'"
+SLOWDOWN_LIMIT = 0.05  # the issue: a tb-size may cost at most 5% on (a), (b), (c)
+MEMORY_GOAL_MIB = 40  # the issue: idle host memory beyond guest RAM, under TCG
 # Lines on the console of a bare boot that mean it did not end the way it should.
 _CONSOLE_FAILURES = ("Kernel panic", "vmr-agent", "Oops", "BUG:")
 
@@ -177,13 +197,12 @@ def prepare_bare_machine(args: argparse.Namespace, workdir: Path) -> tuple[BareM
     return machine, writable_seconds
 
 
-async def run_bare(machine: BareMachine, run: int) -> float:
-    """Boot (a) once; seconds from ``QemuDriver().boot`` to QEMU's exit."""
-    run_dir = machine.workdir / f"bare-{run}"
-    run_dir.mkdir()
+async def run_bare(machine: BareMachine, driver: QemuDriver) -> float:
+    """Boot (a) once; seconds from ``driver.boot`` to QEMU's exit."""
+    run_dir = Path(tempfile.mkdtemp(prefix="bare-", dir=machine.workdir))
     spec = machine.spec(run_dir)
     started = time.perf_counter()
-    vm = await QemuDriver().boot(spec)
+    vm = await driver.boot(spec)
     try:
         status = await vm.wait(machine.timeout)
         seconds = time.perf_counter() - started
@@ -210,7 +229,7 @@ def _check_bare_exit(spec: MachineSpec, status: int | None, timeout: float) -> N
         raise BenchError(f"bare boot: QEMU exited 0, but the guest failed:\n{console}")
 
 
-# --- (b) and (c): sandboxes -------------------------------------------------------------
+# --- (b), (c) and (d): sandboxes -------------------------------------------------------------
 
 
 async def hello_uptime(sandbox: AsyncSandbox) -> float:
@@ -225,10 +244,15 @@ async def hello_uptime(sandbox: AsyncSandbox) -> float:
     return (await client.hello()).uptime_ms / 1000
 
 
-async def run_sandbox(args: argparse.Namespace, argv: Sequence[str], expect: bytes) -> SandboxRun:
-    """create, exec ``argv``, stop; checks the exec's status and stdout."""
+async def run_sandbox(
+    args: argparse.Namespace, measure: SandboxSamples, driver: QemuDriver
+) -> SandboxRun:
+    """create, exec ``measure.argv``, stop; checks the exec's status and stdout."""
+    argv, expect = measure.argv, measure.expect_stdout
     started = time.perf_counter()
-    sandbox = await AsyncSandbox.create(DEFAULT_IMAGE, cpus=args.cpus, memory_mib=args.memory_mib)
+    sandbox = await AsyncSandbox.create(
+        DEFAULT_IMAGE, cpus=args.cpus, memory_mib=args.memory_mib, driver=driver
+    )
     created = time.perf_counter()
     try:
         uptime = await hello_uptime(sandbox)
@@ -256,131 +280,284 @@ async def run_sandbox(args: argparse.Namespace, argv: Sequence[str], expect: byt
 # --- memory of an idle sandbox ----------------------------------------------------------
 
 
-def read_kib_lines(text: str) -> dict[str, int]:
-    """The ``Name: N kB`` lines of a /proc file's text, as {name: N}."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        parts = value.split()
-        if len(parts) == 2 and parts[1] == "kB":
-            fields[name.strip()] = int(parts[0])
-    return fields
+@dataclass
+class IdleSandbox:
+    """A sandbox kept idle for the memory reading, and its host processes besides QEMU."""
+
+    sandbox: AsyncSandbox
+    helpers: set[int]  # brokers (one per mounted folder) and anything below them or QEMU
 
 
-def read_kib_fields(path: Path) -> dict[str, int]:
-    return read_kib_lines(path.read_text())
+@dataclass(frozen=True)
+class SandboxMemory:
+    """One sandbox's host memory beyond guest RAM (PSS, KiB): its QEMU and its helpers."""
 
+    qemu: hostmem.ProcessMemory
+    helpers: tuple[hostmem.ProcessMemory, ...]
 
-def host_rss_kib() -> int:
-    return read_kib_fields(Path("/proc/self/status"))["VmRSS"]
+    def part(self, name: str) -> int:
+        """``anon``, ``file``, ``shmem`` or ``total``, summed over its processes."""
+        return sum(getattr(process, name) for process in (self.qemu, *self.helpers))
+
+    @property
+    def total(self) -> int:
+        return self.part("total")
 
 
 @dataclass
 class IdleMemory:
-    """One idle sandbox, in KiB."""
+    """The idle-memory readings of one translation-cache size."""
 
-    qemu_rollup: dict[str, int]  # /proc/PID/smaps_rollup of QEMU
-    qemu_status: dict[str, int]  # /proc/PID/status of QEMU (RssAnon, RssFile, RssShmem)
-    host_growth: int  # this process's VmRSS growth from before create
+    single: SandboxMemory  # one sandbox alone
+    pool: list[SandboxMemory]  # each of --idle-sandboxes N idle together (none when N is 1)
+    qemus: int  # QEMUs on the host at the single reading; they share QEMU's file pages
+    host_growth: int  # this process's VmRSS growth from before create (KiB; not counted)
     guest_meminfo: dict[str, int]
-
-    @property
-    def guest_ram(self) -> int:
-        """Guest RAM pages QEMU has touched: the shared memfd, counted as shmem."""
-        return self.qemu_status["RssShmem"]
-
-    @property
-    def qemu_overhead(self) -> int:
-        return self.qemu_rollup["Rss"] - self.guest_ram
 
     @property
     def guest_in_use(self) -> int:
         return self.guest_meminfo["MemTotal"] - self.guest_meminfo["MemAvailable"]
 
 
-async def measure_idle_memory(args: argparse.Namespace) -> IdleMemory:
-    """Create a sandbox, exec ``true``, idle, then read QEMU's and the guest's memory."""
-    before = host_rss_kib()
-    sandbox = await AsyncSandbox.create(DEFAULT_IMAGE, cpus=args.cpus, memory_mib=args.memory_mib)
+async def add_idle_sandbox(
+    args: argparse.Namespace, driver: QemuDriver, sandboxes: list[IdleSandbox]
+) -> None:
+    """Create a sandbox (into ``sandboxes`` at once, so it is stopped), exec ``true``.
+
+    Its helpers are the children this process gained during create (a broker starts
+    before QEMU), and everything below them, QEMU excepted.
+    """
+    before = hostmem.children(os.getpid())
+    sandbox = await AsyncSandbox.create(
+        DEFAULT_IMAGE, cpus=args.cpus, memory_mib=args.memory_mib, driver=driver
+    )
+    started = hostmem.children(os.getpid()) - before
+    sandboxes.append(IdleSandbox(sandbox, hostmem.with_descendants(started) - {sandbox.vmm_pid}))
+    (await sandbox.exec(list(TRUE_ARGV))).check()
+
+
+def read_sandbox_memory(idle: IdleSandbox) -> SandboxMemory:
+    helpers = []
+    for pid in sorted(idle.helpers):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone: costs nothing
+            helpers.append(hostmem.read_process_memory(pid))
+    return SandboxMemory(hostmem.read_process_memory(idle.sandbox.vmm_pid), tuple(helpers))
+
+
+async def measure_idle_memory(args: argparse.Namespace, driver: QemuDriver) -> IdleMemory:
+    """One sandbox idle ``--idle-seconds`` after boot + exec ``true``; then, with
+    ``--idle-sandboxes N``, N idle together; then the guest's own view."""
+    sandboxes: list[IdleSandbox] = []
+    before = hostmem.host_rss_kib()
     try:
-        (await sandbox.exec(list(TRUE_ARGV))).check()
+        await add_idle_sandbox(args, driver, sandboxes)
         await asyncio.sleep(args.idle_seconds)
-        proc = Path(f"/proc/{sandbox.vmm_pid}")
-        rollup = read_kib_fields(proc / "smaps_rollup")
-        status = read_kib_fields(proc / "status")
-        growth = host_rss_kib() - before
-        meminfo = (await sandbox.exec(["cat", "/proc/meminfo"])).check().stdout
+        single = read_sandbox_memory(sandboxes[0])
+        qemus = len(hostmem.qemu_pids())
+        growth = hostmem.host_rss_kib() - before
+        pool = await measure_pool(args, driver, sandboxes)
+        meminfo = (await sandboxes[0].sandbox.exec(["cat", "/proc/meminfo"])).check().stdout
     finally:
-        await sandbox.stop()
-    guest = read_kib_lines(meminfo.decode())
-    return IdleMemory(rollup, status, growth, guest)
+        await stop_all(sandboxes)
+    return IdleMemory(single, pool, qemus, growth, hostmem.read_kib_lines(meminfo.decode()))
+
+
+async def measure_pool(
+    args: argparse.Namespace, driver: QemuDriver, sandboxes: list[IdleSandbox]
+) -> list[SandboxMemory]:
+    """With ``--idle-sandboxes N`` > 1: N - 1 more (one at a time), idle, then each one's."""
+    if args.idle_sandboxes < 2:
+        return []
+    while len(sandboxes) < args.idle_sandboxes:
+        await add_idle_sandbox(args, driver, sandboxes)
+    await asyncio.sleep(args.idle_seconds)
+    return [read_sandbox_memory(idle) for idle in sandboxes]
+
+
+async def stop_all(sandboxes: list[IdleSandbox]) -> None:
+    """Stop every sandbox even when one stop fails; then raise the first failure."""
+    failures: list[BaseException] = []
+    for idle in sandboxes:
+        try:
+            await idle.sandbox.stop()
+        except Exception as exc:  # the others must still be stopped
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def mib(kib: float) -> str:
     return f"{kib / 1024:.0f} MiB"
 
 
-def print_memory(mem: IdleMemory, memory_mib: int, idle: float) -> None:
-    r, s = mem.qemu_rollup, mem.qemu_status
-    total = mem.qemu_overhead + mem.host_growth
+def goal_verdict(kib: float, accel: str) -> str:
+    if accel != "tcg":
+        return f"not checked: a goal for TCG, this host runs {accel}"
+    return "met" if kib <= MEMORY_GOAL_MIB * 1024 else "missed"
+
+
+def kinds(parts: Callable[[str], float]) -> str:
+    return " + ".join(f"{name} {mib(parts(name))}" for name in ("anon", "file", "shmem"))
+
+
+def print_memory(bench: Bench, args: argparse.Namespace, accel: str) -> None:
+    mem = bench.memory
+    assert mem is not None
+    one, qemu = mem.single, mem.single.qemu
     print(
-        f"idle sandbox host memory (after exec true and {idle:g} s idle): QEMU {mib(r['Rss'])} "
-        f"RSS of which guest RAM {mib(mem.guest_ram)} (memfd) → overhead beyond guest RAM: "
-        f"QEMU {mib(mem.qemu_overhead)} + host process {mem.host_growth / 1024:+.0f} MiB = "
-        f"{mib(total)}; guest reports {mib(mem.guest_in_use)} in use "
-        f"(MemTotal {mib(mem.guest_meminfo['MemTotal'])} of -m {memory_mib} MiB)"
+        f"idle host memory beyond guest RAM [{bench.size.label}]: {mib(one.total)} "
+        f"(goal <= {MEMORY_GOAL_MIB} MiB under TCG: {goal_verdict(one.total, accel)}); "
+        f"one sandbox alone, read {args.idle_seconds:g} s after its boot + exec true"
     )
     print(
-        f"  QEMU RSS = anon {mib(s['RssAnon'])} + file {mib(s['RssFile'])} + shmem "
-        f"{mib(s['RssShmem'])}; PSS {mib(r['Pss'])} = anon {mib(r['Pss_Anon'])} + file "
-        f"{mib(r['Pss_File'])} + shmem {mib(r['Pss_Shmem'])}"
+        f"  = QEMU PSS {mib(qemu.total + qemu.guest_ram)} - guest RAM {mib(qemu.guest_ram)} "
+        f"(the memfd pages the guest touched) + the sandbox's other host processes: "
+        f"{helpers_text(one)}"
     )
+    print(f"  by kind: {kinds(one.part)} (PSS, guest RAM left out)")
     print(
-        f"  each further sandbox costs about guest RAM + QEMU anon ({mib(s['RssAnon'])}); "
-        f"the file pages ({mib(s['RssFile'])}: QEMU and its libraries) are shared by all QEMUs"
+        f"  the file part is shared: PSS divides it among the {mem.qemus} QEMU(s) on the host "
+        f"at the reading and other processes mapping the same libraries; unshared it is "
+        f"{mib(qemu.rss_file)}, with 8 sandboxes at most {mib(qemu.rss_file / 8)} each"
+    )
+    if mem.pool:
+        print_pool(mem.pool, accel)
+    print(
+        f"  guest reports {mib(mem.guest_in_use)} in use (MemTotal "
+        f"{mib(mem.guest_meminfo['MemTotal'])} of -m {args.memory_mib} MiB); this process's "
+        f"RSS grew by {mem.host_growth / 1024:+.0f} MiB (the caller's process, not counted)"
     )
 
 
-# --- main -------------------------------------------------------------------------------
+def helpers_text(memory: SandboxMemory) -> str:
+    if not memory.helpers:
+        return "none (no mounts, so no brokers)"
+    each = ", ".join(f"{p.comm} {p.pid} {mib(p.total)}" for p in memory.helpers)
+    return f"{each} = {mib(sum(p.total for p in memory.helpers))}"
+
+
+def print_pool(pool: list[SandboxMemory], accel: str) -> None:
+    """Per sandbox with N idle together: what each sandbox of a warm pool pays."""
+    mean = statistics.mean(memory.total for memory in pool)
+    low, high = min(m.total for m in pool), max(m.total for m in pool)
+    print(
+        f"  with {len(pool)} sandboxes idle together (--idle-sandboxes; a warm pool): "
+        f"{mib(mean)} per sandbox (mean; min {mib(low)}, max {mib(high)}; goal: "
+        f"{goal_verdict(mean, accel)}) = "
+        f"{kinds(lambda name: statistics.mean(m.part(name) for m in pool))}"
+    )
+
+
+# --- translation-cache sizes ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TbSize:
+    """One TCG translation-cache size to measure; ``mib=None`` is QEMU's own default."""
+
+    mib: int | None
+
+    @property
+    def label(self) -> str:
+        return "QEMU default" if self.mib is None else f"{self.mib} MiB"
+
+    @property
+    def order(self) -> float:
+        return math.inf if self.mib is None else self.mib  # QEMU's: up to 1 GiB, the largest
+
+    def driver(self) -> QemuDriver:
+        return QemuDriver(tb_size_mib=self.mib)
+
+
+def parse_tb_sizes(text: str) -> list[TbSize]:
+    """``4,8,16,default`` as sizes, smallest first; ``default`` is QEMU's own."""
+    sizes: set[TbSize] = set()
+    for item in (part.strip().lower() for part in text.split(",")):
+        if item == "default":
+            sizes.add(TbSize(None))
+        elif item.isdigit() and int(item) >= 1:
+            sizes.add(TbSize(int(item)))
+        else:
+            raise argparse.ArgumentTypeError(f"{item!r} is neither MiB (>= 1) nor 'default'")
+    return sorted(sizes, key=lambda size: size.order)
+
+
+# --- rounds -----------------------------------------------------------------------------
 
 
 @dataclass
 class Bench:
+    """Every measurement of one translation-cache size; one sample per counted round."""
+
+    size: TbSize
     bare: Samples
     true_: SandboxSamples
     python: SandboxSamples
+    heavy: SandboxSamples
+    memory: IdleMemory | None = None
+
+    @property
+    def sandboxes(self) -> tuple[SandboxSamples, ...]:
+        return (self.true_, self.python, self.heavy)
+
+    def series(self, key: str) -> list[float]:
+        """(a), (b), (c) end to end, or (d)'s exec alone, in round order."""
+        if key == "a":
+            return self.bare.seconds
+        if key == "d":
+            return [run.exec for run in self.heavy.parts]
+        return {"b": self.true_, "c": self.python}[key].samples.seconds
 
 
-def new_bench() -> Bench:
+def new_bench(size: TbSize) -> Bench:
     return Bench(
+        size=size,
         bare=Samples("boot (a) bare QEMU to init + poweroff"),
         true_=SandboxSamples(Samples("sandbox (b) create + exec true + stop"), TRUE_ARGV, b""),
         python=SandboxSamples(
             Samples("sandbox (c) create + python3 -c print(1) + stop"), PYTHON_ARGV, b"1\n"
         ),
+        heavy=SandboxSamples(Samples(f"sandbox (d) {HEAVY_LABEL}"), HEAVY_ARGV, b"1\n"),
     )
 
 
-async def run_rounds(args: argparse.Namespace, machine: BareMachine, bench: Bench) -> None:
-    """One warm-up round, then ``args.runs`` counted rounds of a, b, c."""
+async def run_rounds(args: argparse.Namespace, machine: BareMachine, benches: list[Bench]) -> None:
+    """One warm-up round, then ``args.runs`` counted rounds; each round measures every
+    size, in an order shifted by one each round, so noise and position hit all alike."""
     for round_ in range(args.runs + 1):
         label = "warm-up round (not counted)" if round_ == 0 else f"round {round_}/{args.runs}"
         print(f"{label} ...", flush=True)
-        bare = await run_bare(machine, round_)
-        true_ = await run_sandbox(args, bench.true_.argv, bench.true_.expect_stdout)
-        python = await run_sandbox(args, bench.python.argv, bench.python.expect_stdout)
-        print(f"  (a) {fmt(bare)}  (b) {fmt(true_.total)}  (c) {fmt(python.total)}", flush=True)
-        if round_ == 0:
-            continue
+        shift = round_ % len(benches)
+        for bench in benches[shift:] + benches[:shift]:
+            await run_round(args, machine, bench, counted=round_ > 0)
+
+
+async def run_round(
+    args: argparse.Namespace, machine: BareMachine, bench: Bench, *, counted: bool
+) -> None:
+    """(a), (b), (c), (d) of one size, one after the other."""
+    driver = bench.size.driver()
+    bare = await run_bare(machine, driver)
+    runs = [await run_sandbox(args, sandbox, driver) for sandbox in bench.sandboxes]
+    print(
+        f"  {bench.size.label:>12}: (a) {fmt(bare)}  (b) {fmt(runs[0].total)}  "
+        f"(c) {fmt(runs[1].total)}  (d) exec {fmt(runs[2].exec)}",
+        flush=True,
+    )
+    if counted:
         bench.bare.seconds.append(bare)
-        bench.true_.add(true_)
-        bench.python.add(python)
+        for sandbox, run in zip(bench.sandboxes, runs, strict=True):
+            sandbox.add(run)
+
+
+# --- one size: the detailed results -----------------------------------------------------
 
 
 def print_results(bench: Bench, machine: BareMachine, writable_seconds: float) -> None:
     print(bench.bare.line())
     print(bench.true_.samples.line())
     print(bench.python.samples.line())
+    print(Samples(f"(d) exec {HEAVY_LABEL} alone", bench.series("d")).line())
     a = bench.bare.median
     for name, sandbox in (("(b)", bench.true_), ("(c)", bench.python)):
         goal = f" (goal <= {RATIO_GOAL})" if name == "(b)" else ""
@@ -422,7 +599,105 @@ def _part(sandbox: SandboxSamples, label: str, part: str | None) -> str:
     return fmt(statistics.median(run.boot - run.uptime for run in sandbox.parts))
 
 
-def print_environment(machine: BareMachine) -> None:
+# --- several sizes: the sweep table -----------------------------------------------------
+
+
+def paired_slowdowns(bench: Bench, baseline: Bench, key: str) -> list[float]:
+    """Per counted round: this size's time / the baseline's in the same round, minus 1."""
+    pairs = zip(bench.series(key), baseline.series(key), strict=True)
+    return [mine / theirs - 1 for mine, theirs in pairs]
+
+
+def slowdown(bench: Bench, baseline: Bench, key: str) -> float:
+    return statistics.median(paired_slowdowns(bench, baseline, key))
+
+
+def within_limit(bench: Bench, baseline: Bench) -> bool:
+    """The issue's test: (a), (b) and (c) no more than 5% slower than the baseline."""
+    return all(slowdown(bench, baseline, key) <= SLOWDOWN_LIMIT for key in "abc")
+
+
+def sweep_baseline(benches: list[Bench]) -> Bench:
+    """QEMU's default size if measured, else the largest."""
+    return benches[-1]  # sorted smallest first, QEMU's default last
+
+
+def percent(value: float) -> str:
+    return f"{value * 100:+.0f}%"
+
+
+def print_sweep(benches: list[Bench], accel: str) -> None:
+    baseline = sweep_baseline(benches)
+    pool = benches[0].memory is not None and bool(benches[0].memory.pool)
+    print(
+        f"sweep of {len(benches)} translation-cache sizes, medians of {len(baseline.bare.seconds)} "
+        f"rounds; slowdown = median over rounds of (time / {baseline.size.label}'s in the same "
+        f"round) - 1; idle = host memory beyond guest RAM, one sandbox alone"
+        + ("; pool = per sandbox with --idle-sandboxes" if pool else "")
+    )
+    header = f"  {'tb-size':>12} {'(a)':>7} {'(b)':>7} {'(c)':>7} {'(d)':>7}"
+    header += "".join(f" {'Δ' + key:>5}" for key in "abcd")
+    header += f" {'idle':>7}" + (f" {'pool':>7}" if pool else "")
+    print(header + f"  abc<=+{SLOWDOWN_LIMIT * 100:.0f}%  idle<={MEMORY_GOAL_MIB} MiB")
+    for bench in benches:
+        print(sweep_row(bench, baseline, accel, pool))
+    print_spreads(benches, baseline)
+    print_recommendation(benches, baseline, accel)
+
+
+def sweep_row(bench: Bench, baseline: Bench, accel: str, pool: bool) -> str:
+    times = [statistics.median(bench.series(key)) for key in "abcd"]
+    row = f"  {bench.size.label:>12}" + "".join(f" {fmt(t):>7}" for t in times)
+    if bench is baseline:
+        row += "".join(f" {'base':>5}" for _ in "abcd")
+    else:
+        row += "".join(f" {percent(slowdown(bench, baseline, key)):>5}" for key in "abcd")
+    memory = bench.memory
+    assert memory is not None
+    row += f" {mib(memory.single.total):>7}"
+    if pool:
+        row += f" {mib(statistics.mean(m.total for m in memory.pool)):>7}"
+    within = "yes" if within_limit(bench, baseline) else "no"
+    return row + f"  {within:>9}  {goal_verdict(memory.single.total, accel)}"
+
+
+def print_spreads(benches: list[Bench], baseline: Bench) -> None:
+    """How noisy it was: per-round slowdowns (min..max) and the baseline's own spread."""
+    print("  per-round slowdown, min..max:")
+    for bench in benches:
+        if bench is baseline:
+            continue
+        cells = []
+        for key in "abcd":
+            values = paired_slowdowns(bench, baseline, key)
+            cells.append(f"({key}) {percent(min(values))}..{percent(max(values))}")
+        print(f"  {bench.size.label:>12}: " + "  ".join(cells))
+    spread = "  ".join(
+        f"({key}) {(max(s) - min(s)) / statistics.median(s) * 100:.0f}%"
+        for key in "abcd"
+        for s in [baseline.series(key)]
+    )
+    print(f"  noise: {baseline.size.label}'s own (max - min) / median: {spread}")
+
+
+def print_recommendation(benches: list[Bench], baseline: Bench, accel: str) -> None:
+    chosen = next(bench for bench in benches if within_limit(bench, baseline))
+    memory = chosen.memory
+    assert memory is not None
+    heavy = slowdown(chosen, baseline, "d")
+    print(
+        f"recommended: {chosen.size.label}, the smallest size whose (a), (b) and (c) are at "
+        f"most {SLOWDOWN_LIMIT * 100:.0f}% slower than {baseline.size.label}'s; (d) "
+        f"{percent(heavy)} ({'within' if heavy <= SLOWDOWN_LIMIT else 'beyond'} "
+        f"{SLOWDOWN_LIMIT * 100:.0f}%); idle {mib(memory.single.total)} beyond guest RAM "
+        f"(goal <= {MEMORY_GOAL_MIB} MiB: {goal_verdict(memory.single.total, accel)})"
+    )
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def print_environment(machine: BareMachine, sizes: list[TbSize]) -> None:
     qemu = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True)
     version = qemu.stdout.split("\n", 1)[0].removeprefix("QEMU emulator version ")
     print(
@@ -435,6 +710,17 @@ def print_environment(machine: BareMachine) -> None:
         f"{machine.assets.initramfs.name} ({machine.assets.initramfs.stat().st_size / MIB:.1f} "
         f"MiB), kernel {machine.assets.kernel.stat().st_size / MIB:.1f} MiB"
     )
+    labels = ", ".join(size.label for size in sizes)
+    driver_default = TbSize(TCG_TB_SIZE_MIB).label
+    print(f"TCG translation cache (tb-size): {labels} (QemuDriver's: {driver_default})")
+
+
+def check_sizes(sizes: list[TbSize], accel: Accelerator) -> None:
+    if accel.name != "tcg" and len(sizes) > 1:
+        raise BenchError(
+            f"--tb-sizes compares TCG translation caches, but this host runs {accel.name} "
+            f"({accel.reason}); VMRUNTIME_ACCEL=tcg forces TCG"
+        )
 
 
 async def bench_main(args: argparse.Namespace) -> int:
@@ -445,13 +731,20 @@ async def bench_main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="vmr-bench-boot-"))
     try:
         machine, writable_seconds = prepare_bare_machine(args, workdir)
-        print_environment(machine)
-        bench = new_bench()
-        await run_rounds(args, machine, bench)
+        print_environment(machine, args.tb_sizes)
+        check_sizes(args.tb_sizes, machine.accel)
+        benches = [new_bench(size) for size in args.tb_sizes]
+        await run_rounds(args, machine, benches)
+        for bench in benches:
+            print(f"idle memory [{bench.size.label}] ...", flush=True)
+            bench.memory = await measure_idle_memory(args, bench.size.driver())
         print(f"results, {args.runs} run(s) each, interleaved, after one warm-up round:")
-        print_results(bench, machine, writable_seconds)
-        memory = await measure_idle_memory(args)
-        print_memory(memory, args.memory_mib, args.idle_seconds)
+        if len(benches) == 1:
+            print_results(benches[0], machine, writable_seconds)
+        else:
+            print_sweep(benches, machine.accel.name)
+        for bench in benches:
+            print_memory(bench, args, machine.accel.name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -466,11 +759,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bare-timeout", type=float, default=60.0, help="fail if (a) runs longer (seconds)"
     )
     parser.add_argument(
-        "--idle-seconds", type=float, default=2.0, help="idle time before reading memory"
+        "--idle-seconds", type=float, default=10.0, help="idle time before reading memory"
     )
+    parser.add_argument(
+        "--idle-sandboxes", type=int, default=1, help="also read N sandboxes idle together"
+    )
+    parser.add_argument(
+        "--tb-sizes", type=parse_tb_sizes, default=[TbSize(TCG_TB_SIZE_MIB)],
+        help="TCG translation-cache sizes to compare, MiB or 'default' (QEMU's): 16,32,default",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.runs < 1 or args.cpus < 1 or args.bare_timeout <= 0 or args.idle_seconds < 0:
         parser.error("--runs and --cpus must be >= 1, --bare-timeout > 0, --idle-seconds >= 0")
+    if args.idle_sandboxes < 1:
+        parser.error("--idle-sandboxes must be >= 1")
     return args
 
 
