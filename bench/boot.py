@@ -310,6 +310,7 @@ class IdleMemory:
 
     single: SandboxMemory  # one sandbox alone
     pool: list[SandboxMemory]  # each of --idle-sandboxes N idle together (none when N is 1)
+    used: SandboxMemory  # the first sandbox again, after (d)'s program ran in it
     qemus: int  # QEMUs on the host at the single reading; they share QEMU's file pages
     host_growth: int  # this process's VmRSS growth from before create (KiB; not counted)
     guest_meminfo: dict[str, int]
@@ -346,7 +347,8 @@ def read_sandbox_memory(idle: IdleSandbox) -> SandboxMemory:
 
 async def measure_idle_memory(args: argparse.Namespace, driver: QemuDriver) -> IdleMemory:
     """One sandbox idle ``--idle-seconds`` after boot + exec ``true``; then, with
-    ``--idle-sandboxes N``, N idle together; then the guest's own view."""
+    ``--idle-sandboxes N``, N idle together; then the guest's own view; then the first
+    again after (d)'s program, since the translation cache keeps what ran."""
     sandboxes: list[IdleSandbox] = []
     before = hostmem.host_rss_kib()
     try:
@@ -357,9 +359,13 @@ async def measure_idle_memory(args: argparse.Namespace, driver: QemuDriver) -> I
         growth = hostmem.host_rss_kib() - before
         pool = await measure_pool(args, driver, sandboxes)
         meminfo = (await sandboxes[0].sandbox.exec(["cat", "/proc/meminfo"])).check().stdout
+        await stop_all(sandboxes[1:])  # alone again, so "used" compares with "single"
+        (await sandboxes[0].sandbox.exec(list(HEAVY_ARGV))).check()
+        used = read_sandbox_memory(sandboxes[0])
     finally:
         await stop_all(sandboxes)
-    return IdleMemory(single, pool, qemus, growth, hostmem.read_kib_lines(meminfo.decode()))
+    guest = hostmem.read_kib_lines(meminfo.decode())
+    return IdleMemory(single, pool, used, qemus, growth, guest)
 
 
 async def measure_pool(
@@ -422,6 +428,10 @@ def print_memory(bench: Bench, args: argparse.Namespace, accel: str) -> None:
     )
     if mem.pool:
         print_pool(mem.pool, accel)
+    print(
+        f"  after (d)'s program ran in it: {mib(mem.used.total)} ({kinds(mem.used.part)}): "
+        f"the translation cache keeps the code that ran, up to its size"
+    )
     print(
         f"  guest reports {mib(mem.guest_in_use)} in use (MemTotal "
         f"{mib(mem.guest_meminfo['MemTotal'])} of -m {args.memory_mib} MiB); this process's "
@@ -634,10 +644,11 @@ def print_sweep(benches: list[Bench], accel: str) -> None:
         f"rounds; slowdown = median over rounds of (time / {baseline.size.label}'s in the same "
         f"round) - 1; idle = host memory beyond guest RAM, one sandbox alone"
         + ("; pool = per sandbox with --idle-sandboxes" if pool else "")
+        + "; used = after (d)'s program ran in it"
     )
-    header = f"  {'tb-size':>12} {'(a)':>7} {'(b)':>7} {'(c)':>7} {'(d)':>7}"
-    header += "".join(f" {'Δ' + key:>5}" for key in "abcd")
-    header += f" {'idle':>7}" + (f" {'pool':>7}" if pool else "")
+    header = f"  {'tb-size':>12}" + "".join(f" {f'({key})':>8}" for key in "abcd")
+    header += "".join(f" {'Δ' + key:>6}" for key in "abcd")
+    header += f" {'idle':>7}" + (f" {'pool':>7}" if pool else "") + f" {'used':>7}"
     print(header + f"  abc<=+{SLOWDOWN_LIMIT * 100:.0f}%  idle<={MEMORY_GOAL_MIB} MiB")
     for bench in benches:
         print(sweep_row(bench, baseline, accel, pool))
@@ -647,16 +658,17 @@ def print_sweep(benches: list[Bench], accel: str) -> None:
 
 def sweep_row(bench: Bench, baseline: Bench, accel: str, pool: bool) -> str:
     times = [statistics.median(bench.series(key)) for key in "abcd"]
-    row = f"  {bench.size.label:>12}" + "".join(f" {fmt(t):>7}" for t in times)
+    row = f"  {bench.size.label:>12}" + "".join(f" {fmt(t):>8}" for t in times)
     if bench is baseline:
-        row += "".join(f" {'base':>5}" for _ in "abcd")
+        row += "".join(f" {'base':>6}" for _ in "abcd")
     else:
-        row += "".join(f" {percent(slowdown(bench, baseline, key)):>5}" for key in "abcd")
+        row += "".join(f" {percent(slowdown(bench, baseline, key)):>6}" for key in "abcd")
     memory = bench.memory
     assert memory is not None
     row += f" {mib(memory.single.total):>7}"
     if pool:
         row += f" {mib(statistics.mean(m.total for m in memory.pool)):>7}"
+    row += f" {mib(memory.used.total):>7}"
     within = "yes" if within_limit(bench, baseline) else "no"
     return row + f"  {within:>9}  {goal_verdict(memory.single.total, accel)}"
 
