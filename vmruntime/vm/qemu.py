@@ -25,10 +25,16 @@ from vmruntime.guest.assets import GuestAssets, ensure_guest_assets
 from vmruntime.vm.driver import MachineSpec, ProcessVm, VmHandle, VmmDriver
 
 QEMU_BINARY = "qemu-system-x86_64"
-# Size of TCG's translated-code cache in MiB (``-accel tcg,tb-size=N``); None keeps
-# QEMU's own default (up to 1 GiB in 7.2), which an idle sandbox fills to about
-# 84 MiB of anonymous memory. Not used under KVM, which translates nothing.
-TCG_TB_SIZE_MIB: int | None = None
+# TCG's translated-code cache in MiB (``-accel tcg,tb-size=N``; None: QEMU 7.2's
+# default, up to 1 GiB). The cache only grows, and when full it is emptied and all
+# code translated again. Measured with ``bench/boot.py --tb-sizes`` (docs/sandboxes.md,
+# "The VM"): a boot fills ~46 MB, boot + python3 -c print ~70 MB, boot + import numpy
+# ~90 MB; 64 MiB flushes in python's start (~+7% on it), 32 MiB in the boot (+10% on
+# python), 16 MiB and less thrash (+35% to +300%). 96 MiB flushes in none of them, so
+# it costs nothing, and it caps what a busy sandbox's cache holds (QEMU's default
+# would let it grow to 1 GiB). A size small enough to save idle memory must flush
+# during boot. Not used under KVM, which translates nothing.
+TCG_TB_SIZE_MIB: int | None = 96
 
 
 def qemu_binary() -> str:
