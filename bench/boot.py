@@ -2,7 +2,7 @@
 
 Not a test: it prints timings and ratios measured in the same run, on this machine.
 
-It measures, ``--runs`` times each (default 5), interleaved (a, b, c, a, b, c, ...)
+It measures, ``--runs`` times each (default 5), interleaved (a, b, c, d, a, ...)
 after one warm-up round that is not counted:
 
 (a) a bare QEMU boot of the sandbox's own machine: the ``MachineSpec`` that
@@ -10,7 +10,7 @@ after one warm-up round that is not counted:
     memory, kernel command line from ``kernel_cmdline``, the image's layers as
     read-only disks, a writable-layer disk, the agent's console port) plus
     ``vmr.bare=1``, on which the agent reboots as soon as it starts (see
-    docs/agent-protocol.md, "Boot"). Timed from ``QemuDriver().boot`` to QEMU's
+    docs/agent-protocol.md, "Boot"). Timed from ``QemuDriver.boot`` to QEMU's
     exit, which must be status 0, within ``--bare-timeout``, with no panic or
     agent error on the console;
 (b) ``AsyncSandbox.create`` of the default image, exec ``true``, ``stop``, end
@@ -19,6 +19,9 @@ after one warm-up round that is not counted:
 (d) the same, exec a heavier program (``import json, email, http.client, numpy``),
     of which the exec alone counts: code that touches much different code is what
     a small TCG translation cache slows down.
+
+Under TCG it also reads, after each exec, how often QEMU flushed its translation
+cache since boot (``info jit`` over QMP).
 
 It prints the median, min and max of each, the ratios (b)/(a) and (c)/(a) (goal:
 (b)/(a) <= 1.3; on a KVM host also (b) < 300 ms), the accelerator, where the time
@@ -30,9 +33,10 @@ boot (``--idle-sandboxes N`` also reads N idle together, what a warm pool pays).
 
 ``--tb-sizes 16,32,default`` measures all of it for each TCG translation-cache
 size (``-accel tcg,tb-size=N``; ``default`` is QEMU's own), the sizes taking
-turns within each round, and prints a table: medians, the slowdown against
-QEMU's default (or the largest size), idle memory, which sizes stay within 5% on
-(a), (b) and (c), which meet the 40 MiB goal, and the smallest size within 5%.
+turns within each round, and prints tables: medians, the slowdown against
+QEMU's default (or the largest size), the flushes, which sizes never flush in
+(b) and (c) (so cost them nothing), which stay within 5% on the timings of (a),
+(b) and (c), idle memory and the 40 MiB goal, and the smallest size with no flush.
 See ``bench/README.md`` for every line.
 
 Every VM it starts is ended before it exits, also on Ctrl-C, SIGTERM and errors.

@@ -29,11 +29,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 # default, up to 1 GiB). The cache only grows, and when full it is emptied and all
 # code translated again. Measured with ``bench/boot.py --tb-sizes`` (docs/sandboxes.md,
 # "The VM"): a boot fills ~46 MB, boot + python3 -c print ~70 MB, boot + import numpy
-# ~90 MB; 64 MiB flushes in python's start (~+7% on it), 32 MiB in the boot (+10% on
-# python), 16 MiB and less thrash (+35% to +300%). 96 MiB flushes in none of them, so
-# it costs nothing, and it caps what a busy sandbox's cache holds (QEMU's default
-# would let it grow to 1 GiB). A size small enough to save idle memory must flush
-# during boot. Not used under KVM, which translates nothing.
+# ~90 MB. 64 MiB flushes in python's start (~+6% on it), 32 MiB in the boot (~+5% on
+# it, +8% on python), 16 MiB and less again and again (+15% to +300%). 96 MiB flushes
+# in none of them, so it costs nothing, and it caps what a busy sandbox's cache holds
+# (QEMU's default lets it grow to 1 GiB). A size small enough to save idle memory
+# must flush during the boot. Not used under KVM, which translates nothing.
 TCG_TB_SIZE_MIB: int | None = 96
 
 
