@@ -26,7 +26,7 @@ from vmruntime.vm.builder import kernel_cmdline
 from vmruntime.vm.commands import prune_sandboxes
 from vmruntime.vm.driver import MachineSpec
 from vmruntime.vm.mounts import SandboxMounts, guest_owner, resolve_mounts
-from vmruntime.vm.qemu import qemu_argv
+from vmruntime.vm.qemu import QemuDriver, qemu_argv
 
 
 @pytest.fixture
@@ -311,3 +311,18 @@ def test_a_sandboxs_open_files_are_capped_across_its_shares(dirs: Path, tmp_path
     finally:
         mounts.close()
     assert caps == [mounts_module.SANDBOX_OPEN_HANDLES // 3] * 3
+
+
+def test_tcg_translation_cache_size_is_on_the_accel_option_only_under_tcg() -> None:
+    def argv(accel: str, **kwargs: int | None) -> list[str]:
+        spec = MachineSpec(Path("k"), Path("i"), "", 1, 64, accel, Path("c"), Path("q"), Path("v"))
+        return qemu_argv(spec, **kwargs)
+
+    tcg = argv("tcg", tb_size_mib=16)
+    assert tcg[tcg.index("-accel") + 1] == "tcg,tb-size=16"
+    assert "accel=" not in tcg[tcg.index("-M") + 1]  # QEMU refuses both forms together
+    assert argv("tcg", tb_size_mib=None)[tcg.index("-accel") + 1] == "tcg"  # QEMU's default
+    kvm = argv("kvm", tb_size_mib=16)
+    assert kvm[kvm.index("-accel") + 1] == "kvm"  # KVM has no tb-size property
+    with pytest.raises(ValueError, match="at least 1"):
+        QemuDriver(tb_size_mib=0)

@@ -1,6 +1,6 @@
 """Which accelerator QEMU should use: KVM when it can run our guest, else TCG.
 
-Who calls it: the QEMU driver (``accel=`` of ``-M microvm``) and ``vmr doctor``.
+Who calls it: sandbox creation (the QEMU driver's ``-accel``) and ``vmr doctor``.
 
 What it promises: :func:`choose_accelerator` picks ``kvm`` only when ``/dev/kvm``
 opens read-write, answers ``KVM_GET_API_VERSION`` with 12 and the CPU flags show

@@ -25,6 +25,16 @@ from vmruntime.guest.assets import GuestAssets, ensure_guest_assets
 from vmruntime.vm.driver import MachineSpec, ProcessVm, VmHandle, VmmDriver
 
 QEMU_BINARY = "qemu-system-x86_64"
+# TCG's translated-code cache in MiB (``-accel tcg,tb-size=N``; None: QEMU 7.2's
+# default, up to 1 GiB). The cache only grows, and when full it is emptied and all
+# code translated again. Measured with ``bench/boot.py --tb-sizes`` (docs/sandboxes.md,
+# "The VM"): a boot fills ~46 MB, boot + python3 -c print ~70 MB, boot + import numpy
+# ~90 MB. 64 MiB flushes in python's start (~+6% on it), 32 MiB in the boot (~+5% on
+# it, +8% on python), 16 MiB and less again and again (+15% to +300%). 96 MiB flushes
+# in none of them, so it costs nothing, and it caps what a busy sandbox's cache holds
+# (QEMU's default lets it grow to 1 GiB). A size small enough to save idle memory
+# must flush during the boot. Not used under KVM, which translates nothing.
+TCG_TB_SIZE_MIB: int | None = 96
 
 
 def qemu_binary() -> str:
@@ -35,12 +45,13 @@ def qemu_binary() -> str:
     return path
 
 
-def qemu_argv(spec: MachineSpec) -> list[str]:
-    """The full QEMU command line for ``spec``."""
+def qemu_argv(spec: MachineSpec, *, tb_size_mib: int | None = TCG_TB_SIZE_MIB) -> list[str]:
+    """The full QEMU command line for ``spec``; ``tb_size_mib`` applies under TCG only."""
     accel = spec.accelerator
     argv = [
         qemu_binary(),
-        "-M", f"microvm,accel={accel},memory-backend=mem",
+        "-M", "microvm,memory-backend=mem",
+        "-accel", _accel_option(accel, tb_size_mib),
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
@@ -73,6 +84,14 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
     return argv
 
 
+def _accel_option(accel: str, tb_size_mib: int | None) -> str:
+    """``-accel``'s value. QEMU refuses ``-accel`` next to ``-M ...,accel=``, and KVM
+    has no ``tb-size`` property, so the size goes on a TCG ``-accel`` only."""
+    if accel != "tcg" or tb_size_mib is None:
+        return accel
+    return f"tcg,tb-size={tb_size_mib}"
+
+
 def _escape(value: str) -> str:
     """A value inside a QEMU option list, where a comma must be doubled."""
     return value.replace(",", ",,")
@@ -103,13 +122,21 @@ class QemuVm(ProcessVm):
 
 
 class QemuDriver(VmmDriver):
+    """Boots with ``qemu_argv``; ``tb_size_mib`` is TCG's translation cache (None:
+    QEMU's default); ``bench/boot.py --tb-sizes`` passes its own to compare sizes."""
+
     name = "qemu"
+
+    def __init__(self, *, tb_size_mib: int | None = TCG_TB_SIZE_MIB) -> None:
+        if tb_size_mib is not None and tb_size_mib < 1:  # QEMU reads 0 as its default
+            raise ValueError(f"TCG translation cache of {tb_size_mib} MiB: want at least 1")
+        self.tb_size_mib = tb_size_mib
 
     def guest_assets(self, cache_root: Path) -> GuestAssets:
         return ensure_guest_assets(cache_root)
 
     async def boot(self, spec: MachineSpec, *, detached: bool = False) -> VmHandle:
-        argv = qemu_argv(spec)
+        argv = qemu_argv(spec, tb_size_mib=self.tb_size_mib)
         parent = os.getpid()
 
         def start() -> subprocess.Popen[bytes]:
