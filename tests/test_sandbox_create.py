@@ -12,6 +12,7 @@ import asyncio
 import errno
 import inspect
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -76,10 +77,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         "config": {"Env": IMAGE_ENV, "WorkingDir": "/tmp", "User": ""}})  # fmt: skip
     images.load(layout.layout_dir, IMAGE)
     yield tmp_path
-    assert not broker_processes(str(runtime)), "a broker outlived its test"
-    for entry in runtime.glob("**/*"):
-        entry.unlink() if not entry.is_dir() else None
-    os.system(f"rm -rf {runtime}")
+    leftover = broker_processes(str(runtime))
+    shutil.rmtree(runtime, ignore_errors=True)
+    assert not leftover, "a broker outlived its test"
 
 
 def left_behind(driver: FakeDriver) -> list[str]:
