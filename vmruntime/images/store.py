@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -225,7 +224,7 @@ class ImageStore:
 
     def temp_path(self, label: str) -> Path:
         """A fresh path under ``tmp/`` whose name says which process owns it."""
-        return self.tmp_dir / f"{os.getpid()}.{secrets.token_hex(4)}.{label}"
+        return _paths.cache_temp(label, self.root)
 
     # --- atomic writes ---------------------------------------------------
 

@@ -174,14 +174,13 @@ class AsyncSandbox:
     """
 
     def __init__(self, paths: state.SandboxPaths, record: state.SandboxRecord,
-                 defaults: ExecDefaults, vm: VmHandle, mounts: SandboxMounts | None = None,
-                 driver: VmmDriver | None = None) -> None:  # fmt: skip
+                 defaults: ExecDefaults, vm: VmHandle,
+                 mounts: SandboxMounts | None = None) -> None:  # fmt: skip
         self._paths = paths
         self._record = record
         self._defaults = defaults
         self._vm = vm
         self._mounts = mounts  # None when attached: the record names its brokers
-        self._driver = driver or QemuDriver()
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
         self._forwards: list[asyncio.Server] = []
@@ -266,7 +265,7 @@ class AsyncSandbox:
         async with contextlib.AsyncExitStack() as undo:
             machine = await build_machine(config, plan, undo)  # steps 1-5
             sandbox = cls(machine.paths, machine.record, machine.defaults, machine.vm,
-                          machine.mounts, plan.driver)  # fmt: skip
+                          machine.mounts)  # fmt: skip
             await sandbox._connect(config.boot_timeout)  # 6: the agent
             undo.push_async_callback(sandbox._disconnect)
             await sandbox._mount_all(started + config.boot_timeout)
@@ -297,7 +296,7 @@ class AsyncSandbox:
         paths = state.SandboxPaths(record.id)
         vm = driver.adopt(record.vmm_pid, record.vmm_start, paths.control_socket)
         defaults = ExecDefaults.from_json(record.exec_defaults)
-        sandbox = cls(paths, record, defaults, vm, driver=driver)
+        sandbox = cls(paths, record, defaults, vm)
         await sandbox._connect(DEFAULT_BOOT_TIMEOUT)
         return sandbox
 
