@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
   busybox-static gcc libc6-dev        # the guest initramfs and the static guest agent
   mmdebstrap debootstrap gpg uidmap libdpkg-perl arch-test  # the built-in default image
   docker-registry skopeo apache2-utils  # the tests' local registry, pushes, htpasswd
+  chromium chromium-driver            # the JupyterLab test drives a headless browser
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
