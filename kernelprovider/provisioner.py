@@ -37,7 +37,7 @@ from traitlets import Enum, Float, Int, List, Unicode
 
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
 from vmruntime.errors import VmruntimeError
-from vmruntime.vm import CreationPlan, Mount, SandboxConfig
+from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
 from vmruntime.vm.sync import submit
 
 T = TypeVar("T")
@@ -82,6 +82,17 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _box: KernelSandbox | None = None
     _sandbox_id = ""
     _exit_expected = False  # a shutdown or a signal that ends it was asked for
+
+    @property
+    def sandbox(self) -> AsyncSandbox | None:
+        """The kernel's sandbox while it runs (for tools and benchmarks; it lives on
+        vmruntime's runtime loop, so await its methods there)."""
+        return self._box.sandbox if self._box is not None else None
+
+    @property
+    def sandbox_id(self) -> str:
+        """The id of the kernel's last sandbox (kept in the provisioner info)."""
+        return self._sandbox_id
 
     # Launching.
 
