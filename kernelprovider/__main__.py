@@ -1,8 +1,10 @@
-"""``python -m kernelprovider``: install, list and remove sandboxed kernelspecs.
+"""``python -m kernelprovider``: install, list and remove sandboxed kernelspecs; execute
+a notebook on one.
 
-Who calls it: people and ``scripts/run.sh``. The work is in :mod:`kernelprovider.install`;
-this module only parses options and prints. Exit status: 0, 1 for a refusal (the
-message says why and what to do), 2 for a usage error.
+Who calls it: people and ``scripts/run.sh``. The work is in :mod:`kernelprovider.install`
+and :mod:`kernelprovider.execute`; this module only parses options and prints. Exit
+status: 0, 1 for a refusal or a failed notebook (the message says why and what to do),
+2 for a usage error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from kernelprovider import execute
 from kernelprovider import install as spec
 from vmruntime.errors import VmruntimeError
 
@@ -49,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     removal = commands.add_parser("remove", help="remove sandboxed kernelspecs")
     removal.add_argument("names", nargs="+", metavar="NAME")
     removal.set_defaults(handler=_remove)
+    _add_execute(commands)
     return parser
 
 
@@ -135,6 +139,27 @@ def _add_install(commands: argparse._SubParsersAction) -> None:
     install.set_defaults(handler=_install)
 
 
+def _add_execute(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "execute",
+        help="run a notebook on a kernel and write the executed copy",
+        description="Run every cell of NOTEBOOK with nbclient on KERNEL (default: the kernel "
+        "its metadata names) and write the executed copy (default: NOTEBOOK's name with "
+        ".executed.ipynb, beside it). The input file is not changed.",
+    )
+    run.add_argument("notebook", type=Path, metavar="NOTEBOOK")
+    run.add_argument("-o", "--output", type=Path, metavar="OUT", help="the executed copy")
+    run.add_argument("--kernel", metavar="NAME", help="the kernelspec to run it on")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=execute.DEFAULT_CELL_TIMEOUT,
+        metavar="S",
+        help="seconds per cell (default: %(default)g)",
+    )
+    run.set_defaults(handler=_execute)
+
+
 def _install(args: argparse.Namespace) -> int:
     pass_env = [item for item in args.env if "=" not in item]
     env = dict(item.split("=", 1) for item in args.env if "=" in item)
@@ -192,6 +217,12 @@ def _list(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     for name in args.names:
         print(f"Removed {spec.remove(name)}")
+    return 0
+
+
+def _execute(args: argparse.Namespace) -> int:
+    output = execute.execute_notebook(args.notebook, args.output, args.kernel, args.timeout)
+    print(f"Executed {args.notebook}; the executed copy is {output.resolve()}")
     return 0
 
 
