@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vmruntime.errors import SandboxError, VmruntimeError
-from vmruntime.vm import AsyncProcess, AsyncSandbox, SandboxConfig
+from vmruntime.vm import AsyncProcess, AsyncSandbox, CreationPlan, SandboxConfig
 from vmruntime.vm.sandbox import console_tail
 
 # ipykernel's five sockets, in connection-file order. Each launch binds the next five
@@ -115,8 +115,10 @@ class _KernelProcess:
 class KernelSandbox:
     """A sandbox that runs one kernel process at a time (see the module's docstring)."""
 
-    def __init__(self, config: SandboxConfig, log: logging.Logger) -> None:
+    def __init__(self, config: SandboxConfig, log: logging.Logger,
+                 plan: CreationPlan | None = None) -> None:  # fmt: skip
         self.config = config
+        self._plan = plan
         self.sandbox: AsyncSandbox | None = None
         self.kernel: _KernelProcess | None = None
         self.generation = 0
@@ -154,7 +156,7 @@ class KernelSandbox:
             await self.end()
         timeout = max(1.0, deadline - time.monotonic())
         config = dataclasses.replace(self.config, boot_timeout=timeout)
-        self.sandbox = await AsyncSandbox.from_config(config)
+        self.sandbox = await AsyncSandbox.from_config(config, self._plan)
         self._log.info("kernel sandbox %s booted in %.1f s (%s)", self.sandbox.id,
                        self.sandbox.boot_seconds, self.sandbox.accelerator)  # fmt: skip
 
