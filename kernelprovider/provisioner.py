@@ -36,7 +36,6 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode
 
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
-from vmruntime.errors import VmruntimeError
 from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
 from vmruntime.vm.sync import submit
 
@@ -118,11 +117,8 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             kernel_name=getattr(self.parent, "kernel_name", "") or "",
         )
         self._exit_expected = False
-        try:
-            info = await _on_runtime_loop(self._box.launch(request, deadline))
-        except VmruntimeError as exc:
-            self.log.error("%s", exc)
-            raise
+        # A failure propagates: jupyter_client logs it, Jupyter Server reports it.
+        info = await _on_runtime_loop(self._box.launch(request, deadline))
         self._sandbox_id = self._box.sandbox_id
         self.connection_info = info
         return info

@@ -311,7 +311,8 @@ def test_a_startup_timeout_names_the_cause_and_the_console(jupyter_dirs: Path) -
         km.start_kernel()
     message = str(caught.value)
     assert "did not listen on its ports within the startup timeout (25 s)" in message
-    assert "last lines of the guest console" in message and "Linux version" in message
+    console = message.split("--- last lines of the guest console ---\n")[1]
+    assert console.strip()  # what the guest printed (a quiet boot prints little)
     assert not km.has_kernel
 
 
