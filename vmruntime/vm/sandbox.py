@@ -60,6 +60,7 @@ from vmruntime.vm.config import (
     SandboxConfig,
 )
 from vmruntime.vm.driver import VmHandle, VmmDriver
+from vmruntime.vm.forwards import PortForwards
 from vmruntime.vm.mounts import Mount, SandboxMounts
 from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.teardown import end_sandbox
@@ -183,8 +184,7 @@ class AsyncSandbox:
         self._mounts = mounts  # None when attached: the record names its brokers
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
-        self._forwards: list[asyncio.Server] = []
-        self._forward_tasks: set[asyncio.Task[None]] = set()
+        self._forwards = PortForwards(lambda port: self._agent().connect_port(port))
         self._closed = False
         self.fs = AsyncGuestFiles(self)
         self.ports: dict[int, int] = {}
@@ -270,7 +270,7 @@ class AsyncSandbox:
             undo.push_async_callback(sandbox._disconnect)
             await sandbox._mount_all(started + config.boot_timeout)
             sandbox.boot_seconds = time.monotonic() - started
-            undo.push_async_callback(sandbox._close_forwards)
+            undo.push_async_callback(sandbox._forwards.close)
             try:  # 7: the per-caller settings
                 await sandbox.personalize(env=config.env, ports=config.port_map, name=config.name)
             except OSError as exc:  # e.g. a host port already taken
@@ -542,27 +542,7 @@ class AsyncSandbox:
             if not (0 < guest_port < 65536 and 0 <= host_port < 65536):
                 raise SandboxError(self.id, f"bad port forward {host_port} -> {guest_port}")
         for guest_port, host_port in ports.items():
-            server = await asyncio.start_server(
-                lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
-            )
-            self._forwards.append(server)
-            self.ports[guest_port] = server.sockets[0].getsockname()[1]
-
-    async def _serve_forward(self, guest_port: int, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:  # fmt: skip
-        task = asyncio.current_task()
-        assert task is not None
-        self._forward_tasks.add(task)
-        try:
-            channel = await self._agent().connect_port(guest_port)
-            await asyncio.gather(_pump_in(reader, channel), _pump_out(channel, writer))
-        except (SandboxError, OSError):
-            pass
-        finally:
-            self._forward_tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self.ports[guest_port] = await self._forwards.listen(guest_port, host_port)
 
     # Ending.
 
@@ -575,7 +555,7 @@ class AsyncSandbox:
             self._record.keep = keep
         if self._closed:
             return
-        await self._close_forwards()
+        await self._forwards.close()  # its clients see their connections end, quietly
         client = self._client
         acknowledged = False
         if client is not None and client.failure is None and self._vm.running():
@@ -596,23 +576,17 @@ class AsyncSandbox:
         """End the VM at once."""
         if self._closed:
             return
-        await self._close_forwards()
+        await self._forwards.close()
         self._vm.kill()
         await self._finish()
 
     async def detach(self) -> None:
         """Drop this process's connection; the (detached) sandbox keeps running."""
+        await self._forwards.close()  # they relay through this connection
         await self._disconnect()
         if self._mounts is not None:
             self._mounts.release_locks()  # QEMU holds its own copies for the VM's life
         self._closed = True
-
-    async def _close_forwards(self) -> None:
-        for server in self._forwards:
-            server.close()
-        for task in list(self._forward_tasks):
-            task.cancel()
-        self._forwards.clear()
 
     async def _finish(self) -> None:
         self._closed = True
@@ -652,17 +626,3 @@ def _end_owned_sandboxes_at_exit() -> None:
 async def _feed(process: AsyncProcess, data: bytes) -> None:
     await process.write(data)
     await process.close_stdin()
-
-
-async def _pump_in(reader: asyncio.StreamReader, channel: Channel) -> None:
-    while data := await reader.read(p.MAX_DATA):
-        await channel.write(data)
-    await channel.close_stdin()
-
-
-async def _pump_out(channel: Channel, writer: asyncio.StreamWriter) -> None:
-    while (item := await channel.read()) is not None:
-        writer.write(item[1])
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()
