@@ -27,9 +27,9 @@ from vmruntime.vm import AsyncProcess, AsyncSandbox, CreationPlan, SandboxConfig
 from vmruntime.vm.sandbox import console_tail
 
 # ipykernel's five sockets, in connection-file order. Each launch binds the next five
-# guest ports (a killed kernel's ports may linger in TIME_WAIT in the guest).
+# free guest ports (a killed kernel's ports may linger in TIME_WAIT in the guest).
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
-_FIRST_GUEST_PORT = 50000
+_FIRST_GUEST_PORT = 20000  # below Linux's ephemeral range: a probe never self-connects
 _GUEST_PORT_SPAN = 5000
 _CONNECTION_DIR = "/tmp/.vmruntime-kernel"  # the guest's own /tmp; made 0700
 _OUTPUT_TAIL_BYTES = 8192
@@ -122,6 +122,7 @@ class KernelSandbox:
         self.sandbox: AsyncSandbox | None = None
         self.kernel: _KernelProcess | None = None
         self.generation = 0
+        self._next_candidate = 0
         self._guest_ports: dict[str, int] = {}
         self._log = log
 
@@ -161,12 +162,21 @@ class KernelSandbox:
                        self.sandbox.boot_seconds, self.sandbox.accelerator)  # fmt: skip
 
     async def _next_ports(self) -> dict[str, int]:
+        """Five guest ports nothing in the guest listens on, each forwarded from a free
+        host port; the previous launch's forwards end."""
         assert self.sandbox is not None
         await self.sandbox.unforward(self._guest_ports.values())
-        first = _FIRST_GUEST_PORT + (self.generation * len(CHANNELS)) % _GUEST_PORT_SPAN
+        chosen: list[int] = []
+        candidate = self._next_candidate
+        while len(chosen) < len(CHANNELS):
+            port = _FIRST_GUEST_PORT + candidate % _GUEST_PORT_SPAN
+            candidate += 1
+            if not await self.sandbox.port_open(port):  # a guest service may hold it
+                chosen.append(port)
+        self._next_candidate = candidate
         self.generation += 1
-        self._guest_ports = {name: first + i for i, name in enumerate(CHANNELS)}
-        await self.sandbox.personalize(ports={port: 0 for port in self._guest_ports.values()})
+        self._guest_ports = dict(zip(CHANNELS, chosen, strict=True))
+        await self.sandbox.personalize(ports={port: 0 for port in chosen})
         return self._guest_ports
 
     async def _write_connection_file(self, request: KernelRequest, ports: Mapping[str, int]) -> str:
