@@ -27,7 +27,7 @@ import contextlib
 import errno
 import fcntl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -183,8 +183,8 @@ class AsyncSandbox:
         self._mounts = mounts  # None when attached: the record names its brokers
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
-        self._forwards: list[asyncio.Server] = []
-        self._forward_tasks: set[asyncio.Task[None]] = set()
+        self._forwards: dict[int, asyncio.Server] = {}  # guest port -> its host listener
+        self._forward_tasks: dict[asyncio.Task[None], int] = {}  # connection -> guest port
         self._closed = False
         self.fs = AsyncGuestFiles(self)
         self.ports: dict[int, int] = {}
@@ -210,6 +210,13 @@ class AsyncSandbox:
     @property
     def vmm_pid(self) -> int:
         return self._vm.pid
+
+    @property
+    def running(self) -> bool:
+        """True while the VM runs and its agent answers (False once it died or ended)."""
+        client = self._client
+        return (not self._closed and client is not None and client.failure is None
+                and self._vm.running())  # fmt: skip
 
     @property
     def exec_defaults(self) -> ExecDefaults:
@@ -537,29 +544,57 @@ class AsyncSandbox:
 
     # Ports.
 
+    async def port_open(self, guest_port: int) -> bool:
+        """Whether something in the guest accepts connections on ``guest_port`` (it is
+        connected to once, through the agent, and the connection closed at once)."""
+        try:
+            channel = await self._agent().connect_port(guest_port)
+        except SandboxError as exc:
+            if not self.running:
+                raise await self._death_error(exc) from exc
+            return False
+        await channel.close_stdin()
+        with contextlib.suppress(SandboxError):
+            while await channel.read() is not None:
+                pass
+        return True
+
+    async def unforward(self, guest_ports: Iterable[int]) -> None:
+        """Stop forwarding ``guest_ports``: their host listeners close, and so does every
+        connection made through them."""
+        ports = set(guest_ports)
+        for guest_port in ports:
+            server = self._forwards.pop(guest_port, None)
+            if server is not None:
+                server.close()
+            self.ports.pop(guest_port, None)
+        await self._end_forward_tasks([t for t, g in self._forward_tasks.items() if g in ports])
+
     async def _forward_ports(self, ports: Mapping[int, int]) -> None:
         for guest_port, host_port in ports.items():
             if not (0 < guest_port < 65536 and 0 <= host_port < 65536):
                 raise SandboxError(self.id, f"bad port forward {host_port} -> {guest_port}")
+            if guest_port in self._forwards:
+                raise SandboxError(self.id, f"guest port {guest_port} is already forwarded")
         for guest_port, host_port in ports.items():
             server = await asyncio.start_server(
                 lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
             )
-            self._forwards.append(server)
+            self._forwards[guest_port] = server
             self.ports[guest_port] = server.sockets[0].getsockname()[1]
 
     async def _serve_forward(self, guest_port: int, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:  # fmt: skip
         task = asyncio.current_task()
         assert task is not None
-        self._forward_tasks.add(task)
+        self._forward_tasks[task] = guest_port
         try:
             channel = await self._agent().connect_port(guest_port)
             await asyncio.gather(_pump_in(reader, channel), _pump_out(channel, writer))
         except (SandboxError, OSError):
             pass
         finally:
-            self._forward_tasks.discard(task)
+            self._forward_tasks.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -608,11 +643,14 @@ class AsyncSandbox:
         self._closed = True
 
     async def _close_forwards(self) -> None:
-        for server in self._forwards:
+        for server in self._forwards.values():
             server.close()
-        for task in list(self._forward_tasks):
-            task.cancel()
         self._forwards.clear()
+        await self._end_forward_tasks(list(self._forward_tasks))
+
+    async def _end_forward_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
 
     async def _finish(self) -> None:
         self._closed = True

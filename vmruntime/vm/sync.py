@@ -12,8 +12,9 @@ that thread: they die with the process (:func:`vmruntime._child.start_child`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from vmruntime.images.store import ImageStore
@@ -44,6 +45,12 @@ def _event_loop() -> asyncio.AbstractEventLoop:
             thread.start()
             _loop = loop
         return _loop
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Start ``coro`` on the facade's loop; for async callers on another loop, which
+    await ``asyncio.wrap_future(submit(...))`` (cancelling that cancels ``coro``)."""
+    return asyncio.run_coroutine_threadsafe(coro, _event_loop())
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -215,6 +222,16 @@ class Sandbox:
                     ports: Mapping[int, int] | None = None, name: str = "") -> None:  # fmt: skip
         """See :meth:`AsyncSandbox.personalize`."""
         run(self._inner.personalize(env=env, ports=ports, name=name))
+
+    @property
+    def running(self) -> bool:
+        return self._inner.running
+
+    def port_open(self, guest_port: int) -> bool:
+        return run(self._inner.port_open(guest_port))
+
+    def unforward(self, guest_ports: Iterable[int]) -> None:
+        run(self._inner.unforward(guest_ports))
 
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         return self._inner.default_command(args)

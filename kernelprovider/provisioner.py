@@ -1,0 +1,191 @@
+"""``microvm-provisioner``: jupyter_client runs each kernel of a sandboxed kernelspec in
+its own microVM.
+
+Who calls it: jupyter_client's ``KernelManager`` / ``AsyncKernelManager`` (so Jupyter
+Server, JupyterLab, nbclient), which finds it through the entry point group
+``jupyter_client.kernel_provisioners`` when a kernel.json names it in
+``metadata.kernel_provisioner``. What it promises:
+
+* Nothing blocks the caller's event loop: the sandbox lives on vmruntime's runtime
+  loop (its own thread), which also serves the kernel's port forwards while the caller's
+  loop is idle (a synchronous ``KernelManager`` runs its loop only inside its calls).
+* The server's environment stays on the host: only the kernelspec's ``env``, the names
+  in ``pass_env`` and Jupyter's own ``JPY_*`` variables reach the guest.
+* terminate, kill and signals reach the kernel process (its process group) in the
+  guest, never the VM. jupyter_client passes ``restart=False`` to terminate and kill even
+  while restarting, so only ``cleanup`` decides: ``cleanup(restart=True)`` keeps the
+  sandbox and its files for the next launch, ``cleanup(restart=False)`` ends it.
+* Each launch has a fresh session key and fresh host ports (a restart changes both, so
+  Jupyter Server re-reads them, as it does after a restart with new ports).
+* A kernel that exits by itself, or whose VM dies, is reported by ``poll``; the next
+  launch (jupyter_client's restarter) boots a new VM if the old one is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Enum, Float, Int, List, Unicode
+
+from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
+from vmruntime.errors import VmruntimeError
+from vmruntime.vm import Mount, SandboxConfig
+from vmruntime.vm.sync import submit
+
+T = TypeVar("T")
+DEFAULT_IMAGE = "vmruntime/default:latest"
+SIGNATURE_SCHEME = "hmac-sha256"
+
+__all__ = ["KernelLaunchError", "MicroVMProvisioner", "guest_environment"]
+
+
+def guest_environment(server_env: Mapping[str, str], spec_env: Mapping[str, str],
+                      pass_env: list[str]) -> dict[str, str]:  # fmt: skip
+    """The part of the server's environment a kernel in a sandbox gets (see the module)."""
+    wanted = set(spec_env) | set(pass_env)
+    return {name: value for name, value in server_env.items()
+            if name in wanted or name.startswith("JPY_")}  # fmt: skip
+
+
+async def _on_runtime_loop(coro: Coroutine[Any, Any, T]) -> T:
+    return await asyncio.wrap_future(submit(coro))
+
+
+class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs a kernelspec's ``argv`` in a microVM booted from ``image`` (see the module)."""
+
+    image = Unicode(DEFAULT_IMAGE, config=True, help="OCI image the kernel's VM boots")
+    cpus = Int(1, config=True, help="virtual CPUs of the kernel's VM")
+    memory = Int(1024, config=True, help="memory of the kernel's VM, in MiB")
+    mounts = List(Unicode(), config=True, help="host folders, HOST:GUEST[:ro]")
+    volumes = List(Unicode(), config=True, help="named volumes, NAME:GUEST[:ro]")
+    disks = List(Unicode(), config=True, help="ext4 disk images, PATH:GUEST[:ro]")
+    share_notebook_dir = Enum(
+        ["off", "ro", "rw"], "off", config=True,
+        help="share the notebook's folder at the same path in the guest and start there",
+    )  # fmt: skip
+    startup_timeout = Float(120.0, config=True, help="seconds for boot + kernel listening")
+    pass_env = List(Unicode(), config=True, help="server environment variables passed in")
+
+    _box: KernelSandbox | None = None
+    _sandbox_id = ""
+    _exit_expected = False  # a shutdown or a signal that ends it was asked for
+
+    # Launching.
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        # Not km.format_kernel_cmd: it would swap "python3" for the host's interpreter
+        # and put the host's connection file path in {connection_file}.
+        extra = kwargs.pop("extra_arguments", [])
+        kwargs["cmd"] = list(self.kernel_spec.argv) + list(extra)
+        return await super().pre_launch(**kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        deadline = time.monotonic() + self.startup_timeout
+        if self._box is None:
+            self._box = KernelSandbox(self._sandbox_config(kwargs.get("cwd")), self.log)
+        request = KernelRequest(
+            argv=cmd,
+            env=guest_environment(kwargs.get("env") or {}, self.kernel_spec.env, self.pass_env),
+            cwd=self._kernel_cwd(kwargs.get("cwd")),
+            key=secrets.token_hex(32),
+            signature_scheme=SIGNATURE_SCHEME,
+            kernel_name=getattr(self.parent, "kernel_name", "") or "",
+        )
+        self._exit_expected = False
+        try:
+            info = await _on_runtime_loop(self._box.launch(request, deadline))
+        except VmruntimeError as exc:
+            self.log.error("%s", exc)
+            raise
+        self._sandbox_id = self._box.sandbox_id
+        self.connection_info = info
+        return info
+
+    def _sandbox_config(self, cwd: str | None) -> SandboxConfig:
+        mounts = [Mount.parse(spec, "bind") for spec in self.mounts]
+        mounts += [Mount.parse(spec, "volume") for spec in self.volumes]
+        mounts += [Mount.parse(spec, "disk") for spec in self.disks]
+        if self.share_notebook_dir != "off" and cwd:
+            folder = os.path.realpath(cwd)
+            mounts.append(Mount(folder, folder, readonly=self.share_notebook_dir == "ro"))
+        return SandboxConfig(self.image, cpus=self.cpus, memory_mib=self.memory,
+                             mounts=mounts, boot_timeout=self.startup_timeout)  # fmt: skip
+
+    def _kernel_cwd(self, cwd: str | None) -> str | None:
+        """The notebook's folder when it is shared; else the image's working directory."""
+        if self.share_notebook_dir != "off" and cwd:
+            return os.path.realpath(cwd)
+        return None
+
+    # The kernel process.
+
+    @property
+    def has_process(self) -> bool:
+        return self._box is not None and self._box.kernel is not None
+
+    async def poll(self) -> int | None:
+        box = self._box
+        if box is None or box.kernel is None:
+            return 0
+        code = box.kernel.exit_code
+        if code is not None and not box.kernel.reported and not self._exit_expected:
+            box.kernel.reported = True
+            self.log.warning("%s", box.death_report())
+        return code
+
+    async def wait(self) -> int | None:
+        box = self._box
+        if box is None or box.kernel is None:
+            return 0
+        code = await _on_runtime_loop(box.wait())
+        box.kernel = None  # has_process is False from now on
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self._box is not None:
+            await _on_runtime_loop(self._box.signal(signum))
+
+    async def terminate(self, restart: bool = False) -> None:
+        self._exit_expected = True
+        await self.send_signal(signal.SIGTERM)
+
+    async def kill(self, restart: bool = False) -> None:
+        self._exit_expected = True
+        await self.send_signal(signal.SIGKILL)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        self._exit_expected = True
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if restart or self._box is None:
+            return  # the next launch reuses the sandbox (or boots one if it died)
+        box, self._box = self._box, None
+        await _on_runtime_loop(box.end())
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 10.0)  # Python exits slowly under software emulation
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, self.startup_timeout)
+
+    # Persistence.
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info["sandbox_id"] = self._sandbox_id
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Only the id comes back: a sandbox belongs to the process that made it and ends
+        with it, so a new server starts the kernel afresh (``poll`` says it is gone)."""
+        await super().load_provisioner_info(provisioner_info)
+        self._sandbox_id = provisioner_info.get("sandbox_id", "")
