@@ -160,6 +160,7 @@ class KernelSide:
     shutdown: Samples
     runs: list[KernelRun] = field(default_factory=list)
     accelerator: str | None = None  # the microVM's, as its sandbox recorded it
+    machine: str = ""  # the microVM's vCPUs and memory, as its sandbox recorded them
 
     @property
     def spec_name(self) -> str:
@@ -193,9 +194,9 @@ def new_side(name: str, executes: int) -> KernelSide:
 # --- kernelspecs ------------------------------------------------------------------------
 
 
-def local_spec() -> dict[str, Any]:
+def local_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [args.local_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (local, vmruntime bench)",
         "language": "python",
         "interrupt_mode": "signal",
@@ -226,7 +227,7 @@ def microvm_spec(args: argparse.Namespace) -> dict[str, Any]:
 def write_kernelspecs(args: argparse.Namespace, root: Path) -> None:
     """Both specs under ``root/kernels``; ``root`` goes first on ``JUPYTER_PATH``, and
     connection files go to ``root/runtime`` instead of the user's runtime directory."""
-    specs = {LOCAL: local_spec(), MICROVM: microvm_spec(args)}
+    specs = {LOCAL: local_spec(args), MICROVM: microvm_spec(args)}
     for name in args.kernels:
         spec_dir = root / "kernels" / (SPEC_PREFIX + name)
         spec_dir.mkdir(parents=True)
@@ -273,17 +274,25 @@ async def execute(
     return values
 
 
-def kernel_pids(km: AsyncKernelManager, name: str, started: set[int]) -> set[int]:
+async def sandbox_record(km: AsyncKernelManager) -> state.SandboxRecord:
+    """The microVM kernel's sandbox record, found by the id the provisioner reports."""
+    assert km.provisioner is not None
+    sandbox_id = (await km.provisioner.get_provisioner_info()).get("sandbox_id")
+    if not sandbox_id:
+        raise BenchError(f"the microVM kernel's provisioner reports no sandbox id: {sandbox_id!r}")
+    return state.read_record(state.SandboxPaths(sandbox_id))
+
+
+def kernel_pids(
+    km: AsyncKernelManager, record: state.SandboxRecord | None, started: set[int]
+) -> set[int]:
     """Every host process of the kernel: what this process started during
-    ``start_kernel`` and what the provisioner names (the kernel process, or the
+    ``start_kernel`` and what the provisioner names (the local kernel's process, or the
     sandbox's QEMU and brokers), with everything below them."""
-    provisioner: Any = km.provisioner
-    if name == LOCAL:
-        named = {provisioner.pid}
+    if record is None:
+        named = {km.provisioner.pid}  # type: ignore[union-attr]
     else:
-        sandbox = provisioner.sandbox
-        record = state.read_record(state.SandboxPaths(sandbox.id))
-        named = {sandbox.vmm_pid} | {pid for pid, _ in record.brokers if pid}
+        named = {record.vmm_pid} | {pid for pid, _ in record.brokers if pid}
     return hostmem.with_descendants(started | named)
 
 
@@ -366,7 +375,8 @@ async def _measure_kernel(
     started = time.perf_counter()
     await km.start_kernel(**output)
     launched = time.perf_counter()
-    pids = kernel_pids(km, side.name, hostmem.children(os.getpid()) - before)
+    record = await sandbox_record(km) if side.name == MICROVM else None
+    pids = kernel_pids(km, record, hostmem.children(os.getpid()) - before)
     client = await connect(km, timeout)
     try:
         ready = time.perf_counter()
@@ -378,8 +388,9 @@ async def _measure_kernel(
         memory = read_kernel_memory(pids)
     finally:
         client.stop_channels()
-    if side.name == MICROVM:
-        side.accelerator = km.provisioner.sandbox.accelerator  # type: ignore[union-attr]
+    if record is not None:
+        side.accelerator = record.accelerator
+        side.machine = f"{record.cpus} vCPU, {record.memory_mib} MiB"
     restart = await timed_restart(km, timeout)
     shutdown_started = time.perf_counter()
     await km.shutdown_kernel()
@@ -483,8 +494,9 @@ def print_memory(sides: list[KernelSide]) -> None:
         print(f"  {side.name:>8}: {side.runs[-1].memory.describe()}")
     qemus = len(hostmem.qemu_pids())
     print(
-        f"  PSS divides shared file pages among the processes mapping them (this process "
-        f"shares Python's with the local kernel; {qemus} other QEMU(s) on the host now)"
+        f"  PSS divides shared file pages among the processes mapping them (the local kernel "
+        f"shares Python's with this process if it runs the same Python; QEMUs share QEMU's: "
+        f"{qemus} other QEMU(s) on the host now, this benchmark's are shut down)"
     )
 
 
@@ -570,7 +582,7 @@ def print_environment(args: argparse.Namespace, guest: str) -> None:
         machine.append(f"{args.memory_mib} MiB")
     vm = ", ".join(machine) or "the provisioner's default vCPUs and memory"
     print(
-        f"kernels: {', '.join(args.kernels)}; local: {sys.executable} -m ipykernel_launcher; "
+        f"kernels: {', '.join(args.kernels)}; local: {args.local_python} -m ipykernel_launcher; "
         f"microvm: python3 -m ipykernel_launcher in {args.image} ({vm}); "
         f"{args.executes} round trips per run"
     )
@@ -581,7 +593,13 @@ def print_versions(sides: list[KernelSide]) -> None:
         where = side.runs[-1].where
         print(
             f"kernel [{side.name}]: ipykernel {where['ipykernel']}, Python {where['python']}, "
-            f"kernel release {where['release']}"
+            f"kernel release {where['release']}" + (f"; VM {side.machine}" if side.machine else "")
+        )
+    versions = {(side.runs[-1].where["ipykernel"], side.runs[-1].where["python"]) for side in sides}
+    if len(versions) > 1:
+        print(
+            "  the two kernels run different ipykernel or Python versions (the image's and "
+            "--local-python's): the same program, not the same build"
         )
 
 
@@ -627,6 +645,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which kernels: local,microvm (default both; ratios need both)",
     )  # fmt: skip
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="the microVM kernel's image")
+    parser.add_argument(
+        "--local-python", default=sys.executable,
+        help="the local kernel's Python, with ipykernel (default: this one)",
+    )  # fmt: skip
     parser.add_argument("--cpus", type=int, help="the microVM's vCPUs (the provisioner's)")
     parser.add_argument("--memory-mib", type=int, help="the microVM's RAM (the provisioner's)")
     parser.add_argument(
