@@ -33,12 +33,13 @@ HOST_KERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_fi
 
 
 def write_spec(root: Path, name: str, argv: list[str] | None = None,
-               env: dict[str, str] | None = None, **config: Any) -> str:  # fmt: skip
+               env: dict[str, str] | None = None, interrupt_mode: str = "signal",
+               **config: Any) -> str:  # fmt: skip
     folder = root / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
         "argv": argv or HOST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
-        "interrupt_mode": "signal", "env": env or {},
+        "interrupt_mode": interrupt_mode, "env": env or {},
         "metadata": {"kernel_provisioner": {
             "provisioner_name": "microvm-provisioner",
             "config": {"image": IMAGE, "startup_timeout": 60.0, **config}}},
@@ -159,6 +160,20 @@ async def test_restart_keeps_the_sandbox_with_a_fresh_key_and_fresh_ports(
 
 
 async def test_interrupt_by_signal_stops_a_long_cell(kernel: AsyncKernelManager) -> None:
+    await _interrupt_a_sleeping_cell(kernel)
+
+
+async def test_interrupt_by_message_stops_a_long_cell(driver: FakeDriver,
+                                                      spec_root: Path) -> None:  # fmt: skip
+    km = AsyncKernelManager(kernel_name=write_spec(spec_root, "bymsg", interrupt_mode="message"))
+    await km.start_kernel()
+    try:
+        await _interrupt_a_sleeping_cell(km)
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def _interrupt_a_sleeping_cell(kernel: AsyncKernelManager) -> None:
     client = kernel.client()
     client.start_channels()
     try:
