@@ -132,7 +132,12 @@ class KernelSandbox:
 
     async def launch(self, request: KernelRequest, deadline: float) -> dict[str, object]:
         """Start a kernel (booting the sandbox first if it is not running) and return
-        the host side's connection info once the kernel listens on all its ports."""
+        the host side's connection info once the kernel listens on all its ports.
+
+        If it fails, a sandbox it booted is ended; a sandbox that was already running
+        (a restart) keeps its files, and only the new kernel process is ended.
+        """
+        booting = self.sandbox is None or not self.sandbox.running
         try:
             await self._ensure_sandbox(deadline)
             ports = await self._next_ports()
@@ -141,7 +146,7 @@ class KernelSandbox:
             await self._start_kernel(argv, request)
             await self._wait_until_listening(deadline)
         except BaseException:
-            await self.end()
+            await (self.end() if booting else self._abandon_kernel())
             raise
         assert self.sandbox is not None
         host = {f"{name}_port": self.sandbox.ports[port] for name, port in ports.items()}
@@ -243,6 +248,17 @@ class KernelSandbox:
     async def wait(self) -> int:
         assert self.kernel is not None
         return await self.kernel.wait()
+
+    async def _abandon_kernel(self) -> None:
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            await kernel.signal(signal.SIGKILL)
+            with contextlib.suppress(SandboxError, TimeoutError):
+                await asyncio.wait_for(kernel.wait(), 10)
+        if self.sandbox is not None:
+            with contextlib.suppress(SandboxError):
+                await self.sandbox.unforward(self._guest_ports.values())
+        self._guest_ports = {}
 
     async def end(self) -> None:
         """End the sandbox (its kernel with it); idempotent."""

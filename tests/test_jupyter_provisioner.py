@@ -159,6 +159,23 @@ async def test_restart_keeps_the_sandbox_with_a_fresh_key_and_fresh_ports(
     assert status == "error" and "NameError" in out
 
 
+async def test_a_failed_restart_keeps_the_sandbox_for_the_next_try(
+    kernel: AsyncKernelManager,
+) -> None:
+    provisioner = kernel.provisioner
+    sandbox = provisioner.sandbox
+    argv = list(kernel.kernel_spec.argv)
+    kernel.kernel_spec.argv = ["sh", "-c", "echo 'broken on restart' >&2; exit 5"]
+    with pytest.raises(KernelLaunchError, match="exited with code 5"):
+        await kernel.restart_kernel()
+    assert not provisioner.has_process
+    assert provisioner.sandbox is sandbox and sandbox.running  # its files are still there
+    kernel.kernel_spec.argv = argv
+    await kernel.start_kernel()
+    assert provisioner.sandbox is sandbox
+    assert await run_cell(kernel, "print('recovered')") == ("ok", "recovered\n")
+
+
 async def test_interrupt_by_signal_stops_a_long_cell(kernel: AsyncKernelManager) -> None:
     await _interrupt_a_sleeping_cell(kernel)
 
