@@ -67,6 +67,7 @@ class KernelRequest:
     key: str
     signature_scheme: str
     kernel_name: str
+    keep_ports: bool = False  # reuse the previous launch's ports (guest and host) if free
 
 
 class _KernelProcess:
@@ -140,7 +141,7 @@ class KernelSandbox:
         booting = self.sandbox is None or not self.sandbox.running
         try:
             await self._ensure_sandbox(deadline)
-            ports = await self._next_ports()
+            ports = await self._ports_for(request)
             path = await self._write_connection_file(request, ports)
             argv = [arg.replace("{connection_file}", path) for arg in request.argv]
             await self._start_kernel(argv, request)
@@ -165,6 +166,16 @@ class KernelSandbox:
         self.sandbox = await AsyncSandbox.from_config(config, self._plan)
         self._log.info("kernel sandbox %s booted in %.1f s (%s)", self.sandbox.id,
                        self.sandbox.boot_seconds, self.sandbox.accelerator)  # fmt: skip
+
+    async def _ports_for(self, request: KernelRequest) -> dict[str, int]:
+        assert self.sandbox is not None
+        previous = list(self._guest_ports.values())
+        reusable = request.keep_ports and previous and all(
+            port in self.sandbox.ports for port in previous)  # fmt: skip
+        if reusable and not any([await self.sandbox.port_open(port) for port in previous]):
+            self.generation += 1
+            return self._guest_ports
+        return await self._next_ports()
 
     async def _next_ports(self) -> dict[str, int]:
         """Five guest ports nothing in the guest listens on, each forwarded from a free
@@ -268,6 +279,7 @@ class KernelSandbox:
             return
         with contextlib.suppress(SandboxError):
             await sandbox.stop(timeout=5)
-        if self.kernel is not None:
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
             with contextlib.suppress(SandboxError):
-                await self.kernel.wait()
+                await kernel.wait()

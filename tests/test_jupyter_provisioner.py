@@ -159,6 +159,26 @@ async def test_restart_keeps_the_sandbox_with_a_fresh_key_and_fresh_ports(
     assert status == "error" and "NameError" in out
 
 
+async def test_a_restart_can_keep_key_and_ports_so_connected_clients_carry_on(
+    driver: FakeDriver, spec_root: Path
+) -> None:
+    km = AsyncKernelManager(kernel_name=write_spec(spec_root, "keep", rotate_key_on_restart=False))
+    await km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        await client.execute_interactive("x = 1", timeout=30)
+        before = dict(km.get_connection_info())
+        await km.restart_kernel()
+        assert dict(km.get_connection_info()) == before
+        reply = await client.execute_interactive("x", timeout=30)  # the same client
+        assert reply["content"]["ename"] == "NameError"  # a fresh kernel answered it
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
 async def test_a_failed_restart_keeps_the_sandbox_for_the_next_try(
     kernel: AsyncKernelManager,
 ) -> None:
@@ -300,6 +320,7 @@ async def test_a_kernel_that_dies_at_start_says_why(driver: FakeDriver, spec_roo
     with pytest.raises(KernelLaunchError, match="exited with code 7") as caught:
         await km.start_kernel()
     assert "no ipykernel here" in str(caught.value)
+    assert not km.has_kernel
 
 
 async def test_a_kernel_that_never_listens_times_out(driver: FakeDriver, spec_root: Path) -> None:
