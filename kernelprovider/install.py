@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
+from kernelprovider.defaults import DEFAULT_IMAGE, DEFAULT_MEMORY_MIB, DEFAULT_STARTUP_TIMEOUT
 from vmruntime.errors import ImageNotFoundError, VmruntimeError
 from vmruntime.images import resolve as resolve_cached_image
 from vmruntime.images.reference import local_only_hint
@@ -44,9 +45,6 @@ from vmruntime.vm import Mount, SandboxConfig
 from vmruntime.vm.mounts import MountKind, resolve_mounts
 
 PROVISIONER_NAME = "microvm-provisioner"
-DEFAULT_IMAGE = "vmruntime/default:latest"  # the short name users know (a local alias)
-DEFAULT_MEMORY_MIB = 1024  # ipykernel + pandas + matplotlib in the guest want more than 512
-DEFAULT_STARTUP_TIMEOUT = 120.0  # boot + `import ipykernel` (7.6 s) under TCG, with room
 DEFAULT_ARGV = ("python3", "-m", "ipykernel_launcher", "-f", "{connection_file}")
 ShareMode = Literal["off", "ro", "rw"]
 _SHARE_MODES = ("off", "ro", "rw")

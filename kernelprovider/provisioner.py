@@ -37,12 +37,17 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Enum, Float, Int, List, Unicode
 
+from kernelprovider.defaults import (
+    DEFAULT_CPUS,
+    DEFAULT_IMAGE,
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_STARTUP_TIMEOUT,
+)
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
 from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
 from vmruntime.vm.sync import submit
 
 T = TypeVar("T")
-DEFAULT_IMAGE = "vmruntime/default:latest"
 SIGNATURE_SCHEME = "hmac-sha256"
 
 __all__ = ["KernelLaunchError", "MicroVMProvisioner", "guest_environment"]
@@ -64,8 +69,8 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Runs a kernelspec's ``argv`` in a microVM booted from ``image`` (see the module)."""
 
     image = Unicode(DEFAULT_IMAGE, config=True, help="OCI image the kernel's VM boots")
-    cpus = Int(1, config=True, help="virtual CPUs of the kernel's VM")
-    memory = Int(1024, config=True, help="memory of the kernel's VM, in MiB")
+    cpus = Int(DEFAULT_CPUS, config=True, help="virtual CPUs of the kernel's VM")
+    memory = Int(DEFAULT_MEMORY_MIB, config=True, help="memory of the kernel's VM, in MiB")
     mounts = List(Unicode(), config=True, help="host folders, HOST:GUEST[:ro]")
     volumes = List(Unicode(), config=True, help="named volumes, NAME:GUEST[:ro]")
     disks = List(Unicode(), config=True, help="ext4 disk images, PATH:GUEST[:ro]")
@@ -73,7 +78,8 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         ["off", "ro", "rw"], "off", config=True,
         help="share the notebook's folder at the same path in the guest and start there",
     )  # fmt: skip
-    startup_timeout = Float(120.0, config=True, help="seconds for boot + kernel listening")
+    startup_timeout = Float(DEFAULT_STARTUP_TIMEOUT, config=True,
+                            help="seconds for boot + kernel listening")  # fmt: skip
     pass_env = List(Unicode(), config=True, help="server environment variables passed in")
     rotate_key_on_restart = Bool(
         True, config=True,

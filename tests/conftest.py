@@ -29,6 +29,9 @@ from vm_support import broker_processes, load_busybox_image, qemu_processes
 from vmruntime.guest.kernel import GuestKernel, cached_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
 
+# Fixtures of the fast tier's fake VMM world (world, agent_cache): tests/fake_world.py.
+pytest_plugins = ["fake_world"]
+
 # The user's real directories, read before pytest_configure replaces them.
 USER_CACHE = default_cache_dir()
 PEER_CACHE = Path(os.environ.get("PEER_CACHE") or Path.home() / ".cache" / "vmruntime-peers")

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 from fake_vmm import FakeDriver
+from fake_world import IMAGE, fake, left_behind
 from jupyter_client import AsyncKernelManager, KernelManager
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
-from test_sandbox_create import IMAGE, agent_cache, fake, left_behind, world  # noqa: F401
 
 from kernelprovider.kernel import KernelLaunchError
 from kernelprovider.provisioner import MicroVMProvisioner, guest_environment
@@ -54,7 +54,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def driver(world: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:  # noqa: F811
+def driver(world: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]:
     """Sandboxes of this test boot on a fake VMM; kernelspecs live in world/jupyter."""
     the_driver = fake()
     monkeypatch.setattr(MicroVMProvisioner, "creation_plan", lambda: CreationPlan(the_driver))
@@ -65,7 +65,7 @@ def driver(world: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDriver]
 
 
 @pytest.fixture
-def spec_root(world: Path) -> Path:  # noqa: F811
+def spec_root(world: Path) -> Path:
     return world / "jupyter"
 
 

@@ -14,8 +14,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import os
-import shutil
 import socket
 import threading
 import time
@@ -24,40 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_vmm import FakeDriver
+from fake_world import IMAGE, fake
 from helpers import pattern
-from imagefactory import directory, file, make_layer_tar, write_oci_layout
 
-from vmruntime import images
 from vmruntime.vm import AsyncSandbox
 
-IMAGE = "test/fake:1"
 MiB = 1 << 20
 # The test's own sockets (service and client ends) buffer little, so what a stalled flow
 # leaves in flight is mostly the forward's: its sockets' kernel buffers (measured 5-6 MiB
 # here) and the agent channel's window. The tests allow it half of a 20 MiB flow.
 SOCKET_BUFFER = 64 << 10
 
-_agent_cache: list[Path] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def agent_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    _agent_cache.append(tmp_path_factory.mktemp("fake-vmm-agent"))
-
-
 @pytest.fixture(autouse=True)
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Private cache, state and runtime dirs with a one-file image loaded."""
-    monkeypatch.setenv("VMRUNTIME_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("VMRUNTIME_STATE", str(tmp_path / "state"))
-    runtime = Path(f"/tmp/vmr-forwards-{os.getpid()}-{time.monotonic_ns()}")
-    runtime.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    layer = make_layer_tar([directory("etc"), file("etc/marker", "x")])
-    images.load(write_oci_layout(tmp_path / "layout", [layer]).layout_dir, IMAGE)
-    yield tmp_path
-    shutil.rmtree(runtime, ignore_errors=True)
+def _in_a_fake_world(world: Path) -> Path:
+    return world
 
 
 # --- the "guest" side: a threaded TCP service on the host --------------------------------
@@ -202,7 +180,7 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 
 
 async def create(guest_port: int) -> AsyncSandbox:
-    driver = FakeDriver(agent_cache=_agent_cache[0])
+    driver = fake()
     return await AsyncSandbox.create(IMAGE, driver=driver, ports=[guest_port])
 
 
@@ -395,7 +373,7 @@ def test_20_mib_from_the_guest_reach_a_slow_client_whole(
         stalled_at = await _settled(lambda: service.sent, quiet=0.3, limit=15)
         assert stalled_at < len(data) // 2
         digest, total = hashlib.sha256(), 0
-        while chunk := await asyncio.wait_for(reader.read(1 << 16), 10):
+        while chunk := await asyncio.wait_for(reader.read(1 << 16), 30):
             digest.update(chunk)
             total += len(chunk)
             await asyncio.sleep(0.0005)  # a slow reader
