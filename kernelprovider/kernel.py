@@ -23,13 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vmruntime.errors import SandboxError, VmruntimeError
-from vmruntime.vm import AsyncProcess, AsyncSandbox, SandboxConfig
+from vmruntime.vm import AsyncProcess, AsyncSandbox, CreationPlan, SandboxConfig
 from vmruntime.vm.sandbox import console_tail
 
 # ipykernel's five sockets, in connection-file order. Each launch binds the next five
-# guest ports (a killed kernel's ports may linger in TIME_WAIT in the guest).
+# free guest ports (a killed kernel's ports may linger in TIME_WAIT in the guest).
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
-_FIRST_GUEST_PORT = 50000
+_FIRST_GUEST_PORT = 20000  # below Linux's ephemeral range: a probe never self-connects
 _GUEST_PORT_SPAN = 5000
 _CONNECTION_DIR = "/tmp/.vmruntime-kernel"  # the guest's own /tmp; made 0700
 _OUTPUT_TAIL_BYTES = 8192
@@ -115,11 +115,14 @@ class _KernelProcess:
 class KernelSandbox:
     """A sandbox that runs one kernel process at a time (see the module's docstring)."""
 
-    def __init__(self, config: SandboxConfig, log: logging.Logger) -> None:
+    def __init__(self, config: SandboxConfig, log: logging.Logger,
+                 plan: CreationPlan | None = None) -> None:  # fmt: skip
         self.config = config
+        self._plan = plan
         self.sandbox: AsyncSandbox | None = None
         self.kernel: _KernelProcess | None = None
         self.generation = 0
+        self._next_candidate = 0
         self._guest_ports: dict[str, int] = {}
         self._log = log
 
@@ -154,17 +157,26 @@ class KernelSandbox:
             await self.end()
         timeout = max(1.0, deadline - time.monotonic())
         config = dataclasses.replace(self.config, boot_timeout=timeout)
-        self.sandbox = await AsyncSandbox.from_config(config)
+        self.sandbox = await AsyncSandbox.from_config(config, self._plan)
         self._log.info("kernel sandbox %s booted in %.1f s (%s)", self.sandbox.id,
                        self.sandbox.boot_seconds, self.sandbox.accelerator)  # fmt: skip
 
     async def _next_ports(self) -> dict[str, int]:
+        """Five guest ports nothing in the guest listens on, each forwarded from a free
+        host port; the previous launch's forwards end."""
         assert self.sandbox is not None
         await self.sandbox.unforward(self._guest_ports.values())
-        first = _FIRST_GUEST_PORT + (self.generation * len(CHANNELS)) % _GUEST_PORT_SPAN
+        chosen: list[int] = []
+        candidate = self._next_candidate
+        while len(chosen) < len(CHANNELS):
+            port = _FIRST_GUEST_PORT + candidate % _GUEST_PORT_SPAN
+            candidate += 1
+            if not await self.sandbox.port_open(port):  # a guest service may hold it
+                chosen.append(port)
+        self._next_candidate = candidate
         self.generation += 1
-        self._guest_ports = {name: first + i for i, name in enumerate(CHANNELS)}
-        await self.sandbox.personalize(ports={port: 0 for port in self._guest_ports.values()})
+        self._guest_ports = dict(zip(CHANNELS, chosen, strict=True))
+        await self.sandbox.personalize(ports={port: 0 for port in chosen})
         return self._guest_ports
 
     async def _write_connection_file(self, request: KernelRequest, ports: Mapping[str, int]) -> str:

@@ -28,16 +28,15 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode
 
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
-from vmruntime.errors import VmruntimeError
-from vmruntime.vm import Mount, SandboxConfig
+from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
 from vmruntime.vm.sync import submit
 
 T = TypeVar("T")
@@ -75,9 +74,24 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     startup_timeout = Float(120.0, config=True, help="seconds for boot + kernel listening")
     pass_env = List(Unicode(), config=True, help="server environment variables passed in")
 
+    # How sandboxes are made (None: a cold boot under QEMU). A seam, not configuration:
+    # the fast tests plug a fake VMM in here, and a warm pool will.
+    creation_plan: ClassVar[Callable[[], CreationPlan] | None] = None
+
     _box: KernelSandbox | None = None
     _sandbox_id = ""
     _exit_expected = False  # a shutdown or a signal that ends it was asked for
+
+    @property
+    def sandbox(self) -> AsyncSandbox | None:
+        """The kernel's sandbox while it runs (for tools and benchmarks; it lives on
+        vmruntime's runtime loop, so await its methods there)."""
+        return self._box.sandbox if self._box is not None else None
+
+    @property
+    def sandbox_id(self) -> str:
+        """The id of the kernel's last sandbox (kept in the provisioner info)."""
+        return self._sandbox_id
 
     # Launching.
 
@@ -91,7 +105,9 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         deadline = time.monotonic() + self.startup_timeout
         if self._box is None:
-            self._box = KernelSandbox(self._sandbox_config(kwargs.get("cwd")), self.log)
+            factory = type(self).creation_plan  # through the class: a plain function, unbound
+            plan = factory() if factory is not None else None
+            self._box = KernelSandbox(self._sandbox_config(kwargs.get("cwd")), self.log, plan)
         request = KernelRequest(
             argv=cmd,
             env=guest_environment(kwargs.get("env") or {}, self.kernel_spec.env, self.pass_env),
@@ -101,11 +117,8 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             kernel_name=getattr(self.parent, "kernel_name", "") or "",
         )
         self._exit_expected = False
-        try:
-            info = await _on_runtime_loop(self._box.launch(request, deadline))
-        except VmruntimeError as exc:
-            self.log.error("%s", exc)
-            raise
+        # A failure propagates: jupyter_client logs it, Jupyter Server reports it.
+        info = await _on_runtime_loop(self._box.launch(request, deadline))
         self._sandbox_id = self._box.sandbox_id
         self.connection_info = info
         return info

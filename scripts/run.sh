@@ -25,3 +25,18 @@ try:
 except OSError as exc:
     print("network: none (" + exc.strerror + ")")
 '
+
+# The Jupyter front door: a kernelspec whose kernels run in microVMs booted from the
+# default image, installed into the virtualenv (not the user's home), with docs/ shared
+# read-only; then the quick-start notebook runs on it and the executed copy is kept.
+.venv/bin/python -m kernelprovider install --name vmruntime-default \
+    --mount "$PWD/docs:/shared/docs:ro" --env HOST_PROJECT_DIR="$PWD" --sys-prefix --replace
+.venv/bin/python -m kernelprovider execute notebooks/quickstart.ipynb \
+    --kernel vmruntime-default --output build/quickstart.executed.ipynb
+cat <<END
+
+To open the notebook in JupyterLab on the same sandboxed kernel:
+    .venv/bin/jupyter lab notebooks/quickstart.ipynb
+(its metadata names the kernel "Python 3 (sandboxed: vmruntime/default:latest)";
+pick it under Kernel > Change Kernel for any other notebook)
+END

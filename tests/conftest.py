@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,6 +172,49 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
     shutil.rmtree(runtime, ignore_errors=True)
     assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"
     assert not brokers, f"broker processes outlived the test session: {brokers}"
+
+
+@dataclass(frozen=True)
+class DefaultImageSession:
+    """Where sandboxes of the default image run in this session (see the fixture)."""
+
+    cache: Path
+    state: Path
+    runtime: Path
+    image: str = "vmruntime/default:latest"
+
+
+@pytest.fixture(scope="session")
+def default_image_session(tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[DefaultImageSession]:  # fmt: skip
+    """The built default image, for tests that run its Python (Jupyter kernels, Ray).
+
+    It lives in the user's cache (``scripts/run.sh`` builds it there; here it is built
+    if it is missing or stale, minutes once, seconds after), which these tests share
+    read-mostly: the cache is content-addressed and locked. Sandbox state and runtime
+    directories stay private to the session, and a QEMU or broker left at the end
+    fails the run.
+    """
+    setup_kernel()
+    build = subprocess.run(
+        [sys.executable, "-m", "vmruntime", "image", "build-default"],
+        env={**os.environ, "VMRUNTIME_CACHE": str(USER_CACHE)},
+        capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if build.returncode != 0:
+        pytest.fail(f"building the default image failed:\n{build.stdout}{build.stderr}")
+    root = tmp_path_factory.mktemp("default-image")
+    runtime = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VMRUNTIME_CACHE", str(USER_CACHE))
+        patch.setenv("VMRUNTIME_STATE", str(root / "state"))
+        patch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        yield DefaultImageSession(USER_CACHE, root / "state", runtime)
+    leftovers = qemu_processes(str(runtime)) + broker_processes(str(runtime))
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(runtime, ignore_errors=True)
+    assert not leftovers, f"QEMU or broker processes outlived the test session: {leftovers}"
 
 
 def setup_kernel() -> GuestKernel:

@@ -475,6 +475,52 @@ def test_port_connect_round_trip_and_refused(agent: AgentConn) -> None:
     assert agent.error_on(channel).errno == errno.ECONNREFUSED
 
 
+def test_abort_resets_a_port_connection_whose_peer_keeps_writing(agent: AgentConn) -> None:
+    """The host gives up a forwarded connection (its client is gone): the guest service,
+    blocked writing into a window the host no longer opens, sees a reset at once."""
+    server = socket.create_server(("127.0.0.1", 0))
+    ended: list[BaseException] = []
+
+    def stream_until_reset() -> None:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                while True:
+                    conn.sendall(b"x" * 65536)
+            except OSError as exc:
+                ended.append(exc)
+
+    thread = threading.Thread(target=stream_until_reset, daemon=True)
+    thread.start()
+    channel = agent.new_id()
+    agent.send(p.port_connect(channel, server.getsockname()[1]))
+    assert agent.next(channel).type == MsgType.STARTED
+    assert agent.next(channel).type == MsgType.STDOUT  # up to the window, never granted more
+    agent.send(p.encode_frame(MsgType.ABORT, channel))
+    error = agent.collect(channel, grant=False).error
+    assert error is not None and error.errno == errno.ECONNABORTED
+    thread.join(5)
+    assert isinstance(ended[0], ConnectionResetError | BrokenPipeError)
+    agent.send(p.encode_frame(MsgType.ABORT, channel))  # no longer open: ignored
+    assert agent.quiet(channel, 0.2)
+    server.close()
+
+
+def test_abort_kills_an_exec_and_refuses_a_body(agent: AgentConn) -> None:
+    channel = agent.start(["sleep", "30"])
+    pid = p.parse_started(agent.next(channel).body)
+    agent.send(p.encode_frame(MsgType.ABORT, channel, b"why"))
+    assert agent.error_on(0).errno == errno.EINVAL
+    agent.send(p.encode_frame(MsgType.ABORT, channel))
+    error = agent.collect(channel).error
+    assert error is not None and error.errno == errno.ECONNABORTED
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(pid)
+    assert agent.run(["echo", "still here"]).stdout == b"still here\n"
+
+
 # --- mounts --------------------------------------------------------------------
 # A successful MOUNT needs the guest's devices: tests/test_sandbox_mounts.py (slow) has
 # those. Here: every refusal, answered on the request's own id, and nothing is created.

@@ -8,6 +8,7 @@ Under TCG (these machines) a boot takes a few seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
@@ -34,7 +35,7 @@ from vmruntime.errors import (
     SandboxError,
     VmruntimeError,
 )
-from vmruntime.vm import state
+from vmruntime.vm import AsyncProcess, ExecResult, state
 from vmruntime.vm.sync import run
 
 pytestmark = pytest.mark.slow
@@ -201,6 +202,58 @@ def test_port_forwarding_reaches_a_guest_server(vm_session: VmSession) -> None:
         host_port = box.ports[8080]
         with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/index.html", timeout=60) as r:
             assert r.read() == b"served from the guest\n"
+
+
+async def _read_some(box: AsyncSandbox, guest_port: int, nbytes: int) -> asyncio.StreamWriter:
+    """Connect through the forward once the guest service listens; read ``nbytes``."""
+    for _ in range(100):
+        reader, writer = await asyncio.open_connection("127.0.0.1", box.ports[guest_port])
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await asyncio.wait_for(reader.readexactly(nbytes), 60)
+            return writer
+        writer.close()  # refused in the guest: not listening yet
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing listened on guest port {guest_port}")
+
+
+async def _output_and_exit(process: AsyncProcess) -> ExecResult:
+    async for _ in process:
+        pass
+    return await process.wait()
+
+
+def test_forwarded_connections_end_with_either_side_and_with_the_sandbox(
+    vm_session: VmSession,
+) -> None:
+    """A client that leaves a guest service in mid-stream gets the guest's connection
+    reset, so the service's writer ends; stopping with clients connected is quiet."""
+    calls: list[dict[str, object]] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: calls.append(context))
+        async with await AsyncSandbox.create(vm_session.image, ports=[8080, 8081]) as box:
+            # nc -e runs yes on the accepted socket: it writes until the socket breaks.
+            streamer = await box.exec_stream(["nc", "-l", "-p", "8081", "-e", "yes"])
+            leaving = await _read_some(box, 8081, 1 << 20)
+            leaving.close()
+            ended = await asyncio.wait_for(_output_and_exit(streamer), 30)
+            assert ended.returncode != 0  # EPIPE or SIGPIPE
+            await box.exec(["sh", "-c", "httpd -p 127.0.0.1:8080 -h /www"], check=True)
+            staying = []
+            for request in (b"", b"GET /index.html HTTP/1.0\r\n"):  # idle; half a request
+                reader, writer = await asyncio.open_connection("127.0.0.1", box.ports[8080])
+                writer.write(request)
+                staying.append((reader, writer))
+            await asyncio.sleep(0.5)
+        for reader, writer in staying:  # the sandbox has stopped: their connections ended
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(scenario())
+    assert calls == []
 
 
 # --- isolation between sandboxes, disk and lifecycle ------------------------------------

@@ -45,6 +45,7 @@ class MsgType(IntEnum):
     PORT_CONNECT = 15
     SHUTDOWN = 16
     MOUNT = 17
+    ABORT = 18
 
 
 class Tag(IntEnum):

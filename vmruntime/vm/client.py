@@ -125,6 +125,12 @@ class Channel:
         if not self._done.done():
             await self._client.send(p.resize(self.id, rows, cols))
 
+    async def abort(self) -> None:
+        """Give the channel up: the agent ends it at once (a port's guest connection is
+        reset) and answers ERROR ``ECONNABORTED``."""
+        if not self._done.done():
+            await self._client.send(p.encode_frame(p.MsgType.ABORT, self.id))
+
     async def wait(self) -> p.Exit:
         return await asyncio.shield(self._done)
 

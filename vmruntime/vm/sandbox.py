@@ -60,6 +60,7 @@ from vmruntime.vm.config import (
     SandboxConfig,
 )
 from vmruntime.vm.driver import VmHandle, VmmDriver
+from vmruntime.vm.forwards import PortForwards
 from vmruntime.vm.mounts import Mount, SandboxMounts
 from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.teardown import end_sandbox
@@ -183,8 +184,7 @@ class AsyncSandbox:
         self._mounts = mounts  # None when attached: the record names its brokers
         self._client: AgentClient | None = None
         self._lock_file: IO[bytes] | None = None
-        self._forwards: dict[int, asyncio.Server] = {}  # guest port -> its host listener
-        self._forward_tasks: dict[asyncio.Task[None], int] = {}  # connection -> guest port
+        self._forwards = PortForwards(lambda port: self._agent().connect_port(port))
         self._closed = False
         self.fs = AsyncGuestFiles(self)
         self.ports: dict[int, int] = {}
@@ -277,7 +277,7 @@ class AsyncSandbox:
             undo.push_async_callback(sandbox._disconnect)
             await sandbox._mount_all(started + config.boot_timeout)
             sandbox.boot_seconds = time.monotonic() - started
-            undo.push_async_callback(sandbox._close_forwards)
+            undo.push_async_callback(sandbox._forwards.close)
             try:  # 7: the per-caller settings
                 await sandbox.personalize(env=config.env, ports=config.port_map, name=config.name)
             except OSError as exc:  # e.g. a host port already taken
@@ -563,12 +563,9 @@ class AsyncSandbox:
         """Stop forwarding ``guest_ports``: their host listeners close, and so does every
         connection made through them."""
         ports = set(guest_ports)
+        await self._forwards.stop(ports)
         for guest_port in ports:
-            server = self._forwards.pop(guest_port, None)
-            if server is not None:
-                server.close()
             self.ports.pop(guest_port, None)
-        await self._end_forward_tasks([t for t, g in self._forward_tasks.items() if g in ports])
 
     async def _forward_ports(self, ports: Mapping[int, int]) -> None:
         for guest_port, host_port in ports.items():
@@ -577,27 +574,7 @@ class AsyncSandbox:
             if guest_port in self._forwards:
                 raise SandboxError(self.id, f"guest port {guest_port} is already forwarded")
         for guest_port, host_port in ports.items():
-            server = await asyncio.start_server(
-                lambda r, w, g=guest_port: self._serve_forward(g, r, w), "127.0.0.1", host_port
-            )
-            self._forwards[guest_port] = server
-            self.ports[guest_port] = server.sockets[0].getsockname()[1]
-
-    async def _serve_forward(self, guest_port: int, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:  # fmt: skip
-        task = asyncio.current_task()
-        assert task is not None
-        self._forward_tasks[task] = guest_port
-        try:
-            channel = await self._agent().connect_port(guest_port)
-            await asyncio.gather(_pump_in(reader, channel), _pump_out(channel, writer))
-        except (SandboxError, OSError):
-            pass
-        finally:
-            self._forward_tasks.pop(task, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self.ports[guest_port] = await self._forwards.listen(guest_port, host_port)
 
     # Ending.
 
@@ -610,7 +587,7 @@ class AsyncSandbox:
             self._record.keep = keep
         if self._closed:
             return
-        await self._close_forwards()
+        await self._forwards.close()  # its clients see their connections end, quietly
         client = self._client
         acknowledged = False
         if client is not None and client.failure is None and self._vm.running():
@@ -631,26 +608,17 @@ class AsyncSandbox:
         """End the VM at once."""
         if self._closed:
             return
-        await self._close_forwards()
+        await self._forwards.close()
         self._vm.kill()
         await self._finish()
 
     async def detach(self) -> None:
         """Drop this process's connection; the (detached) sandbox keeps running."""
+        await self._forwards.close()  # they relay through this connection
         await self._disconnect()
         if self._mounts is not None:
             self._mounts.release_locks()  # QEMU holds its own copies for the VM's life
         self._closed = True
-
-    async def _close_forwards(self) -> None:
-        for server in self._forwards.values():
-            server.close()
-        self._forwards.clear()
-        await self._end_forward_tasks(list(self._forward_tasks))
-
-    async def _end_forward_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            task.cancel()
 
     async def _finish(self) -> None:
         self._closed = True
@@ -690,17 +658,3 @@ def _end_owned_sandboxes_at_exit() -> None:
 async def _feed(process: AsyncProcess, data: bytes) -> None:
     await process.write(data)
     await process.close_stdin()
-
-
-async def _pump_in(reader: asyncio.StreamReader, channel: Channel) -> None:
-    while data := await reader.read(p.MAX_DATA):
-        await channel.write(data)
-    await channel.close_stdin()
-
-
-async def _pump_out(channel: Channel, writer: asyncio.StreamWriter) -> None:
-    while (item := await channel.read()) is not None:
-        writer.write(item[1])
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()

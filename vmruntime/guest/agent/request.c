@@ -1,5 +1,6 @@
 /* Host requests: opening channels (EXEC, FILE_READ, FILE_WRITE, PORT_CONNECT), MOUNT,
- * and the frames that act on an open channel (STDIN, STDIN_EOF, WINDOW, SIGNAL, RESIZE).
+ * and the frames that act on an open channel (STDIN, STDIN_EOF, WINDOW, SIGNAL, RESIZE,
+ * ABORT).
  * Every field is checked here; a bad opening request is answered with ERROR on its own id. */
 #define _GNU_SOURCE
 #include "channel.h"
@@ -560,4 +561,21 @@ void request_resize(struct channel *ch, const uint8_t *body, size_t len)
         return;
     struct winsize ws = {.ws_row = (unsigned short)v[0], .ws_col = (unsigned short)v[1]};
     ioctl(ch->out_fd[0], TIOCSWINSZ, &ws);
+}
+
+void request_abort(struct channel *ch, size_t len)
+{
+    if (len) {
+        send_error(0, EINVAL, "ABORT on channel %u: the body must be empty", ch->id);
+        return;
+    }
+    if (ch->kind == CH_PORT) {
+        /* The host's client is gone: reset the guest's side rather than leave its peer
+         * writing into a window nobody will open again. */
+        struct linger reset = {.l_onoff = 1, .l_linger = 0};
+        int sock = ch->out_fd[0] >= 0 ? ch->out_fd[0] : ch->in_fd;
+        if (sock >= 0)
+            setsockopt(sock, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+    }
+    chan_fail(ch, ECONNABORTED, "aborted by the host");
 }

@@ -15,5 +15,6 @@ void request_stdin_eof(struct channel *ch);
 void request_window(struct channel *ch, const uint8_t *body, size_t len);
 void request_signal(struct channel *ch, const uint8_t *body, size_t len);
 void request_resize(struct channel *ch, const uint8_t *body, size_t len);
+void request_abort(struct channel *ch, size_t len);
 
 #endif

@@ -288,6 +288,9 @@ static void channel_frame(uint8_t type, uint32_t id, const uint8_t *body, size_t
     case MSG_SIGNAL:
         request_signal(ch, body, len);
         break;
+    case MSG_ABORT:
+        request_abort(ch, len);
+        break;
     default:
         request_resize(ch, body, len);
         break;
@@ -325,6 +328,7 @@ static void dispatch(const uint8_t *h, const uint8_t *body, size_t len)
     case MSG_WINDOW:
     case MSG_SIGNAL:
     case MSG_RESIZE:
+    case MSG_ABORT:
         channel_frame(type, id, body, len);
         break;
     case MSG_SHUTDOWN:
