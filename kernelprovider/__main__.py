@@ -131,6 +131,12 @@ def _add_install(commands: argparse._SubParsersAction) -> None:
         metavar="S",
         help="boot + kernel listening (default: %(default)g)",
     )
+    install.add_argument(
+        "--keep-key-on-restart",
+        action="store_true",
+        help="a restart keeps the session key and ports, as a local kernel does, so "
+        "clients that did not ask for it carry on (default: fresh ones)",
+    )
     where = install.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
     where.add_argument("--sys-prefix", action="store_true", help=f"into {sys.prefix}")
@@ -168,6 +174,7 @@ def _install(args: argparse.Namespace) -> int:
         memory_mib=args.memory, mounts=args.mount, volumes=args.volume, disks=args.disk,
         share_notebook_dir=args.share_notebook_dir, pass_env=pass_env, env=env,
         startup_timeout=args.startup_timeout,
+        rotate_key_on_restart=not args.keep_key_on_restart,
     )  # fmt: skip
     result = spec.install(args.name, options, _scope(args), replace=args.replace)
     installed = result.installed

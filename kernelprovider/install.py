@@ -86,6 +86,7 @@ class KernelOptions:
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    rotate_key_on_restart: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def build_kernel_spec(options: KernelOptions) -> dict[str, Any]:
         "share_notebook_dir": share,
         "startup_timeout": _startup_timeout(options.startup_timeout),
         "pass_env": [_env_name(name) for name in options.pass_env],
+        "rotate_key_on_restart": bool(options.rotate_key_on_restart),
     }
     return {
         "argv": list(DEFAULT_ARGV),

@@ -67,6 +67,7 @@ class KernelRequest:
     key: str
     signature_scheme: str
     kernel_name: str
+    keep_ports: bool = False  # reuse the previous launch's ports (guest and host) if free
 
 
 class _KernelProcess:
@@ -132,16 +133,21 @@ class KernelSandbox:
 
     async def launch(self, request: KernelRequest, deadline: float) -> dict[str, object]:
         """Start a kernel (booting the sandbox first if it is not running) and return
-        the host side's connection info once the kernel listens on all its ports."""
+        the host side's connection info once the kernel listens on all its ports.
+
+        If it fails, a sandbox it booted is ended; a sandbox that was already running
+        (a restart) keeps its files, and only the new kernel process is ended.
+        """
+        booting = self.sandbox is None or not self.sandbox.running
         try:
             await self._ensure_sandbox(deadline)
-            ports = await self._next_ports()
+            ports = await self._ports_for(request)
             path = await self._write_connection_file(request, ports)
             argv = [arg.replace("{connection_file}", path) for arg in request.argv]
             await self._start_kernel(argv, request)
             await self._wait_until_listening(deadline)
         except BaseException:
-            await self.end()
+            await (self.end() if booting else self._abandon_kernel())
             raise
         assert self.sandbox is not None
         host = {f"{name}_port": self.sandbox.ports[port] for name, port in ports.items()}
@@ -160,6 +166,16 @@ class KernelSandbox:
         self.sandbox = await AsyncSandbox.from_config(config, self._plan)
         self._log.info("kernel sandbox %s booted in %.1f s (%s)", self.sandbox.id,
                        self.sandbox.boot_seconds, self.sandbox.accelerator)  # fmt: skip
+
+    async def _ports_for(self, request: KernelRequest) -> dict[str, int]:
+        assert self.sandbox is not None
+        previous = list(self._guest_ports.values())
+        reusable = request.keep_ports and previous and all(
+            port in self.sandbox.ports for port in previous)  # fmt: skip
+        if reusable and not any([await self.sandbox.port_open(port) for port in previous]):
+            self.generation += 1
+            return self._guest_ports
+        return await self._next_ports()
 
     async def _next_ports(self) -> dict[str, int]:
         """Five guest ports nothing in the guest listens on, each forwarded from a free
@@ -244,6 +260,17 @@ class KernelSandbox:
         assert self.kernel is not None
         return await self.kernel.wait()
 
+    async def _abandon_kernel(self) -> None:
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            await kernel.signal(signal.SIGKILL)
+            with contextlib.suppress(SandboxError, TimeoutError):
+                await asyncio.wait_for(kernel.wait(), 10)
+        if self.sandbox is not None:
+            with contextlib.suppress(SandboxError):
+                await self.sandbox.unforward(self._guest_ports.values())
+        self._guest_ports = {}
+
     async def end(self) -> None:
         """End the sandbox (its kernel with it); idempotent."""
         sandbox, self.sandbox = self.sandbox, None
@@ -252,6 +279,7 @@ class KernelSandbox:
             return
         with contextlib.suppress(SandboxError):
             await sandbox.stop(timeout=5)
-        if self.kernel is not None:
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
             with contextlib.suppress(SandboxError):
-                await self.kernel.wait()
+                await kernel.wait()

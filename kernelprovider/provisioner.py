@@ -16,7 +16,9 @@ Server, JupyterLab, nbclient), which finds it through the entry point group
   while restarting, so only ``cleanup`` decides: ``cleanup(restart=True)`` keeps the
   sandbox and its files for the next launch, ``cleanup(restart=False)`` ends it.
 * Each launch has a fresh session key and fresh host ports (a restart changes both, so
-  Jupyter Server re-reads them, as it does after a restart with new ports).
+  Jupyter Server re-reads them, as it does after a restart with new ports);
+  ``rotate_key_on_restart = False`` keeps both across restarts instead, as jupyter_client's
+  local kernels do, so clients that did not ask for the restart carry on.
 * A kernel that exits by itself, or whose VM dies, is reported by ``poll``; the next
   launch (jupyter_client's restarter) boots a new VM if the old one is gone.
 """
@@ -33,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Enum, Float, Int, List, Unicode
+from traitlets import Bool, Enum, Float, Int, List, Unicode
 
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
 from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
@@ -73,6 +75,11 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )  # fmt: skip
     startup_timeout = Float(120.0, config=True, help="seconds for boot + kernel listening")
     pass_env = List(Unicode(), config=True, help="server environment variables passed in")
+    rotate_key_on_restart = Bool(
+        True, config=True,
+        help="a restart gets a fresh session key and fresh ports (clients must reconnect, "
+        "as JupyterLab does after its own restarts); False keeps both, as a local kernel does",
+    )  # fmt: skip
 
     # How sandboxes are made (None: a cold boot under QEMU). A seam, not configuration:
     # the fast tests plug a fake VMM in here, and a warm pool will.
@@ -81,6 +88,7 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _box: KernelSandbox | None = None
     _sandbox_id = ""
     _exit_expected = False  # a shutdown or a signal that ends it was asked for
+    _key = ""
 
     @property
     def sandbox(self) -> AsyncSandbox | None:
@@ -108,13 +116,16 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             factory = type(self).creation_plan  # through the class: a plain function, unbound
             plan = factory() if factory is not None else None
             self._box = KernelSandbox(self._sandbox_config(kwargs.get("cwd")), self.log, plan)
+        keep = bool(self._key) and not self.rotate_key_on_restart
+        self._key = self._key if keep else secrets.token_hex(32)
         request = KernelRequest(
             argv=cmd,
             env=guest_environment(kwargs.get("env") or {}, self.kernel_spec.env, self.pass_env),
             cwd=self._kernel_cwd(kwargs.get("cwd")),
-            key=secrets.token_hex(32),
+            key=self._key,
             signature_scheme=SIGNATURE_SCHEME,
             kernel_name=getattr(self.parent, "kernel_name", "") or "",
+            keep_ports=keep,
         )
         self._exit_expected = False
         # A failure propagates: jupyter_client logs it, Jupyter Server reports it.

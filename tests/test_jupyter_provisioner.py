@@ -33,12 +33,13 @@ HOST_KERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_fi
 
 
 def write_spec(root: Path, name: str, argv: list[str] | None = None,
-               env: dict[str, str] | None = None, **config: Any) -> str:  # fmt: skip
+               env: dict[str, str] | None = None, interrupt_mode: str = "signal",
+               **config: Any) -> str:  # fmt: skip
     folder = root / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
         "argv": argv or HOST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
-        "interrupt_mode": "signal", "env": env or {},
+        "interrupt_mode": interrupt_mode, "env": env or {},
         "metadata": {"kernel_provisioner": {
             "provisioner_name": "microvm-provisioner",
             "config": {"image": IMAGE, "startup_timeout": 60.0, **config}}},
@@ -158,7 +159,58 @@ async def test_restart_keeps_the_sandbox_with_a_fresh_key_and_fresh_ports(
     assert status == "error" and "NameError" in out
 
 
+async def test_a_restart_can_keep_key_and_ports_so_connected_clients_carry_on(
+    driver: FakeDriver, spec_root: Path
+) -> None:
+    km = AsyncKernelManager(kernel_name=write_spec(spec_root, "keep", rotate_key_on_restart=False))
+    await km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        await client.execute_interactive("x = 1", timeout=30)
+        before = dict(km.get_connection_info())
+        await km.restart_kernel()
+        assert dict(km.get_connection_info()) == before
+        reply = await client.execute_interactive("x", timeout=30)  # the same client
+        assert reply["content"]["ename"] == "NameError"  # a fresh kernel answered it
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_failed_restart_keeps_the_sandbox_for_the_next_try(
+    kernel: AsyncKernelManager,
+) -> None:
+    provisioner = kernel.provisioner
+    sandbox = provisioner.sandbox
+    argv = list(kernel.kernel_spec.argv)
+    kernel.kernel_spec.argv = ["sh", "-c", "echo 'broken on restart' >&2; exit 5"]
+    with pytest.raises(KernelLaunchError, match="exited with code 5"):
+        await kernel.restart_kernel()
+    assert not provisioner.has_process
+    assert provisioner.sandbox is sandbox and sandbox.running  # its files are still there
+    kernel.kernel_spec.argv = argv
+    await kernel.start_kernel()
+    assert provisioner.sandbox is sandbox
+    assert await run_cell(kernel, "print('recovered')") == ("ok", "recovered\n")
+
+
 async def test_interrupt_by_signal_stops_a_long_cell(kernel: AsyncKernelManager) -> None:
+    await _interrupt_a_sleeping_cell(kernel)
+
+
+async def test_interrupt_by_message_stops_a_long_cell(driver: FakeDriver,
+                                                      spec_root: Path) -> None:  # fmt: skip
+    km = AsyncKernelManager(kernel_name=write_spec(spec_root, "bymsg", interrupt_mode="message"))
+    await km.start_kernel()
+    try:
+        await _interrupt_a_sleeping_cell(km)
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def _interrupt_a_sleeping_cell(kernel: AsyncKernelManager) -> None:
     client = kernel.client()
     client.start_channels()
     try:
@@ -268,6 +320,7 @@ async def test_a_kernel_that_dies_at_start_says_why(driver: FakeDriver, spec_roo
     with pytest.raises(KernelLaunchError, match="exited with code 7") as caught:
         await km.start_kernel()
     assert "no ipykernel here" in str(caught.value)
+    assert not km.has_kernel
 
 
 async def test_a_kernel_that_never_listens_times_out(driver: FakeDriver, spec_root: Path) -> None:

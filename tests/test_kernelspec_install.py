@@ -78,7 +78,7 @@ def test_an_installed_spec_reads_back_through_jupyter(image, prefix, tmp_path) -
         image=image, display_name="Data science", cpus=2, memory_mib=768,
         mounts=[f"{data}:/data:ro"], volumes=["notes:/notes"], disks=[f"{disk}:/scratch"],
         share_notebook_dir="rw", pass_env=["API_TOKEN"], env={"MODE": "test"},
-        startup_timeout=90,
+        startup_timeout=90, rotate_key_on_restart=False,
     )  # fmt: skip
 
     result = install("Demo", options, InstallScope(prefix=prefix))
@@ -97,6 +97,7 @@ def test_an_installed_spec_reads_back_through_jupyter(image, prefix, tmp_path) -
         "image": image, "cpus": 2, "memory": 768, "mounts": [f"{data}:/data:ro"],
         "volumes": ["notes:/notes"], "disks": [f"{disk}:/scratch"],
         "share_notebook_dir": "rw", "startup_timeout": 90.0, "pass_env": ["API_TOKEN"],
+        "rotate_key_on_restart": False,
     }  # fmt: skip
     assert (result.installed.resource_dir / "logo-64x64.png").stat().st_size > 0
 
@@ -239,6 +240,11 @@ def test_the_command_line_installs_lists_and_removes(image, prefix, tmp_path) ->
     assert config["share_notebook_dir"] == "ro"  # the flag alone means read-only
     assert config["mounts"] == [f"{shared}:/shared:ro"]
     assert (config["pass_env"], config["memory"]) == (["TOKEN"], 640)
+    assert config["rotate_key_on_restart"] is True
+    kept = cli("install", "--name", "kept", "--image", image, "--prefix", str(prefix),
+               "--keep-key-on-restart")  # fmt: skip
+    assert kept.returncode == 0, kept.stderr
+    assert config_of(read_back("kept"))["rotate_key_on_restart"] is False
 
     again = cli(*install_args)
     assert again.returncode == 1
