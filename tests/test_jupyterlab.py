@@ -43,7 +43,6 @@ from selenium.common.exceptions import (
     ElementClickInterceptedException,
     ElementNotInteractableException,
     StaleElementReferenceException,
-    TimeoutException,
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -85,7 +84,7 @@ CHROMIUM_FLAGS = (
 )
 
 
-def sandboxed_kernelspec() -> dict[str, Any]:
+def sandboxed_kernelspec(**config: Any) -> dict[str, Any]:
     """The kernel.json the installer writes for the default image (1 GiB of guest RAM)."""
     return {
         "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -97,7 +96,7 @@ def sandboxed_kernelspec() -> dict[str, Any]:
             "debugger": False,
             "kernel_provisioner": {
                 "provisioner_name": "microvm-provisioner",
-                "config": {"image": "vmruntime/default:latest", "memory": 1024},
+                "config": {"image": "vmruntime/default:latest", "memory": 1024, **config},
             },
         },
     }
@@ -167,10 +166,10 @@ class LabServer:
         return self.process.poll() is None
 
 
-def write_kernelspec(jupyter_path: Path) -> None:
+def write_kernelspec(jupyter_path: Path, config: dict[str, Any]) -> None:
     spec_dir = jupyter_path / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(sandboxed_kernelspec(), indent=1))
+    (spec_dir / "kernel.json").write_text(json.dumps(sandboxed_kernelspec(**config), indent=1))
 
 
 def require_default_image() -> None:
@@ -275,11 +274,18 @@ def qemu_left_after(vm_runtime: Path, grace: float) -> list[int]:
 
 
 @pytest.fixture
-def lab_server(tmp_path: Path, artifacts: Path) -> Iterator[LabServer]:
+def kernel_config() -> dict[str, Any]:
+    """The provisioner's settings in the kernelspec (a test parametrizes it to change them)."""
+    return {}
+
+
+@pytest.fixture
+def lab_server(tmp_path: Path, artifacts: Path,
+               kernel_config: dict[str, Any]) -> Iterator[LabServer]:  # fmt: skip
     """JupyterLab with the sandboxed kernelspec; at the end no QEMU of its may be left."""
     setup_kernel()
     require_default_image()
-    write_kernelspec(tmp_path / "jupyter-path")
+    write_kernelspec(tmp_path / "jupyter-path", kernel_config)
     write_lab_config(tmp_path / "jupyter-config")
     # Unix socket paths under it must stay under 108 bytes: hence a short /tmp path.
     vm_runtime = Path(tempfile.mkdtemp(prefix="vmr-lab-", dir="/tmp"))
@@ -499,17 +505,15 @@ def test_sandboxed_kernel_in_jupyterlab(
     print(f"JupyterLab test body: {time.monotonic() - started:.1f} s; screenshot: {screenshot}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutException,
-    reason="a restart gives the kernel fresh host ports; Jupyter Server does not move an open "
-    "websocket's ZMQ streams to them, so a page that did not ask for the restart itself gets "
-    "no answer (JupyterLab's own restart reconnects; a host kernel keeps its ports)",
-)
+@pytest.mark.parametrize("kernel_config", [{"rotate_key_on_restart": False}])
 def test_a_connected_page_survives_a_rest_restart(
     lab_server: LabServer, browser: WebDriver, artifacts: Path
 ) -> None:
-    """POST /api/kernels/ID/restart from outside the page, then a cell through the page."""
+    """POST /api/kernels/ID/restart from outside the page, then a cell through the page.
+
+    With ``rotate_key_on_restart`` off the restart keeps the key and the ports, so the
+    page carries on without knowing (by default the ports change, and only a client
+    that restarted the kernel itself reconnects: docs/jupyter.md, "Lifecycle")."""
     with screenshot_on_failure(browser, artifacts / "failure.png"):
         kernel = open_sandboxed_notebook(browser, lab_server)
         run_in_cell(browser, 0, PRINT_RELEASE)
