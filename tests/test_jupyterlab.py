@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import pytest
 import requests
-from conftest import USER_CACHE, setup_kernel
+from conftest import USER_CACHE, DefaultImageSession, setup_kernel
 from selenium import webdriver
 from selenium.common.exceptions import (
     ElementClickInterceptedException,
@@ -51,9 +51,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 from vm_support import qemu_processes
-
-from vmruntime.images.default_image import DEFAULT_IMAGE
-from vmruntime.images.store import ImageStore
 
 pytestmark = pytest.mark.slow
 
@@ -172,15 +169,6 @@ def write_kernelspec(jupyter_path: Path, config: dict[str, Any]) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(sandboxed_kernelspec(**config), indent=1))
 
 
-def require_default_image() -> None:
-    """The kernel boots the default image from the user's cache; the test never builds it."""
-    if ImageStore(USER_CACHE).get_ref(DEFAULT_IMAGE) is None:
-        pytest.fail(
-            f"{DEFAULT_IMAGE} is not in {USER_CACHE}: run `vmr image build-default` first",
-            pytrace=False,
-        )
-
-
 def server_environment(root: Path, vm_runtime: Path) -> dict[str, str]:
     """Jupyter's directories under ``root``; the VMs' runtime dir ours alone, so leftover
     QEMU processes can be found by it; the images and guest kernel from the user's cache."""
@@ -280,11 +268,10 @@ def kernel_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def lab_server(tmp_path: Path, artifacts: Path,
-               kernel_config: dict[str, Any]) -> Iterator[LabServer]:  # fmt: skip
-    """JupyterLab with the sandboxed kernelspec; at the end no QEMU of its may be left."""
-    setup_kernel()
-    require_default_image()
+def lab_server(tmp_path: Path, artifacts: Path, kernel_config: dict[str, Any],
+               default_image_session: DefaultImageSession) -> Iterator[LabServer]:  # fmt: skip
+    """JupyterLab with the sandboxed kernelspec; at the end no QEMU of its may be left.
+    (``default_image_session``: the default image is built if it is missing.)"""
     write_kernelspec(tmp_path / "jupyter-path", kernel_config)
     write_lab_config(tmp_path / "jupyter-config")
     # Unix socket paths under it must stay under 108 bytes: hence a short /tmp path.
