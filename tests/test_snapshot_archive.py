@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from vmruntime.errors import SnapshotExistsError, SnapshotImportError
+from vmruntime.cli import main
+from vmruntime.errors import SnapshotCorruptError, SnapshotExistsError, SnapshotImportError
 from vmruntime.snapshots import (
     CHUNK_SIZE,
     LayerInfo,
@@ -494,3 +495,45 @@ def test_a_missing_file_is_an_import_error(store: SnapshotStore, tmp_path: Path)
 
 def test_an_archive_starts_with_the_magic(unsealed_archive: Path) -> None:
     assert unsealed_archive.read_bytes().startswith(MAGIC)
+
+
+# --- the command line and the method ------------------------------------------------------
+
+
+def test_vmr_snapshot_export_and_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VMRUNTIME_STATE", str(tmp_path / "state"))
+    store = SnapshotStore()
+    original = make_snapshot(store, "cli", sealed=True)
+    archive = tmp_path / "cli.vmrsnap"
+
+    assert main(["snapshot", "export", "cli", str(archive)]) == 0
+    out = capsys.readouterr().out
+    assert f"manifest {original.digest}" in out and "5 chunks" in out
+
+    assert main(["snapshot", "import", str(archive)]) == 1  # the name is taken
+    assert "already exists" in capsys.readouterr().err
+    assert main(["snapshot", "import", str(archive), "cli-2", "--digest", DIGEST]) == 1
+    assert f"expected {DIGEST}" in capsys.readouterr().err
+    assert not store.exists("cli-2")
+    assert main(["snapshot", "import", str(archive), "cli-2", "--digest", original.digest]) == 0
+    assert capsys.readouterr().out == "cli-2\n"
+    assert store.get("cli-2").layer_path.read_bytes() == original.layer_path.read_bytes()
+
+    archive.write_bytes(archive.read_bytes()[:-1])
+    assert main(["snapshot", "import", str(archive), "cli-3"]) == 1
+    assert "truncated" in capsys.readouterr().err and not store.exists("cli-3")
+    assert main(["snapshot", "export", "nope", str(tmp_path / "x")]) == 1
+    assert "no such snapshot" in capsys.readouterr().err
+
+
+def test_snapshot_export_method_and_a_damaged_layer(store: SnapshotStore, tmp_path: Path) -> None:
+    snapshot = make_snapshot(store, "method", sealed=False)
+    result = snapshot.export(tmp_path / "m.vmrsnap")
+    assert import_snapshot(result.path, store, "method-2").digest != snapshot.digest  # renamed
+
+    os.truncate(snapshot.layer_path, LAYER_SIZE - 1)
+    with pytest.raises(SnapshotCorruptError, match="method"):
+        snapshot.export(tmp_path / "damaged.vmrsnap")
+    assert sorted(p.name for p in tmp_path.iterdir() if "damaged" in p.name) == []
