@@ -17,7 +17,12 @@ import pytest
 import zstandard
 
 from vmruntime.cli import main
-from vmruntime.errors import SnapshotCorruptError, SnapshotExistsError, SnapshotImportError
+from vmruntime.errors import (
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotExistsError,
+    SnapshotImportError,
+)
 from vmruntime.snapshots import (
     CHUNK_SIZE,
     LayerInfo,
@@ -537,3 +542,7 @@ def test_snapshot_export_method_and_a_damaged_layer(store: SnapshotStore, tmp_pa
     with pytest.raises(SnapshotCorruptError, match="method"):
         snapshot.export(tmp_path / "damaged.vmrsnap")
     assert sorted(p.name for p in tmp_path.iterdir() if "damaged" in p.name) == []
+    with pytest.raises(SnapshotError, match="is a directory"):
+        snapshot.export(tmp_path)
+    with pytest.raises(SnapshotError, match="No such file"):
+        snapshot.export(tmp_path / "no-such-dir" / "x.vmrsnap")

@@ -36,6 +36,7 @@ import zstandard
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import (
     SnapshotCorruptError,
+    SnapshotError,
     SnapshotExistsError,
     SnapshotImportError,
     SnapshotManifestError,
@@ -86,8 +87,13 @@ def export_snapshot(snapshot: Snapshot, path: Path | str) -> ExportResult:
     manifest = snapshot.manifest
     if not snapshot.layer_path.is_file():
         raise SnapshotCorruptError(snapshot.name, f"{snapshot.layer_path} is missing")
+    if path.is_dir():
+        raise SnapshotError(f"cannot export {snapshot.name!r} to {path}: it is a directory")
     temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SnapshotError(f"cannot export {snapshot.name!r} to {path}: {exc}") from None
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -98,6 +104,9 @@ def export_snapshot(snapshot: Snapshot, path: Path | str) -> ExportResult:
             os.fsync(out.fileno())
         size = temp.stat().st_size
         os.replace(temp, path)
+    except OSError as exc:  # a full disk, a layer that cannot be read
+        temp.unlink(missing_ok=True)
+        raise SnapshotError(f"cannot export {snapshot.name!r} to {path}: {exc}") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
