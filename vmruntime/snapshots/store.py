@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmruntime import _paths
 from vmruntime._durable import fsync_dir, fsync_path
@@ -31,6 +32,9 @@ from vmruntime.errors import (
 from vmruntime.snapshots.manifest import SnapshotManifest
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
+
+if TYPE_CHECKING:
+    from vmruntime.snapshots.archive import ExportResult
 
 MANIFEST_FILE = "manifest.json"
 _TEMP_PREFIX = ".tmp-"
@@ -54,6 +58,13 @@ class Snapshot:
     @property
     def digest(self) -> str:
         return self.manifest.digest()
+
+    def export(self, path: Path | str) -> ExportResult:
+        """Write this snapshot to one archive file at ``path`` (docs/snapshots.md, "Export
+        archive"); :func:`vmruntime.snapshots.archive.import_snapshot` reads it back."""
+        from vmruntime.snapshots.archive import export_snapshot  # archive builds on the store
+
+        return export_snapshot(self, path)
 
     def verify(self) -> None:
         """The layer is there with the manifest's size, and matches the seal if there is one
