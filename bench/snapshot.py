@@ -260,15 +260,20 @@ def s3_server() -> Iterator[str]:
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
+def storage_options() -> dict[str, Any]:
+    """s3fs's options for the bench's server, the same for ours and the peer."""
+    return {
+        "key": "bench", "secret": "bench", "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+                          "region_name": "us-east-1"},
+    }  # fmt: skip
+
+
 def s3() -> Any:
     """A fresh s3fs filesystem on the bench's server (no listing cache across steps)."""
     import s3fs
 
-    return s3fs.S3FileSystem(
-        key="bench", secret="bench", skip_instance_cache=True,
-        client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"],
-                       "region_name": "us-east-1"},
-    )  # fmt: skip
+    return s3fs.S3FileSystem(**storage_options())
 
 
 # --- one amount written -----------------------------------------------------------------
@@ -312,7 +317,9 @@ def measure_size(ctx: Context, sandbox: Sandbox, results: SizeResults) -> None:
 
     copy = ctx.work / f"copy-{tag}.img"
     cp_seconds, _ = timed(lambda: sparse_copy(layer, copy))
-    fsync_seconds, _ = timed(lambda: fsync_file(copy))
+    fsync_started = time.perf_counter()  # right after the copy: no sync() in between
+    fsync_file(copy)
+    fsync_seconds = time.perf_counter() - fsync_started
     check_copy(layer, copy, "cp --sparse=always")
     copy.unlink()
     record(ctx, results.cp, cp_seconds, cells, "cp")
@@ -370,7 +377,26 @@ def measure_restore(ctx: Context, snapshot: Any, results: SizeResults, cells: li
 def measure_push_pull(
     ctx: Context, snapshot: Any, results: SizeResults, tag: str, cells: list[str]
 ) -> None:
-    raise NotImplementedError  # filled in when push/pull land
+    """Our push to a fresh store prefix (nothing to deduplicate against), then our pull of
+    it into a fresh local store; the pulled snapshot must be the pushed one."""
+    from vmruntime.snapshots import Snapshot
+
+    url = f"s3://{BUCKET}/store-{tag}"
+    options = storage_options()
+    seconds, pushed = timed(lambda: snapshot.push(url, storage_options=options, progress=False))
+    record(ctx, results.push, seconds, cells, "push")
+    if ctx.counted:
+        results.push_bytes = pushed.bytes_sent
+    local = SnapshotStore(ctx.work / f"pulled-{tag}")
+    seconds, pulled = timed(
+        lambda: Snapshot.pull(pushed.url, store=local, storage_options=options, progress=False)
+    )
+    if pulled.digest != snapshot.digest or pulled.layer_path.stat().st_size != LAYER_SIZE:
+        raise BenchError(f"pulled {pulled.name}: manifest {pulled.digest}, pushed "
+                         f"{snapshot.digest}")  # fmt: skip
+    record(ctx, results.pull, seconds, cells, "pull")
+    shutil.rmtree(local.root)
+    s3().rm(url, recursive=True)
 
 
 def measure_s3_peer(
@@ -529,6 +555,10 @@ def print_results(ctx: Context, sizes: list[SizeResults], start: StartResults) -
                          results.s3_put, results.s3_get):  # fmt: skip
             if samples_.seconds:
                 print("  " + samples_.line())
+        if results.s3_bytes:
+            ours = f", our push {mb(results.push_bytes)}" if results.push.seconds else ""
+            print(f"  sent [{results.written // MB} MB written]: s3fs peer "
+                  f"{mb(results.s3_bytes)}{ours}")  # fmt: skip
     for samples_ in (start.cold, start.cold_setup, start.warm):
         if samples_.seconds:
             print(samples_.line())
