@@ -20,6 +20,7 @@ from vmruntime.images.commands import add_commands as add_image_commands
 from vmruntime.images.store import ImageStore, PruneResult
 from vmruntime.rootfs.layers import ErofsLayers
 from vmruntime.rootfs.writable import prune_templates
+from vmruntime.snapshots.commands import add_commands as add_snapshot_commands
 from vmruntime.vm.commands import add_commands as add_sandbox_commands
 from vmruntime.volumes.commands import add_commands as add_volume_commands
 
@@ -50,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_image_commands(commands, layers=ErofsLayers, pruners=_PRUNERS)
     add_sandbox_commands(commands)
     add_volume_commands(commands)
+    add_snapshot_commands(commands)
     add_doctor_commands(commands)
     return parser
 
