@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -247,8 +248,9 @@ def _chunk(layer: Path, index: int) -> bytes:
 # --- interrupted and concurrent pushes -----------------------------------------------------
 
 
-class Killed(Exception):
-    """The pushing process died (simulated: the store stops taking writes)."""
+class Killed(BaseException):
+    """The pushing process died (simulated: the store stops taking writes). Like a signal,
+    not an Exception: nothing may turn it into a store error."""
 
 
 class DiesAfterWrites:
@@ -609,3 +611,18 @@ def test_cli_errors_name_what_failed(
     make_snapshot(SnapshotStore(), "base")
     assert main(["snapshot", "push", "base", remote.url, "--endpoint-url", "http://x"]) == 1
     assert "--endpoint-url is for s3:// URLs" in capsys.readouterr().err
+
+
+def test_an_unreachable_store_is_a_store_error(s3_server: S3Server, here: SnapshotStore) -> None:
+    # s3_server only for its dummy credentials: this endpoint is a port nobody serves.
+    with socket.socket() as probe:  # bound, never listening: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        options = {
+            "endpoint_url": dead,
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+        }
+        with pytest.raises(SnapshotStoreError, match="EndpointConnectionError") as caught:
+            push(make_snapshot(here, "base"), "s3://bucket/p", storage_options=options)
+    assert caught.value.url == "s3://bucket/p"
+    assert "cannot check chunks/sha256/" in caught.value.reason

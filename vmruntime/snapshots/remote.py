@@ -43,6 +43,7 @@ from vmruntime.errors import (
     SnapshotExistsError,
     SnapshotManifestError,
     SnapshotStoreError,
+    VmruntimeError,
 )
 from vmruntime.snapshots.manifest import CHUNK_SIZE, SnapshotManifest, canonical_json
 from vmruntime.snapshots.names import check_name
@@ -511,13 +512,15 @@ def _run_bounded(
 
 def _guard(remote: RemoteStore, verb: str, relative: str, action: Callable[[], Any]) -> Any:
     """Run one store operation; a store failure other than a missing object becomes a
-    :class:`SnapshotStoreError` naming the object."""
+    :class:`SnapshotStoreError` naming the object. Backends raise their own types (botocore's
+    EndpointConnectionError, NoCredentialsError...), not only OSError: hence Exception."""
     try:
         return action()
-    except FileNotFoundError:
+    except (FileNotFoundError, VmruntimeError):
         raise
-    except OSError as exc:
-        raise SnapshotStoreError(remote.url, f"cannot {verb} {relative}: {exc}") from None
+    except Exception as exc:
+        reason = f"cannot {verb} {relative}: {type(exc).__name__}: {exc}"
+        raise SnapshotStoreError(remote.url, reason) from exc
 
 
 def _write_local(path: Path, data: bytes) -> None:
