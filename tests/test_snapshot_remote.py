@@ -537,10 +537,12 @@ def test_split_snapshot_url_refuses(url: str) -> None:
 
 
 def test_pull_from_the_root_of_a_memory_store(here: SnapshotStore, there: SnapshotStore) -> None:
+    name = f"root-{uuid.uuid4().hex[:8]}"
+    result = push(make_snapshot(here, name), "memory://")
+    assert result.url == f"memory://{name}"
+    assert pull(result.url, store=there).name == name
     remote = RemoteStore(fsspec.filesystem("memory"), "", "memory://")
-    push(make_snapshot(here, f"root-{uuid.uuid4().hex[:8]}"), remote)
-    name = here.list()[0].name
-    assert pull_from(remote, name, store=there).name == name
+    assert pull_from(remote, name, "again", store=there).name == "again"
 
 
 def test_progress_bars_go_to_stderr_when_asked(

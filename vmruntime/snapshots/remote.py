@@ -84,7 +84,8 @@ class RemoteStore:
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/") if root not in ("", "/") else root
-        self.url = url.rstrip("/")
+        stripped = url.rstrip("/")
+        self.url = url if stripped.endswith(":") else stripped  # "memory://" stays whole
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> RemoteStore:
@@ -100,8 +101,8 @@ class RemoteStore:
         return posixpath.join(self.root, relative) if self.root else relative
 
     def where(self, relative: str) -> str:
-        """``relative`` as a URL, for messages."""
-        return f"{self.url}/{relative}"
+        """``relative`` as a URL (for messages, and the URL a pull takes)."""
+        return f"{self.url}{relative}" if self.url.endswith("/") else f"{self.url}/{relative}"
 
     def has(self, relative: str) -> bool:
         return bool(self.fs.exists(self.path(relative)))
@@ -350,7 +351,7 @@ def read_index(remote: RemoteStore, index_hex: str) -> tuple[SnapshotManifest, d
         )
     try:
         return _parse_index(data)
-    except (SnapshotManifestError, ValueError, TypeError, KeyError) as exc:
+    except (SnapshotManifestError, ValueError, TypeError, KeyError, RecursionError) as exc:
         raise SnapshotStoreError(
             remote.url, f"index sha256:{index_hex} is invalid: {exc}"
         ) from None
