@@ -628,3 +628,10 @@ def test_an_unreachable_store_is_a_store_error(s3_server: S3Server, here: Snapsh
             push(make_snapshot(here, "base"), "s3://bucket/p", storage_options=options)
     assert caught.value.url == "s3://bucket/p"
     assert "cannot check chunks/sha256/" in caught.value.reason
+
+
+def test_a_missing_bucket_is_a_store_error(s3_server: S3Server, here: SnapshotStore) -> None:
+    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/store"
+    with pytest.raises(SnapshotStoreError, match="cannot write chunks/sha256/") as caught:
+        push(make_snapshot(here, "base"), url, storage_options=s3_server.storage_options)
+    assert caught.value.url == url

@@ -512,13 +512,19 @@ def _run_bounded(
 
 
 def _guard(remote: RemoteStore, verb: str, relative: str, action: Callable[[], Any]) -> Any:
-    """Run one store operation; a store failure other than a missing object becomes a
-    :class:`SnapshotStoreError` naming the object. Backends raise their own types (botocore's
-    EndpointConnectionError, NoCredentialsError...), not only OSError: hence Exception."""
+    """Run one store operation; a failure becomes a :class:`SnapshotStoreError` naming the
+    object, except a missing object on a read (FileNotFoundError: the caller says what was
+    missing). Backends raise their own types (botocore's EndpointConnectionError,
+    NoCredentialsError...), not only OSError: hence Exception."""
     try:
         return action()
-    except (FileNotFoundError, VmruntimeError):
+    except VmruntimeError:
         raise
+    except FileNotFoundError as exc:
+        if verb == "read":
+            raise
+        reason = f"cannot {verb} {relative}: {exc}"
+        raise SnapshotStoreError(remote.url, reason) from exc
     except Exception as exc:
         reason = f"cannot {verb} {relative}: {type(exc).__name__}: {exc}"
         raise SnapshotStoreError(remote.url, reason) from exc
