@@ -34,6 +34,7 @@ from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
 
 if TYPE_CHECKING:
+    from vmruntime.snapshots.archive import ExportResult
     from vmruntime.snapshots.remote import PushResult
 
 MANIFEST_FILE = "manifest.json"
@@ -58,6 +59,13 @@ class Snapshot:
     @property
     def digest(self) -> str:
         return self.manifest.digest()
+
+    def export(self, path: Path | str) -> ExportResult:
+        """Write this snapshot to one archive file at ``path`` (docs/snapshots.md, "Export
+        archive"); :func:`vmruntime.snapshots.archive.import_snapshot` reads it back."""
+        from vmruntime.snapshots.archive import export_snapshot  # archive builds on the store
+
+        return export_snapshot(self, path)
 
     def verify(self) -> None:
         """The layer is there with the manifest's size, and matches the seal if there is one
