@@ -7,6 +7,8 @@ import hashlib
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -635,3 +637,39 @@ def test_a_missing_bucket_is_a_store_error(s3_server: S3Server, here: SnapshotSt
     with pytest.raises(SnapshotStoreError, match="cannot write chunks/sha256/") as caught:
         push(make_snapshot(here, "base"), url, storage_options=s3_server.storage_options)
     assert caught.value.url == url
+
+
+def _run_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run ``vmr ARGV`` with stderr on a new pseudo-terminal (stdout a pipe); its exit
+    status and what reached the terminal."""
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmruntime", *argv], stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    received = bytearray()
+    while True:  # read as it comes: a full pty buffer would block the child
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        received += data
+    os.close(controller)
+    process.communicate(timeout=60)
+    return process.wait(timeout=60), received.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _as_machine(monkeypatch, tmp_path / "a")
+    make_snapshot(SnapshotStore(), "base")
+    url = f"file://{tmp_path}/shared"
+    status, shown = _run_on_a_terminal(["snapshot", "push", "base", url])
+    assert status == 0, shown
+    assert "push base: 100%" in shown and "sent 5, had 0" in shown
+    status, shown = _run_on_a_terminal(["snapshot", "pull", f"{url}/base", "copy"])
+    assert status == 0, shown
+    assert "pull copy: 100%" in shown
+    status, shown = _run_on_a_terminal(["snapshot", "push", "base", url, "--no-progress"])
+    assert status == 0 and "%|" not in shown

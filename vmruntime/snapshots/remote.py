@@ -29,6 +29,7 @@ import os
 import posixpath
 import re
 import secrets
+import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -549,6 +550,8 @@ def _bar(total: int, label: str, enabled: bool | None) -> Any:
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if enabled is None else enabled
+    # A terminal that reports no size (a bare pty) would make tqdm print nothing.
+    size = shutil.get_terminal_size()
     return tqdm(
         total=total,
         desc=label,
@@ -558,4 +561,6 @@ def _bar(total: int, label: str, enabled: bool | None) -> Any:
         file=sys.stderr,
         disable=not show,
         leave=True,
+        ncols=min(size.columns, 120),
+        nrows=size.lines,
     )
