@@ -5,13 +5,15 @@ Who uses it: sandboxes (restore is the writable-layer step of creation), the Jup
 Ray front doors, and ``vmr snapshot``. Modules: ``names`` (valid names), ``manifest``
 (schema 1, canonical JSON and its digest), ``seal`` (the layer in chunks; the content
 digest that skips holes), ``store`` (the local store: whole snapshots or none),
-``archive`` (one-file export and checked import), ``commands`` (``vmr snapshot``).
+``archive`` (one-file export and checked import), ``remote`` (the shared store on any
+fsspec URL: push and checked pull), ``commands`` (``vmr snapshot``).
 Formats: docs/snapshots.md.
 """
 
 from vmruntime.snapshots.archive import ExportResult, export_snapshot, import_snapshot
 from vmruntime.snapshots.manifest import CHUNK_SIZE, LayerInfo, Seal, SnapshotManifest
 from vmruntime.snapshots.names import check_name
+from vmruntime.snapshots.remote import PushResult, pull, push
 from vmruntime.snapshots.seal import content_digest, iter_chunks
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
@@ -19,6 +21,7 @@ __all__ = [
     "CHUNK_SIZE",
     "ExportResult",
     "LayerInfo",
+    "PushResult",
     "Seal",
     "Snapshot",
     "SnapshotManifest",
@@ -28,4 +31,6 @@ __all__ = [
     "export_snapshot",
     "import_snapshot",
     "iter_chunks",
+    "pull",
+    "push",
 ]
