@@ -33,32 +33,32 @@ and the S3 server, also on Ctrl-C, SIGTERM and errors. The image cache is the no
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import logging
+import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
 import samples  # noqa: E402  (bench/samples.py, beside this script)
+from s3_support import S3Server, running_s3_server  # noqa: E402  (tests/s3_support.py)
 
-from vmruntime import Sandbox  # noqa: E402
+from vmruntime import Sandbox, _paths  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
 from vmruntime.snapshots import SnapshotStore, content_digest  # noqa: E402
-from vmruntime.vm import state  # noqa: E402
+from vmruntime.vm import SandboxConfig, state  # noqa: E402
 from vmruntime.vm.accel import choose_accelerator  # noqa: E402
 
 MB = 10**6  # "MB" is 10^6 bytes everywhere
@@ -225,55 +225,16 @@ def check_copy(src: Path, dest: Path, what: str) -> None:
 # --- the S3 server ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3 on 127.0.0.1 in this process; yields its endpoint URL. The AWS
-    variables point every s3fs (ours and the peer's) at it, with dummy credentials."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {key: os.environ.get(key) for key in _AWS_ENV}
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)  # fmt: skip
-    try:
-        s3().call_s3("create_bucket", Bucket=BUCKET)  # mkdir sends a region moto refuses
-        yield endpoint
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
-
-
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-
-
-def storage_options() -> dict[str, Any]:
+def storage_options(ctx: Context) -> dict[str, Any]:
     """s3fs's options for the bench's server, the same for ours and the peer."""
-    return {
-        "key": "bench", "secret": "bench", "skip_instance_cache": True,
-        "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"],
-                          "region_name": "us-east-1"},
-    }  # fmt: skip
+    return {**ctx.s3.storage_options, "skip_instance_cache": True}
 
 
-def s3() -> Any:
+def s3(ctx: Context) -> Any:
     """A fresh s3fs filesystem on the bench's server (no listing cache across steps)."""
     import s3fs
 
-    return s3fs.S3FileSystem(**storage_options())
+    return s3fs.S3FileSystem(**storage_options(ctx))
 
 
 # --- one amount written -----------------------------------------------------------------
@@ -284,6 +245,7 @@ class Context:
     args: argparse.Namespace
     api: Api
     work: Path  # the temporary directory: copies, pulled stores
+    s3: S3Server  # moto on 127.0.0.1 (tests/s3_support.py)
     round_: int = 0
     counted: bool = False
     accelerator: str = ""
@@ -334,6 +296,7 @@ def measure_size(ctx: Context, sandbox: Sandbox, results: SizeResults) -> None:
             measure_restore(ctx, snapshot, results, cells)
         if ctx.api.remote:
             measure_push_pull(ctx, snapshot, results, tag, cells)
+        SnapshotStore().remove(snapshot.name)
     measure_s3_peer(ctx, layer, results, tag, cells)
     print(f"  {results.written // MB:>4} MB: " + ", ".join(cells), flush=True)
 
@@ -366,12 +329,37 @@ def measure_capture(
 def check_snapshot(snapshot: Any, results: SizeResults) -> None:
     layer = snapshot.manifest.layer
     if layer.apparent_size != LAYER_SIZE or layer.allocated_size < results.written:
-        raise BenchError(f"snapshot {snapshot.name}: layer of {layer.apparent_size} bytes, "
-                         f"{layer.allocated_size} allocated, for {results.written} written")
+        raise BenchError(
+            f"snapshot {snapshot.name}: layer of {layer.apparent_size} bytes, "
+            f"{layer.allocated_size} allocated, for {results.written} written"
+        )
 
 
 def measure_restore(ctx: Context, snapshot: Any, results: SizeResults, cells: list[str]) -> None:
-    raise NotImplementedError  # filled in when restore lands
+    """What restore does before a boot, as ``Sandbox.create(from_snapshot=)`` does it: find
+    the snapshot and its base image (``restore_source``), then make the new sandbox's
+    writable layer from it (``SnapshotLayer.make``, the creation step that replaces a
+    fresh layer). The boot after it is a fresh sandbox's (see warm start)."""
+    from vmruntime.snapshots.restore import restore_source
+
+    dest = ctx.work / "restored-layer"
+
+    def restore() -> None:
+        _, source = restore_source(snapshot.name)
+        source.make(dest, SandboxConfig(DEFAULT_IMAGE), _paths.cache_root())
+
+    seconds, _ = timed(restore)
+    check_restored(dest)
+    record(ctx, results.restore, seconds, cells, "restore")
+    dest.unlink()
+
+
+def check_restored(layer: Path) -> None:
+    """Untimed: a layer QEMU can open with the snapshot's size (``qemu-img info``)."""
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(layer)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if info.returncode != 0 or json.loads(info.stdout)["virtual-size"] != LAYER_SIZE:
+        raise BenchError(f"restored layer {layer}: {info.stdout or info.stderr}")
 
 
 def measure_push_pull(
@@ -382,7 +370,7 @@ def measure_push_pull(
     from vmruntime.snapshots import Snapshot
 
     url = f"s3://{BUCKET}/store-{tag}"
-    options = storage_options()
+    options = storage_options(ctx)
     seconds, pushed = timed(lambda: snapshot.push(url, storage_options=options, progress=False))
     record(ctx, results.push, seconds, cells, "push")
     if ctx.counted:
@@ -396,7 +384,7 @@ def measure_push_pull(
                          f"{snapshot.digest}")  # fmt: skip
     record(ctx, results.pull, seconds, cells, "pull")
     shutil.rmtree(local.root)
-    s3().rm(url, recursive=True)
+    s3(ctx).rm(url, recursive=True)
 
 
 def measure_s3_peer(
@@ -416,12 +404,12 @@ def measure_s3_peer(
     if ctx.counted:
         results.s3_bytes = sent
     shutil.rmtree(dest)
-    s3().rm(key)
+    s3(ctx).rm(key)
 
 
 def peer_put(ctx: Context, layer: Path, key: str) -> int:
     """The peer's upload; the bytes it sent."""
-    fs = s3()
+    fs = s3(ctx)
     if ctx.args.raw_peer:
         fs.put_file(str(layer), key)
         return layer.stat().st_size
@@ -437,7 +425,7 @@ def peer_put(ctx: Context, layer: Path, key: str) -> int:
 
 def peer_get(ctx: Context, key: str, dest: Path, name: str) -> Path:
     """The peer's download, into ``dest``; the layer file it made."""
-    fs = s3()
+    fs = s3(ctx)
     if ctx.args.raw_peer:
         fs.get_file(key, str(dest / name))
         return dest / name
@@ -475,7 +463,16 @@ def first_exec(sandbox: Sandbox) -> None:
 
 
 def warm_start(ctx: Context, snapshot_name: str) -> float:
-    raise NotImplementedError  # filled in when restore lands
+    """``Sandbox.create(from_snapshot=)`` + the first exec (which must find the setup's
+    5,000 compiled modules); the sandbox is stopped untimed."""
+    started = time.perf_counter()
+    sandbox = Sandbox.create(from_snapshot=snapshot_name)
+    try:
+        first_exec(sandbox)
+        seconds = time.perf_counter() - started
+    finally:
+        sandbox.stop()
+    return seconds
 
 
 def measure_start(ctx: Context, results: StartResults, warm_name: str | None) -> str | None:
@@ -512,8 +509,7 @@ def run_rounds(ctx: Context, sizes: list[SizeResults], start: StartResults) -> N
         try:
             for round_ in range(ctx.args.runs + 1):
                 ctx.round_, ctx.counted = round_, round_ > 0
-                label = "warm-up round (not counted)" if round_ == 0 else f"round {round_}"
-                print(f" {label}/{ctx.args.runs}", flush=True)
+                print(f" {round_label(ctx)}", flush=True)
                 measure_size(ctx, sandbox, results)
         finally:
             sandbox.stop()
@@ -522,9 +518,14 @@ def run_rounds(ctx: Context, sizes: list[SizeResults], start: StartResults) -> N
     warm_name = None
     for round_ in range(ctx.args.runs + 1):
         ctx.round_, ctx.counted = round_, round_ > 0
-        label = "warm-up round (not counted)" if round_ == 0 else f"round {round_}"
-        print(f"warm/cold start, {label}/{ctx.args.runs} ...", flush=True)
+        print(f"warm/cold start, {round_label(ctx)} ...", flush=True)
         warm_name = measure_start(ctx, start, warm_name)
+
+
+def round_label(ctx: Context) -> str:
+    if not ctx.counted:
+        return "warm-up round (not counted)"
+    return f"round {ctx.round_}/{ctx.args.runs}"
 
 
 # --- results ----------------------------------------------------------------------------
@@ -673,11 +674,12 @@ def bench_main(args: argparse.Namespace) -> int:
     saved_state = os.environ.get("VMRUNTIME_STATE")
     os.environ["VMRUNTIME_STATE"] = str(work / "state")
     try:
-        ctx = Context(args, Api.find(), work)
-        print_environment(ctx)
         sizes = [SizeResults(n * MB) for n in args.written_mb]
         start = StartResults()
-        with s3_server():
+        with running_s3_server() as server:
+            ctx = Context(args, Api.find(), work, server)
+            print_environment(ctx)
+            s3(ctx).mkdir(BUCKET)
             run_rounds(ctx, sizes, start)
         found = print_results(ctx, sizes, start)
         accel = print_accelerator(ctx)
