@@ -142,6 +142,7 @@ class SizeResults:
 class StartResults:
     cold: Samples = field(default_factory=lambda: Samples("cold: create + setup + first exec"))
     cold_setup: Samples = field(default_factory=lambda: Samples("  of which the setup step"))
+    cold_create: Samples = field(default_factory=lambda: Samples("  of which Sandbox.create"))
     warm: Samples = field(
         default_factory=lambda: Samples("warm: create from snapshot + first exec")
     )
@@ -439,12 +440,14 @@ def peer_get(ctx: Context, key: str, dest: Path, name: str) -> Path:
 # --- warm start against cold ------------------------------------------------------------
 
 
-def cold_start(ctx: Context) -> tuple[float, float, Sandbox]:
-    """Create + setup + first exec: total and setup seconds, and the sandbox (running)."""
+def cold_start(ctx: Context) -> tuple[float, float, float, Sandbox]:
+    """Create + setup + first exec: total, create and setup seconds, and the sandbox
+    (running)."""
     started = time.perf_counter()
     sandbox = Sandbox.create(DEFAULT_IMAGE, writable_size=LAYER_SIZE)
     try:
         setup_started = time.perf_counter()
+        create = setup_started - started
         sandbox.exec(["python3", "-c", SETUP_SCRIPT], check=True, timeout=1800)
         setup = time.perf_counter() - setup_started
         first_exec(sandbox)
@@ -452,7 +455,7 @@ def cold_start(ctx: Context) -> tuple[float, float, Sandbox]:
     except BaseException:
         sandbox.kill()
         raise
-    return total, setup, sandbox
+    return total, create, setup, sandbox
 
 
 def first_exec(sandbox: Sandbox) -> None:
@@ -477,8 +480,8 @@ def warm_start(ctx: Context, snapshot_name: str) -> float:
 
 def measure_start(ctx: Context, results: StartResults, warm_name: str | None) -> str | None:
     """A cold start (its sandbox snapshotted, untimed, the first time) and a warm one."""
-    total, setup, sandbox = cold_start(ctx)
-    cells = [f"cold {fmt(total)} (setup {fmt(setup)})"]
+    total, create, setup, sandbox = cold_start(ctx)
+    cells = [f"cold {fmt(total)} (create {fmt(create)}, setup {fmt(setup)})"]
     try:
         if warm_name is None and ctx.api.capture:
             warm_name = "bench-after-setup"
@@ -488,6 +491,7 @@ def measure_start(ctx: Context, results: StartResults, warm_name: str | None) ->
     if ctx.counted:
         results.cold.seconds.append(total)
         results.cold_setup.seconds.append(setup)
+        results.cold_create.seconds.append(create)
     if warm_name is not None and ctx.api.restore:
         seconds = warm_start(ctx, warm_name)
         cells.append(f"warm {fmt(seconds)}")
@@ -560,7 +564,7 @@ def print_results(ctx: Context, sizes: list[SizeResults], start: StartResults) -
             ours = f", our push {mb(results.push_bytes)}" if results.push.seconds else ""
             print(f"  sent [{results.written // MB} MB written]: s3fs peer "
                   f"{mb(results.s3_bytes)}{ours}")  # fmt: skip
-    for samples_ in (start.cold, start.cold_setup, start.warm):
+    for samples_ in (start.cold, start.cold_create, start.cold_setup, start.warm):
         if samples_.seconds:
             print(samples_.line())
     found = ratios(sizes, start)
