@@ -253,6 +253,16 @@ class GuestFileError(SandboxError):
         self.errno = errno
 
 
+class FreezeError(SandboxError):
+    """Freezing or thawing the guest's writable layer failed; ``errno`` is the guest's
+    (``ETIMEDOUT`` from a thaw: the freeze had already ended, so whatever was copied
+    meanwhile may be inconsistent)."""
+
+    def __init__(self, sandbox_id: str, errno: int, message: str) -> None:
+        super().__init__(sandbox_id, message)
+        self.errno = errno
+
+
 class VmmError(VmruntimeError):
     """The virtual machine monitor (QEMU) could not be started or controlled."""
 
