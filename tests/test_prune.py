@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from imagefactory import file, make_layer_tar, write_oci_layout
 
-from vmruntime import _paths
+from vmruntime import _paths, images
 from vmruntime.cli import main as vmr_main
 from vmruntime.guest.assets import prune_guest_assets
 from vmruntime.guest.build import AGENT_BINARY_NAME, agent_hash, agents_dir
@@ -15,6 +16,7 @@ from vmruntime.guest.initramfs import ensure_initramfs, initramfs_dir
 from vmruntime.guest.kernel import cached_kernel, kernel_cache_dir
 from vmruntime.images.store import ImageStore
 from vmruntime.rootfs.writable import ensure_template, prune_templates, templates_dir
+from vmruntime.snapshots import LayerInfo, SnapshotManifest, SnapshotStore
 
 SMALL = 16 << 20
 
@@ -91,3 +93,34 @@ def test_vmr_image_prune_collects_assets_and_templates(
     assert "removed 2 entries" in capsys.readouterr().out
     assert not template.exists()
     assert [p.name for p in kernel_cache_dir(store.root).iterdir()] == ["6.1.0-2-cloud-amd64"]
+
+
+def test_snapshots_pin_their_base_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`vmr image rm` of a pinned image refuses without --force; prune keeps its blobs
+    while a snapshot needs them, and frees them once none does."""
+    monkeypatch.setenv("VMRUNTIME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VMRUNTIME_STATE", str(tmp_path / "state"))
+    layer = make_layer_tar([file("etc/pinned", "x" * 5000)])
+    images.load(write_oci_layout(tmp_path / "layout", [layer]).layout_dir, "test/pinned:1")
+    store = ImageStore()
+    image = images.resolve("test/pinned:1", store)
+    blobs = [image.manifest_digest, *(entry.digest for entry in image.manifest.layers)]
+    snapshots = SnapshotStore()
+    with snapshots.create("base") as pending:
+        (pending.path / "layer.img").write_bytes(b"")
+        pending.commit(SnapshotManifest(
+            name="base", image=image.reference, image_manifest_digest=image.manifest_digest,
+            image_layer_digests=tuple(entry.digest for entry in image.manifest.layers),
+            layer=LayerInfo(apparent_size=0, allocated_size=0)))  # fmt: skip
+
+    assert vmr_main(["image", "rm", "test/pinned:1"]) == 1
+    assert "base of snapshots base" in capsys.readouterr().err
+    assert store.get_ref(image.reference) is not None
+    assert vmr_main(["image", "rm", "--force", "test/pinned:1"]) == 0
+    assert vmr_main(["image", "prune"]) == 0
+    assert all(store.has_blob(digest) for digest in blobs)  # the snapshot still needs them
+
+    snapshots.remove("base")
+    assert vmr_main(["image", "prune"]) == 0
+    assert not any(store.has_blob(digest) for digest in blobs)

@@ -3,7 +3,7 @@
 Each package declares its own commands (``images/commands.py``, ``vm/commands.py``,
 ``volumes/commands.py``, ``doctor/commands.py``); this module puts them together and
 hands the image commands what the images package must not know itself: how a layer
-becomes a filesystem, and what else a prune may delete.
+becomes a filesystem, what else a prune may delete, and which images snapshots pin.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from vmruntime.images.commands import add_commands as add_image_commands
 from vmruntime.images.store import ImageStore, PruneResult
 from vmruntime.rootfs.layers import ErofsLayers
 from vmruntime.rootfs.writable import prune_templates
+from vmruntime.snapshots.store import SnapshotStore
 from vmruntime.vm.commands import add_commands as add_sandbox_commands
 from vmruntime.volumes.commands import add_commands as add_volume_commands
 
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmr", description="Run untrusted code in microVMs.")
     commands = parser.add_subparsers(title="commands")
-    add_image_commands(commands, layers=ErofsLayers, pruners=_PRUNERS)
+    add_image_commands(commands, layers=ErofsLayers, pruners=_PRUNERS, pins=_snapshot_pins)
     add_sandbox_commands(commands)
     add_volume_commands(commands)
     add_doctor_commands(commands)
@@ -67,3 +68,11 @@ def _prune_guest_assets(store: ImageStore, referenced: Referenced) -> PruneResul
 
 
 _PRUNERS = (_prune_layer_images, _prune_templates, _prune_guest_assets)
+
+
+def _snapshot_pins() -> dict[str, list[str]]:
+    """Base image manifest digest -> the snapshots that need it (prune keeps those)."""
+    pins: dict[str, list[str]] = {}
+    for snapshot in SnapshotStore().list():
+        pins.setdefault(snapshot.manifest.image_manifest_digest, []).append(snapshot.name)
+    return pins

@@ -318,3 +318,64 @@ class DiskInUseError(VmruntimeError):
         )
         self.path = Path(path)
         self.holder = holder
+
+
+# --- snapshots ---------------------------------------------------------------
+
+
+class SnapshotError(VmruntimeError):
+    """A snapshot that cannot be made, found, read, moved or restored."""
+
+
+class SnapshotNameError(SnapshotError, ValueError):
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"snapshot name {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class SnapshotNotFoundError(SnapshotError, LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"snapshot {name!r}: no such snapshot (see `vmr snapshot ls`)")
+        self.name = name
+
+
+class SnapshotExistsError(SnapshotError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"snapshot {name!r} already exists (remove it or pick another name)")
+        self.name = name
+
+
+class SnapshotManifestError(SnapshotError, ValueError):
+    """A snapshot manifest that is not valid (schema, fields, digests)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"snapshot manifest: {reason}")
+        self.reason = reason
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A stored snapshot whose files disagree with its manifest (sizes, seal)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"snapshot {name!r} is damaged: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class SnapshotImportError(SnapshotError):
+    """An export archive refused on import; nothing was imported."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"cannot import {path}: {reason}; nothing was imported")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class SnapshotStoreError(SnapshotError):
+    """A shared snapshot store (an fsspec URL) refused, or held bad data."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"snapshot store {url}: {reason}")
+        self.url = url
+        self.reason = reason

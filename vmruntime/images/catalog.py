@@ -7,7 +7,7 @@ code, which resolves a reference to the image it boots. Everything here but
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,39 +161,42 @@ class Referenced:
 Pruner = Callable[[Referenced], PruneResult]
 
 
-def prune(store: ImageStore | None = None, *, also: Sequence[Pruner] = ()) -> PruneResult:
+def prune(store: ImageStore | None = None, *, also: Sequence[Pruner] = (),
+          pinned: Iterable[str] = ()) -> PruneResult:  # fmt: skip
     """Delete every blob no reference needs, and stale temp files; then run ``also``.
 
-    Everything happens under the cache's exclusive lock, so no pull, load or build
-    is at work meanwhile.
+    ``pinned``: manifest digests whose blobs stay even without a reference (the base
+    images snapshots pin). Everything happens under the cache's exclusive lock, so no
+    pull, load or build is at work meanwhile.
     """
     store = store or ImageStore()
     with store.exclusive():
-        referenced = referenced_content(store)
+        referenced = referenced_content(store, pinned)
         result = store.prune(referenced.blobs)
         for pruner in also:
             result.merge(pruner(referenced))
         return result
 
 
-def referenced_content(store: ImageStore) -> Referenced:
-    """The blobs and diff_ids that the cached references need."""
+def referenced_content(store: ImageStore, pinned: Iterable[str] = ()) -> Referenced:
+    """The blobs and diff_ids that the cached references (and ``pinned`` manifests) need."""
     blobs: set[str] = set()
     diff_ids: set[str] = set()
     for record in store.list_refs():
-        _collect(store, record, blobs, diff_ids)
+        if record.index:
+            blobs.add(record.index)
+        _collect(store, record.manifest, record.media_type, blobs, diff_ids)
+    for digest in pinned:
+        _collect(store, digest, None, blobs, diff_ids)
     return Referenced(frozenset(blobs), frozenset(diff_ids))
 
 
-def _collect(store: ImageStore, record: RefRecord, blobs: set[str], rootfs: set[str]) -> None:
-    blobs.add(record.manifest)
-    if record.index:
-        blobs.add(record.index)
-    if not store.has_blob(record.manifest):
+def _collect(store: ImageStore, digest: str, media_type: str | None, blobs: set[str],
+             rootfs: set[str]) -> None:  # fmt: skip
+    blobs.add(digest)
+    if not store.has_blob(digest):
         return
-    manifest = parse_manifest_document(
-        store.read_blob(record.manifest), record.manifest, record.media_type
-    )
+    manifest = parse_manifest_document(store.read_blob(digest), digest, media_type)
     if isinstance(manifest, ImageIndex):
         return
     blobs.add(manifest.config.digest)

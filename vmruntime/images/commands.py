@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
+from vmruntime.errors import ImageError
 from vmruntime.images import catalog
 from vmruntime.images.default_image import ensure_default_image
 from vmruntime.images.ingest import LayerHandler
@@ -23,14 +24,18 @@ from vmruntime.images.store import ImageStore, PruneResult
 
 LayerFactory = Callable[[ImageStore], LayerHandler]
 StorePruner = Callable[[ImageStore, catalog.Referenced], PruneResult]
+# Manifest digest -> the names of what pins it (snapshots); the images package does not
+# know snapshots, so the CLI hands this in.
+Pins = Callable[[], Mapping[str, Sequence[str]]]
 
 
 def add_commands(commands: argparse._SubParsersAction, *,  # type: ignore[type-arg]
                  layers: LayerFactory | None = None,
-                 pruners: Sequence[StorePruner] = ()) -> None:  # fmt: skip
+                 pruners: Sequence[StorePruner] = (),
+                 pins: Pins | None = None) -> None:  # fmt: skip
     image = commands.add_parser("image", help="manage OCI images in the local cache")
     sub = image.add_subparsers(title="image commands")
-    wiring = _Wiring(layers, tuple(pruners))
+    wiring = _Wiring(layers, tuple(pruners), pins or dict)
 
     pull_ = sub.add_parser("pull", help="pull an image from a registry")
     pull_.add_argument("reference")
@@ -53,7 +58,9 @@ def add_commands(commands: argparse._SubParsersAction, *,  # type: ignore[type-a
 
     rm = sub.add_parser("rm", help="remove an image reference (prune frees space)")
     rm.add_argument("references", nargs="+")
-    rm.set_defaults(handler=_rm)
+    rm.add_argument("--force", action="store_true",
+                    help="remove it even if snapshots pin it (they cannot be restored then)")
+    rm.set_defaults(handler=wiring.rm)
 
     prune = sub.add_parser("prune", help="delete what no image reference needs")
     prune.set_defaults(handler=wiring.prune)
@@ -67,7 +74,9 @@ def add_commands(commands: argparse._SubParsersAction, *,  # type: ignore[type-a
 class _Wiring:
     """The commands that use what the CLI handed in."""
 
-    def __init__(self, layers: LayerFactory | None, pruners: tuple[StorePruner, ...]) -> None:
+    def __init__(self, layers: LayerFactory | None, pruners: tuple[StorePruner, ...],
+                 pins: Pins) -> None:  # fmt: skip
+        self._pins = pins
         self._layers = layers
         self._pruners = pruners
 
@@ -104,8 +113,21 @@ class _Wiring:
     def prune(self, args: argparse.Namespace) -> int:
         store = ImageStore()
         also = [partial(pruner, store) for pruner in self._pruners]
-        result = catalog.prune(store, also=also)
+        result = catalog.prune(store, also=also, pinned=self._pins().keys())
         print(f"removed {len(result.removed)} entries, freed {size_text(result.freed_bytes)}")
+        return 0
+
+    def rm(self, args: argparse.Namespace) -> int:
+        store = ImageStore()
+        pins = self._pins()
+        for reference in args.references:
+            pinned_by = pins.get(catalog.resolve(reference, store).manifest_digest, ())
+            if pinned_by and not args.force:
+                raise ImageError(f"image {reference} is the base of snapshots "
+                                 f"{', '.join(sorted(pinned_by))}; remove them first, or pass "
+                                 "--force (they cannot be restored until it is pulled again)")
+        for reference in args.references:
+            print(f"untagged {catalog.remove(reference, store)}")
         return 0
 
     def build_default(self, args: argparse.Namespace) -> int:
@@ -135,10 +157,6 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rm(args: argparse.Namespace) -> int:
-    for reference in args.references:
-        print(f"untagged {catalog.remove(reference)}")
-    return 0
 
 
 def size_text(nbytes: int) -> str:

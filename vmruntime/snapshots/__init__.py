@@ -1,6 +1,26 @@
-"""snapshots: a sandbox's writable layer (and later its memory) kept under a name.
+"""snapshots: a sandbox's writable layer kept under a name, with a manifest that pins
+its base image (a later issue adds memory and device state).
 
-Not built yet: the disk-snapshot issue adds capture, restore, export and a shared
-store on fsspec URLs here. Who will use it: sandboxes (restore is the writable-layer
-step of creation), the Jupyter and Ray front doors, and ``vmr snapshot``.
+Who uses it: sandboxes (restore is the writable-layer step of creation), the Jupyter and
+Ray front doors, and ``vmr snapshot``. Modules: ``names`` (valid names), ``manifest``
+(schema 1, canonical JSON and its digest), ``seal`` (the layer in chunks; the content
+digest that skips holes), ``store`` (the local store: whole snapshots or none).
+Formats: docs/snapshots.md.
 """
+
+from vmruntime.snapshots.manifest import CHUNK_SIZE, LayerInfo, Seal, SnapshotManifest
+from vmruntime.snapshots.names import check_name
+from vmruntime.snapshots.seal import content_digest, iter_chunks
+from vmruntime.snapshots.store import Snapshot, SnapshotStore
+
+__all__ = [
+    "CHUNK_SIZE",
+    "LayerInfo",
+    "Seal",
+    "Snapshot",
+    "SnapshotManifest",
+    "SnapshotStore",
+    "check_name",
+    "content_digest",
+    "iter_chunks",
+]
