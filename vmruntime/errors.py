@@ -379,3 +379,15 @@ class SnapshotStoreError(SnapshotError):
         super().__init__(f"snapshot store {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class SnapshotBaseImageError(SnapshotError, LookupError):
+    """A snapshot's base image is not in the cache with the digest its manifest pins."""
+
+    def __init__(self, name: str, image: str, digest: str, pull: str) -> None:
+        super().__init__(f"snapshot {name!r}: its base image {image} ({digest}) is not in the "
+                         f"cache; get exactly that image with: vmr image pull {pull}")  # fmt: skip
+        self.name = name
+        self.image = image
+        self.digest = digest
+        self.pull = pull

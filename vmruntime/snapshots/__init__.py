@@ -4,20 +4,28 @@ its base image (a later issue adds memory and device state).
 Who uses it: sandboxes (restore is the writable-layer step of creation), the Jupyter and
 Ray front doors, and ``vmr snapshot``. Modules: ``names`` (valid names), ``manifest``
 (schema 1, canonical JSON and its digest), ``seal`` (the layer in chunks; the content
-digest that skips holes), ``store`` (the local store: whole snapshots or none).
+digest that skips holes), ``store`` (the local store: whole snapshots or none),
+``capture`` (a sandbox's layer, frozen, into the store), ``restore`` (a new sandbox's
+layer as a copy-on-write overlay of a snapshot's), ``sandbox`` (the public
+``Sandbox``/``AsyncSandbox`` with ``snapshot()`` and ``create(from_snapshot=)``).
 Formats: docs/snapshots.md.
 """
 
 from vmruntime.snapshots.manifest import CHUNK_SIZE, LayerInfo, Seal, SnapshotManifest
 from vmruntime.snapshots.names import check_name
+from vmruntime.snapshots.restore import SnapshotLayer
+from vmruntime.snapshots.sandbox import AsyncSandbox, Sandbox
 from vmruntime.snapshots.seal import content_digest, iter_chunks
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
 __all__ = [
     "CHUNK_SIZE",
+    "AsyncSandbox",
     "LayerInfo",
+    "Sandbox",
     "Seal",
     "Snapshot",
+    "SnapshotLayer",
     "SnapshotManifest",
     "SnapshotStore",
     "check_name",
