@@ -59,7 +59,8 @@ def add_commands(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
     if restore is not None:
         run.add_argument("--snapshot", metavar="NAME",
                          help="restore snapshot NAME (its image; give no IMAGE then)")  # fmt: skip
-    run.add_argument("image", help="image reference (none with --snapshot)")
+    run.add_argument("image", nargs="?" if restore is not None else None,
+                     help="image reference (none with --snapshot)")  # fmt: skip
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(handler=_run, restore=restore)
 
@@ -139,9 +140,11 @@ async def _run_async(args: argparse.Namespace) -> int:
     image, plan = args.image, CreationPlan()
     if getattr(args, "snapshot", None):
         # The snapshot names the image: what argparse took for IMAGE is the command's start.
-        args.command = [args.image, *args.command]
+        args.command = [args.image, *args.command] if args.image else args.command
         image, layer = await in_thread(args.restore, args.snapshot)
         plan = CreationPlan(layer=layer)
+    elif image is None:
+        raise SandboxError("-", "vmr run needs an IMAGE (or --snapshot NAME)")
     command = _command(args)
     if args.detach and command:
         hint = "--detach starts an idle sandbox; run commands with `vmr sandbox exec`"
