@@ -54,8 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
     add_image_commands(commands, layers=ErofsLayers, pruners=_PRUNERS, pins=_snapshot_pins)
     add_sandbox_commands(commands, restore=restore_source)
-    add_snapshot_commands(commands)
     add_volume_commands(commands)
+    add_snapshot_commands(commands)
     add_doctor_commands(commands)
     return parser
 

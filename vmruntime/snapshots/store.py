@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vmruntime import _paths
 from vmruntime._durable import fsync_dir, fsync_path
@@ -31,6 +32,10 @@ from vmruntime.errors import (
 from vmruntime.snapshots.manifest import SnapshotManifest
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
+
+if TYPE_CHECKING:
+    from vmruntime.snapshots.archive import ExportResult
+    from vmruntime.snapshots.remote import PushResult
 
 MANIFEST_FILE = "manifest.json"
 _TEMP_PREFIX = ".tmp-"
@@ -55,6 +60,13 @@ class Snapshot:
     def digest(self) -> str:
         return self.manifest.digest()
 
+    def export(self, path: Path | str) -> ExportResult:
+        """Write this snapshot to one archive file at ``path`` (docs/snapshots.md, "Export
+        archive"); :func:`vmruntime.snapshots.archive.import_snapshot` reads it back."""
+        from vmruntime.snapshots.archive import export_snapshot  # archive builds on the store
+
+        return export_snapshot(self, path)
+
     def verify(self) -> None:
         """The layer is there with the manifest's size, and matches the seal if there is one
         (:class:`SnapshotCorruptError` says what does not)."""
@@ -70,6 +82,22 @@ class Snapshot:
         if seal is not None and (actual := content_digest(self.layer_path)) != seal.digest:
             raise SnapshotCorruptError(self.name, f"seal mismatch: sealed {seal.digest}, "
                                                   f"the layer is {actual}")  # fmt: skip
+
+    def push(self, url: str, **options: Any) -> PushResult:
+        """Send this snapshot to the shared store at ``url`` under its name
+        (:func:`vmruntime.snapshots.remote.push`: ``storage_options``, ``progress``)."""
+        from vmruntime.snapshots import remote  # it imports this module
+
+        return remote.push(self, url, **options)
+
+    @staticmethod
+    def pull(url: str, name: str | None = None, store: SnapshotStore | None = None,
+             **options: Any) -> Snapshot:  # fmt: skip
+        """The snapshot at ``url`` (``<store URL>/<name>``) fetched, checked and committed
+        into ``store`` (:func:`vmruntime.snapshots.remote.pull`)."""
+        from vmruntime.snapshots import remote
+
+        return remote.pull(url, name, store, **options)
 
 
 class PendingSnapshot:
