@@ -133,6 +133,9 @@ def test_a_running_capture_needs_the_guest_freeze_and_leaves_nothing_without_it(
         assert SnapshotStore().list() == []
         assert [p.name for p in SnapshotStore().root.iterdir()] == []  # no .tmp- left
         assert box.exec(["true"]).returncode == 0  # and the sandbox goes on
+        with pytest.raises(FreezeError) as caught, box.frozen(timeout=5):
+            pytest.fail("the block must not run without a freeze")
+        assert caught.value.errno == errno.ENODEV and caught.value.sandbox_id == box.id
 
 
 def test_refusals_before_anything_is_made(world: Path) -> None:
