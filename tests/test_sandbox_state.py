@@ -144,7 +144,8 @@ def test_unreadable_record_is_named(dirs: Path) -> None:
 def test_record_names_mounts_and_brokers_and_a_version_1_record_still_reads(dirs: Path) -> None:
     paths = save(record("555555555555", mounts=["--mount /h:/g:ro"], brokers=[[123, 456]]))
     again = state.read_record(paths)
-    assert (again.version, again.mounts, again.brokers) == (3, ["--mount /h:/g:ro"], [[123, 456]])
+    assert (again.version, again.mounts, again.brokers) == (4, ["--mount /h:/g:ro"], [[123, 456]])
+    assert (again.writable_format, again.layer_origin) == ("raw", "")
     doc = json.loads(paths.record.read_text())
     for key in ("mounts", "brokers", "config", "exec_defaults", "vmm"):
         del doc[key]

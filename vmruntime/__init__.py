@@ -17,10 +17,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "VmruntimeError": "vmruntime.errors",
-    "AsyncSandbox": "vmruntime.vm",
+    "AsyncSandbox": "vmruntime.snapshots",
     "ExecResult": "vmruntime.vm",
     "Mount": "vmruntime.vm",
-    "Sandbox": "vmruntime.vm",
+    "Sandbox": "vmruntime.snapshots",
+    "Snapshot": "vmruntime.snapshots",
+    "SnapshotStore": "vmruntime.snapshots",
     "SandboxConfig": "vmruntime.vm",
     "ImageRecord": "vmruntime.images",
     "ImageStore": "vmruntime.images",
@@ -40,6 +42,8 @@ __all__ = [
     "Reference",
     "Sandbox",
     "SandboxConfig",
+    "Snapshot",
+    "SnapshotStore",
     "VmruntimeError",
     "__version__",
     "load",
@@ -56,4 +60,5 @@ if TYPE_CHECKING:
     from vmruntime.errors import VmruntimeError
     from vmruntime.images import ImageRecord, ImageStore, Reference, parse_reference
     from vmruntime.rootfs import load, pull, resolve
-    from vmruntime.vm import AsyncSandbox, ExecResult, Mount, Sandbox, SandboxConfig
+    from vmruntime.snapshots import AsyncSandbox, Sandbox, Snapshot, SnapshotStore
+    from vmruntime.vm import ExecResult, Mount, SandboxConfig

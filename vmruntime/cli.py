@@ -1,9 +1,11 @@
 """The ``vmr`` command line (also ``python -m vmruntime``).
 
 Each package declares its own commands (``images/commands.py``, ``vm/commands.py``,
-``volumes/commands.py``, ``doctor/commands.py``); this module puts them together and
-hands the image commands what the images package must not know itself: how a layer
-becomes a filesystem, what else a prune may delete, and which images snapshots pin.
+``snapshots/commands.py``, ``volumes/commands.py``, ``doctor/commands.py``); this module
+puts them together and hands the image commands what the images package must not know
+itself: how a layer becomes a filesystem, what else a prune may delete, and which images
+snapshots pin; and ``vmr run`` how a snapshot is restored (``--snapshot``), which vm must
+not know.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vmruntime.images.store import ImageStore, PruneResult
 from vmruntime.rootfs.layers import ErofsLayers
 from vmruntime.rootfs.writable import prune_templates
 from vmruntime.snapshots.commands import add_commands as add_snapshot_commands
+from vmruntime.snapshots.restore import restore_source
 from vmruntime.snapshots.store import SnapshotStore
 from vmruntime.vm.commands import add_commands as add_sandbox_commands
 from vmruntime.volumes.commands import add_commands as add_volume_commands
@@ -50,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmr", description="Run untrusted code in microVMs.")
     commands = parser.add_subparsers(title="commands")
     add_image_commands(commands, layers=ErofsLayers, pruners=_PRUNERS, pins=_snapshot_pins)
-    add_sandbox_commands(commands)
+    add_sandbox_commands(commands, restore=restore_source)
     add_volume_commands(commands)
     add_snapshot_commands(commands)
     add_doctor_commands(commands)

@@ -253,6 +253,16 @@ class GuestFileError(SandboxError):
         self.errno = errno
 
 
+class FreezeError(SandboxError):
+    """Freezing or thawing the guest's writable layer failed; ``errno`` is the guest's
+    (``ETIMEDOUT`` from a thaw: the freeze had already ended, so whatever was copied
+    meanwhile may be inconsistent)."""
+
+    def __init__(self, sandbox_id: str, errno: int, message: str) -> None:
+        super().__init__(sandbox_id, message)
+        self.errno = errno
+
+
 class VmmError(VmruntimeError):
     """The virtual machine monitor (QEMU) could not be started or controlled."""
 
@@ -369,3 +379,15 @@ class SnapshotStoreError(SnapshotError):
         super().__init__(f"snapshot store {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class SnapshotBaseImageError(SnapshotError, LookupError):
+    """A snapshot's base image is not in the cache with the digest its manifest pins."""
+
+    def __init__(self, name: str, image: str, digest: str, pull: str) -> None:
+        super().__init__(f"snapshot {name!r}: its base image {image} ({digest}) is not in the "
+                         f"cache; get exactly that image with: vmr image pull {pull}")  # fmt: skip
+        self.name = name
+        self.image = image
+        self.digest = digest
+        self.pull = pull

@@ -46,6 +46,8 @@ class MsgType(IntEnum):
     SHUTDOWN = 16
     MOUNT = 17
     ABORT = 18
+    FREEZE = 19
+    THAW = 20
 
 
 class Tag(IntEnum):
@@ -278,6 +280,16 @@ def file_write(channel: int, path: str, mode: int) -> bytes:
 
 def port_connect(channel: int, port: int) -> bytes:
     return encode_frame(MsgType.PORT_CONNECT, channel, encode_fields([(Tag.PORT, port)]))
+
+
+def freeze(channel: int, timeout_ms: int = 0) -> bytes:
+    """Freeze the writable layer; the agent thaws it by itself after ``timeout_ms`` (0: never)."""
+    body = encode_fields([(Tag.TIMEOUT_MS, timeout_ms)]) if timeout_ms else b""
+    return encode_frame(MsgType.FREEZE, channel, body)
+
+
+def thaw(channel: int) -> bytes:
+    return encode_frame(MsgType.THAW, channel)
 
 
 MOUNT_FSTYPES = ("virtiofs", "ext4")

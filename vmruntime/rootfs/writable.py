@@ -53,7 +53,7 @@ def create_writable_layer(
     try:
         # Under the template's lock, shared: a prune removing unused templates waits.
         with _paths.cache_lock(_lock_name(size), cache_root, shared=True):
-            _sparse_copy(template, temp)
+            sparse_copy(template, temp)
         os.replace(temp, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -104,7 +104,7 @@ def _format(image: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def _sparse_copy(src: Path, dest: Path) -> None:
+def sparse_copy(src: Path, dest: Path) -> None:
     """Copy keeping holes (or sharing extents where the filesystem can reflink)."""
     cp = shutil.which("cp")
     if cp is None:

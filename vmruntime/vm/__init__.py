@@ -7,7 +7,7 @@ Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`,
 :class:`SandboxConfig`, :class:`ExecResult`, :class:`Mount`.
 """
 
-from vmruntime.vm.builder import ColdBoot, CreationPlan, FreshLayer
+from vmruntime.vm.builder import ColdBoot, CreationPlan, FreshLayer, MadeLayer, WritableLayerSource
 from vmruntime.vm.config import ExecDefaults, SandboxConfig
 from vmruntime.vm.driver import VmmDriver
 from vmruntime.vm.mounts import Mount
@@ -23,10 +23,12 @@ __all__ = [
     "ExecDefaults",
     "ExecResult",
     "FreshLayer",
+    "MadeLayer",
     "Mount",
     "Process",
     "QemuDriver",
     "Sandbox",
     "SandboxConfig",
     "VmmDriver",
+    "WritableLayerSource",
 ]

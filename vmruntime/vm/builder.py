@@ -7,8 +7,8 @@ and then the sandbox's own steps 6-7. The steps, in order:
 1. **inputs**: resolve the image (building missing layer images), the driver's guest
    assets, the accelerator, the mounts' host side, the device budget;
 2. **directories**: the sandbox's state and runtime directories and its record;
-3. **writable layer**: from the plan's :class:`WritableLayerSource` (a fresh layer
-   today; a snapshot's layer, copy-on-write, later);
+3. **writable layer**: from the plan's :class:`WritableLayerSource` (a fresh layer, or
+   a qcow2 overlay over a snapshot's layer: ``vmruntime.snapshots.SnapshotLayer``);
 4. **mounts**: attach locks and one broker per share;
 5. **machine**: the spec (layers, writable layer, mounts, agent port) started by the
    plan's :class:`MachineStart` (a cold boot today; a resume later) with the plan's
@@ -52,19 +52,31 @@ AGENT_PORT = "org.vmruntime.agent"
 VIRTIO_SLOTS = 24
 
 
+@dataclass(frozen=True)
+class MadeLayer:
+    """What a :class:`WritableLayerSource` made: how the VMM must open it, and where it
+    came from (recorded in the sandbox's record; a snapshot of the sandbox names it as
+    its parent)."""
+
+    format: str = "raw"  # "raw", or "qcow2" (an overlay over a read-only backing file)
+    origin: str = ""  # e.g. the manifest digest of the snapshot it was restored from
+
+
 class WritableLayerSource(Protocol):
     """Where a new sandbox's writable layer comes from (step 3)."""
 
-    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> None:
-        """Create ``dest`` (blocking; runs in a worker thread). On failure, leave nothing."""
+    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> MadeLayer | None:
+        """Create ``dest`` (blocking; runs in a worker thread). On failure, leave nothing.
+        None means a raw layer of no particular origin."""
 
 
 @dataclass(frozen=True)
 class FreshLayer:
     """An empty layer of ``config.writable_size``, cloned from the cached template."""
 
-    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> None:
+    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> MadeLayer | None:
         create_writable_layer(dest, config.writable_size, cache_root=cache_root)
+        return MadeLayer()
 
 
 class MachineStart(Protocol):
@@ -122,10 +134,11 @@ async def build_machine(config: SandboxConfig, plan: CreationPlan,
     try:
         record = _first_record(paths, config, inputs, plan.driver)
         await in_thread(state.write_record, paths, record)
-        await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
+        layer = await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
+        record.writable_format, record.layer_origin = layer.format, layer.origin
         mounts = await in_thread(_start_mounts, inputs, paths, config, undo)
         record.mounts, record.brokers = mounts.describe(), mounts.broker_processes
-        spec = machine_spec(config, paths, inputs, mounts)
+        spec = machine_spec(config, paths, inputs, mounts, writable_format=layer.format)
         vm = await plan.start.start(plan.driver, spec, detached=config.detached)
         undo.callback(vm.kill)
         record.vmm_pid, record.vmm_start = vm.pid, state.process_start_time(vm.pid)
@@ -179,9 +192,9 @@ def _first_record(paths: state.SandboxPaths, config: SandboxConfig, inputs: _Inp
 
 
 def _make_layer(source: WritableLayerSource, paths: state.SandboxPaths, config: SandboxConfig,
-                inputs: _Inputs, undo: contextlib.AsyncExitStack) -> None:  # fmt: skip
+                inputs: _Inputs, undo: contextlib.AsyncExitStack) -> MadeLayer:  # fmt: skip
     undo.callback(paths.writable.unlink, missing_ok=True)
-    source.make(paths.writable, config, inputs.cache_root)
+    return source.make(paths.writable, config, inputs.cache_root) or MadeLayer()
 
 
 def _start_mounts(inputs: _Inputs, paths: state.SandboxPaths, config: SandboxConfig,
@@ -194,7 +207,8 @@ def _start_mounts(inputs: _Inputs, paths: state.SandboxPaths, config: SandboxCon
 
 
 def machine_spec(config: SandboxConfig, paths: state.SandboxPaths, inputs: _Inputs,
-                 mounts: SandboxMounts) -> MachineSpec:  # fmt: skip
+                 mounts: SandboxMounts, *,
+                 writable_format: str = "raw") -> MachineSpec:  # fmt: skip
     """The machine of step 5: kernel and command line, then every device."""
     layers = inputs.image.layer_paths
     cmdline = kernel_cmdline(len(layers), paths.id, inputs.accelerator.name,
@@ -211,7 +225,7 @@ def machine_spec(config: SandboxConfig, paths: state.SandboxPaths, inputs: _Inpu
         vmm_log=paths.vmm_log,
     )
     attach_image_layers(spec, layers)
-    attach_writable_layer(spec, paths.writable)
+    attach_writable_layer(spec, paths.writable, writable_format)
     mounts.attach(spec)
     attach_agent_port(spec, paths.agent_socket)
     return spec
@@ -223,8 +237,8 @@ def attach_image_layers(spec: MachineSpec, layers: tuple[Path, ...]) -> None:
         spec.attach_disk(layer, serial=f"L{index}", readonly=True)
 
 
-def attach_writable_layer(spec: MachineSpec, layer: Path) -> None:
-    spec.attach_disk(layer, serial="W", readonly=False)
+def attach_writable_layer(spec: MachineSpec, layer: Path, format: str = "raw") -> None:
+    spec.attach_disk(layer, serial="W", readonly=False, format=format)
 
 
 def attach_agent_port(spec: MachineSpec, socket: Path) -> None:

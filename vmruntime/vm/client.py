@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from vmruntime.errors import AgentProtocolError, GuestFileError, SandboxError
+from vmruntime.errors import AgentProtocolError, FreezeError, GuestFileError, SandboxError
 from vmruntime.guest import protocol as p
 
 STDOUT = 1
@@ -235,6 +236,36 @@ class AgentClient:
         except _GuestChannelError as exc:
             return exc.error
         return None
+
+    async def freeze(self, timeout: float) -> None:
+        """Sync and freeze the guest's writable layer (FIFREEZE); returns once it holds.
+
+        The agent thaws it by itself after ``timeout`` seconds, or as soon as this
+        connection ends. Raises :class:`FreezeError` with the guest's errno.
+        """
+        try:
+            # An agent older than FREEZE answers on channel 0 only: never wait forever.
+            await asyncio.wait_for(self._answered(p.freeze, max(1, int(timeout * 1000))),
+                                   timeout)  # fmt: skip
+        except TimeoutError:
+            with contextlib.suppress(SandboxError):
+                await self.send(p.thaw(self._new_channel().id))  # in case it did freeze
+            reason = f"the agent did not freeze the writable layer within {timeout:g} s"
+            raise FreezeError(self.sandbox_id, errno.ETIMEDOUT, reason) from None
+
+    async def thaw(self) -> None:
+        """Thaw the writable layer. :class:`FreezeError` ``ETIMEDOUT`` means the freeze
+        had already ended by its timeout (what was copied meanwhile is suspect)."""
+        await self._answered(p.thaw)
+
+    async def _answered(self, build: Callable[..., bytes], *args: int) -> None:
+        """Send a request answered by EXIT 0 or ERROR on its own channel (FREEZE, THAW)."""
+        channel = self._new_channel()
+        await self.send(build(channel.id, *args))
+        try:
+            await channel.wait()
+        except _GuestChannelError as exc:
+            raise FreezeError(self.sandbox_id, exc.error.errno, exc.error.message) from None
 
     async def connect_port(self, port: int) -> Channel:
         channel = self._new_channel()

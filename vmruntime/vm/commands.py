@@ -20,18 +20,25 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from vmruntime._blocking import in_thread
 from vmruntime.errors import SandboxError
 from vmruntime.vm import state
+from vmruntime.vm.builder import CreationPlan, WritableLayerSource
 from vmruntime.vm.config import DEFAULT_MEMORY_MIB, SandboxConfig
 from vmruntime.vm.mounts import Mount
 from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
 from vmruntime.vm.teardown import end_from_outside
 
+# For `vmr run --snapshot NAME`: the image and layer source of a sandbox restored from
+# snapshot NAME. The CLI passes vmruntime.snapshots' (vm must not import snapshots).
+Restorer = Callable[[str], tuple[str, WritableLayerSource]]
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+
+def add_commands(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+                 restore: Restorer | None = None) -> None:  # fmt: skip
     run = commands.add_parser("run", help="run a command in a new sandbox")
     _exec_options(run)
     run.add_argument("--cpus", type=int, default=1)
@@ -49,9 +56,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                      help="mount the named volume NAME (see `vmr volume`) at GUEST")  # fmt: skip
     run.add_argument("--disk", action="append", default=[], metavar="PATH:GUEST[:ro]",
                      help="attach the raw ext4 disk image PATH and mount it at GUEST")  # fmt: skip
-    run.add_argument("image")
+    if restore is not None:
+        run.add_argument("--snapshot", metavar="NAME",
+                         help="restore snapshot NAME (its image; give no IMAGE then)")  # fmt: skip
+    run.add_argument("image", nargs="?" if restore is not None else None,
+                     help="image reference (none with --snapshot)")  # fmt: skip
     run.add_argument("command", nargs=argparse.REMAINDER)
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=_run, restore=restore)
 
     sandbox = commands.add_parser("sandbox", help="manage sandboxes")
     sub = sandbox.add_subparsers(title="sandbox commands")
@@ -126,16 +137,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_async(args: argparse.Namespace) -> int:
+    image, plan = args.image, CreationPlan()
+    if getattr(args, "snapshot", None):
+        # The snapshot names the image: what argparse took for IMAGE is the command's start.
+        args.command = [args.image, *args.command] if args.image else args.command
+        image, layer = await in_thread(args.restore, args.snapshot)
+        plan = CreationPlan(layer=layer)
+    elif image is None:
+        raise SandboxError("-", "vmr run needs an IMAGE (or --snapshot NAME)")
     command = _command(args)
     if args.detach and command:
         hint = "--detach starts an idle sandbox; run commands with `vmr sandbox exec`"
         raise SandboxError("-", hint)
     config = SandboxConfig(
-        args.image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
+        image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
         ports=_ports(args.publish), mounts=_mounts(args), name=args.name,
         writable_size=args.writable_size << 20, detached=args.detach, keep=args.keep,
     )  # fmt: skip
-    sandbox = await AsyncSandbox.from_config(config)
+    sandbox = await AsyncSandbox.from_config(config, plan)
     if args.detach:
         await sandbox.detach()
         print(sandbox.id)

@@ -26,6 +26,8 @@ from pathlib import Path
 from vmruntime.guest.assets import GuestAssets
 from vmruntime.vm.state import process_alive
 
+DISK_FORMATS = ("raw", "qcow2")
+
 
 @dataclass(frozen=True)
 class Disk:
@@ -35,6 +37,9 @@ class Disk:
     # False: the VMM takes no lock of its own on the image (a read-only attach of a disk
     # that another VM writes; vmruntime's own attach locks decide who may write).
     locking: bool = True
+    # How the VMM reads the file: "raw", or "qcow2" (a restored sandbox's writable layer,
+    # an overlay whose backing file, a snapshot's layer, the VMM opens read-only).
+    format: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,13 @@ class MachineSpec:
     # Descriptors the VMM inherits and holds for its whole life (disk attach locks).
     pass_fds: list[int] = field(default_factory=list)
 
-    def attach_disk(self, path: Path, *, serial: str, readonly: bool, locking: bool = True) -> None:
+    def attach_disk(self, path: Path, *, serial: str, readonly: bool, locking: bool = True,
+                    format: str = "raw") -> None:  # fmt: skip
         if len(serial) > 20:
             raise ValueError(f"virtio-blk serial {serial!r} is longer than 20 characters")
-        self.disks.append(Disk(path, serial, readonly, locking))
+        if format not in DISK_FORMATS:
+            raise ValueError(f"disk format {format!r}: want one of {DISK_FORMATS}")
+        self.disks.append(Disk(path, serial, readonly, locking, format))
 
     def attach_console_port(self, name: str, socket: Path) -> None:
         self.console_ports.append(ConsolePort(name, socket))

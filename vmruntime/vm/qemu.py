@@ -67,7 +67,7 @@ def qemu_argv(spec: MachineSpec, *, tb_size_mib: int | None = TCG_TB_SIZE_MIB) -
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
     for index, disk in enumerate(spec.disks):
-        drive = f"id=disk{index},file={_escape(str(disk.path))},format=raw,if=none"
+        drive = f"id=disk{index},file={_escape(str(disk.path))},format={disk.format},if=none"
         drive += ",readonly=on" if disk.readonly else ",discard=unmap,detect-zeroes=unmap"
         if not disk.locking:
             drive += ",file.locking=off"

@@ -66,6 +66,8 @@ from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.teardown import end_sandbox
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# How long a freeze may hold before the guest thaws by itself (a host that hangs).
+DEFAULT_FREEZE_TIMEOUT = 60.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
@@ -575,6 +577,41 @@ class AsyncSandbox:
                 raise SandboxError(self.id, f"guest port {guest_port} is already forwarded")
         for guest_port, host_port in ports.items():
             self.ports[guest_port] = await self._forwards.listen(guest_port, host_port)
+
+    # Holding the disk still.
+
+    @contextlib.asynccontextmanager
+    async def frozen(self, timeout: float = DEFAULT_FREEZE_TIMEOUT) -> AsyncIterator[None]:
+        """Hold the guest's writable layer still for the block (``async with sb.frozen():``).
+
+        The agent syncs the layer's filesystem and freezes it (FIFREEZE) before the block
+        starts, and thaws it after: inside, the layer's disk image on the host is
+        consistent and does not change, and guest processes that write to the root block
+        until the thaw (readers go on; ``fs.write`` is refused). The guest thaws by
+        itself after ``timeout`` seconds or if this connection ends, so it is never left
+        frozen; a thaw that finds the timeout passed raises
+        :class:`~vmruntime.errors.FreezeError`
+        (``ETIMEDOUT``), since the block's view may not have held to its end.
+        """
+        client = self._agent()
+        await self._guard(client.freeze(timeout))
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(SandboxError):  # the block's own error comes first
+                await client.thaw()
+            raise
+        await self._guard(client.thaw())
+
+    @property
+    def writable_layer(self) -> Path:
+        """The host file of this sandbox's writable layer (a raw, sparse ext4 image)."""
+        return self._paths.writable
+
+    @property
+    def record(self) -> state.SandboxRecord:
+        """What ``sandbox.json`` holds: image reference and digest, layer format, etc."""
+        return self._record
 
     # Ending.
 

@@ -34,7 +34,9 @@ from vmruntime.errors import SandboxError, SandboxNotFoundError
 # 3: adds `config` (the request, as SandboxConfig.to_json), `exec_defaults` (the image's
 #    env, cwd, user, entrypoint and cmd, with the request's env) and `vmm` (the driver);
 #    an older record reads with empty ones (attach() then runs with neutral defaults).
-RECORD_VERSION = 3
+# 4: adds `writable_format` ("raw", or "qcow2" for an overlay) and `layer_origin` (the
+#    manifest digest of the snapshot a restored layer stands on); older: raw, none.
+RECORD_VERSION = 4
 _RECORD = "sandbox.json"
 
 
@@ -105,6 +107,8 @@ class SandboxRecord:
     config: dict[str, Any] = field(default_factory=dict)
     exec_defaults: dict[str, Any] = field(default_factory=dict)
     vmm: str = "qemu"
+    writable_format: str = "raw"
+    layer_origin: str = ""
     version: int = RECORD_VERSION
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from vmruntime.vm.config import (
 )
 from vmruntime.vm.driver import VmmDriver
 from vmruntime.vm.mounts import Mount
-from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
+from vmruntime.vm.sandbox import DEFAULT_FREEZE_TIMEOUT, AsyncProcess, AsyncSandbox, ExecResult
 
 T = TypeVar("T")
 _loop: asyncio.AbstractEventLoop | None = None
@@ -235,6 +236,20 @@ class Sandbox:
 
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         return self._inner.default_command(args)
+
+    @contextlib.contextmanager
+    def frozen(self, timeout: float = DEFAULT_FREEZE_TIMEOUT) -> Iterator[None]:
+        """Hold the guest's writable layer still for the block (see
+        :meth:`AsyncSandbox.frozen`)."""
+        manager = self._inner.frozen(timeout)
+        run(manager.__aenter__())
+        try:
+            yield
+        except BaseException as exc:
+            if not run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            run(manager.__aexit__(None, None, None))
 
     def stop(self, timeout: float = 10.0, *, keep: bool | None = None) -> None:
         run(self._inner.stop(timeout, keep=keep))

@@ -116,7 +116,8 @@ int set_nonblock(int fd)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: vmr-agent --serve-fd N [--debug]   (or run as PID 1)\n");
+    fprintf(stderr, "usage: vmr-agent --serve-fd N [--freeze-path DIR] [--debug]"
+                    "   (or run as PID 1)\n");
     return 2;
 }
 
@@ -134,6 +135,14 @@ int main(int argc, char **argv)
             if (*end || v < 0 || v > 65535)
                 return usage();
             fd = (int)v;
+        } else if (strcmp(argv[i], "--freeze-path") == 0 && i + 1 < argc) {
+            /* What FREEZE acts on in host test mode (a test's own loop-mounted ext4). */
+            int dir = open(argv[++i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (dir < 0) {
+                fprintf(stderr, "vmr-agent: --freeze-path %s: %s\n", argv[i], strerror(errno));
+                return 2;
+            }
+            set_freeze_target(dir);
         } else if (strcmp(argv[i], "--debug") == 0) {
             g_debug = true;
         } else {

@@ -3,7 +3,8 @@
  * Files: agent.c (entry, logging, memory), boot.c (building the root),
  * wire.c (frames and fields), serve.c (the event loop and requests),
  * stream.c (moving bytes of a channel), exec.c (starting processes),
- * user.c (/etc/passwd and /etc/group), mount.c (shares and disks the host asks for).
+ * user.c (/etc/passwd and /etc/group), mount.c (shares and disks the host asks for),
+ * freeze.c (holding the writable layer still for a snapshot).
  */
 #ifndef VMR_AGENT_H
 #define VMR_AGENT_H
@@ -32,6 +33,7 @@ enum msg_type {
     MSG_HELLO = 1, MSG_EXEC, MSG_STARTED, MSG_STDIN, MSG_STDOUT, MSG_STDERR,
     MSG_STDIN_EOF, MSG_WINDOW, MSG_SIGNAL, MSG_RESIZE, MSG_EXIT, MSG_ERROR,
     MSG_FILE_READ, MSG_FILE_WRITE, MSG_PORT_CONNECT, MSG_SHUTDOWN, MSG_MOUNT, MSG_ABORT,
+    MSG_FREEZE, MSG_THAW,
 };
 
 enum tag {
@@ -135,6 +137,19 @@ struct mount_req {
 int mount_request(const struct mount_req *m, char *why, size_t whylen);
 /* At shutdown: sync and remount read-only every writable disk the host attached. */
 void mounts_remount_readonly(void);
+
+/* ---- freeze.c ---- */
+/* fd: a directory on the filesystem FREEZE acts on (the writable layer); -1: none. */
+void set_freeze_target(int fd);
+bool freeze_active(void);
+/* 0 once frozen (timeout_ms 0: until THAW or the host leaves), else an errno + why[]. */
+int freeze_now(uint64_t timeout_ms, char *why, size_t whylen);
+/* 0 once thawed; ETIMEDOUT if the timeout already thawed it; EINVAL if not frozen. */
+int thaw_now(char *why, size_t whylen);
+/* The host that froze is gone: thaw (silently) if frozen. */
+void freeze_release(void);
+int freeze_next_timeout(uint64_t now); /* ms until the freeze's timeout, -1: none */
+void freeze_timers(uint64_t now);
 
 /* ---- serve.c ---- */
 /* Serve connections on fd until it is gone (test mode) or forever (PID 1). */

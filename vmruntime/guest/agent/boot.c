@@ -203,8 +203,8 @@ static void wait_disks(const struct boot_params *bp, char layer_dev[][32], char 
     }
 }
 
-/* Layers under /layers, their union on /newroot; returns an O_PATH fd of the writable
- * layer's mount (-1 without one) for the read-only remount at shutdown. */
+/* Layers under /layers, their union on /newroot; returns an fd of the writable layer's
+ * mount (-1 without one) for FREEZE and for the read-only remount at shutdown. */
 static int assemble_root(const struct boot_params *bp)
 {
     static char layer_dev[MAX_LAYERS][32];
@@ -221,7 +221,8 @@ static int assemble_root(const struct boot_params *bp)
         if ((mkdir("/layers/W/upper", 0755) < 0 && errno != EEXIST) ||
             (mkdir("/layers/W/work", 0755) < 0 && errno != EEXIST))
             boot_fail(errno, "mkdir upper/work in the writable layer");
-        wfd = open("/layers/W", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        /* Not O_PATH: FIFREEZE is an ioctl, and an O_PATH fd takes none. */
+        wfd = open("/layers/W", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     }
     if (bp->layers == 1 && !bp->writable) {
         /* overlayfs wants two lower layers when there is no upper one */
@@ -366,5 +367,6 @@ int boot(void)
         boot_fail(errno, "sethostname %s", bp.hostname);
     protect_from_oom();
     set_writable_mount_fd(wfd);
+    set_freeze_target(wfd);
     return open_port();
 }

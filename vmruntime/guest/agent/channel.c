@@ -65,6 +65,14 @@ int chan_count(void)
     return nchans;
 }
 
+int chan_count_kind(enum chan_kind kind)
+{
+    int n = 0;
+    for (int i = 0; i < nchans; i++)
+        n += chans[i]->kind == kind && !chans[i]->closed;
+    return n;
+}
+
 struct channel *chan_find(uint32_t id)
 {
     for (int i = 0; i < nchans; i++)

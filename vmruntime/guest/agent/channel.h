@@ -44,6 +44,7 @@ void send_error(uint32_t channel, int err, const char *fmt, ...)
 void send_window(uint32_t channel, uint64_t bytes);
 
 int chan_count(void);
+int chan_count_kind(enum chan_kind kind);
 struct channel *chan_find(uint32_t id);
 struct channel *chan_open(uint32_t id, enum chan_kind kind);
 void chan_fail(struct channel *ch, int err, const char *fmt, ...)

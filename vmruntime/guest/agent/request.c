@@ -305,6 +305,12 @@ void request_file_write(uint32_t id, const uint8_t *body, size_t len)
         free(path);
         return;
     }
+    if (freeze_active()) {
+        /* Its temporary file would block the agent on the frozen filesystem. */
+        send_error(id, EBUSY, "FILE_WRITE %s: the writable layer is frozen", path);
+        free(path);
+        return;
+    }
     struct channel *ch = chan_open(id, CH_FILE_WRITE);
     if (!ch) {
         send_error(id, EMFILE, "too many open channels");
@@ -441,6 +447,8 @@ void request_mount(uint32_t id, const uint8_t *body, size_t len)
     char why[MAX_ERROR_MESSAGE];
     if (!parse_mount(body, len, &m, &p)) {
         send_error(id, EINVAL, "MOUNT: %s", p.why);
+    } else if (freeze_active()) {
+        send_error(id, EBUSY, "MOUNT %s: the writable layer is frozen", m.path);
     } else {
         int err = mount_request(&m, why, sizeof why);
         if (err) {
@@ -454,6 +462,55 @@ void request_mount(uint32_t id, const uint8_t *body, size_t len)
     free(m.source);
     free(m.fstype);
     free(m.path);
+}
+
+/* ---- FREEZE / THAW ---- */
+
+static void send_exit_zero(uint32_t id)
+{
+    size_t fr = frame_begin(&g_outq, MSG_EXIT, id);
+    field_u64(&g_outq, T_CODE, 0);
+    frame_end(&g_outq, fr);
+}
+
+/* TIMEOUT_MS is optional (0 or absent: until THAW or the host leaves). */
+void request_freeze(uint32_t id, const uint8_t *body, size_t len)
+{
+    struct parse p;
+    struct field f;
+    uint64_t timeout_ms = 0;
+    int got;
+    parse_init(&p, body, len);
+    while ((got = parse_next(&p, &f)) > 0) {
+        bool ok = f.tag == T_TIMEOUT_MS ? get_u64(&p, &f, 24ull * 3600 * 1000, &timeout_ms)
+                                        : unknown_tag(&p, &f);
+        if (!ok)
+            break;
+    }
+    if (got != 0) {
+        send_error(id, EINVAL, "FREEZE: %s", p.why);
+        return;
+    }
+    char why[MAX_ERROR_MESSAGE];
+    int err = freeze_now(timeout_ms, why, sizeof why);
+    if (err)
+        send_error(id, err, "%s", why);
+    else
+        send_exit_zero(id);
+}
+
+void request_thaw(uint32_t id, size_t len)
+{
+    if (len) {
+        send_error(id, EINVAL, "THAW: the body must be empty");
+        return;
+    }
+    char why[MAX_ERROR_MESSAGE];
+    int err = thaw_now(why, sizeof why);
+    if (err)
+        send_error(id, err, "%s", why);
+    else
+        send_exit_zero(id);
 }
 
 /* ---- frames on an open channel ---- */

@@ -16,5 +16,7 @@ void request_window(struct channel *ch, const uint8_t *body, size_t len);
 void request_signal(struct channel *ch, const uint8_t *body, size_t len);
 void request_resize(struct channel *ch, const uint8_t *body, size_t len);
 void request_abort(struct channel *ch, size_t len);
+void request_freeze(uint32_t id, const uint8_t *body, size_t len);
+void request_thaw(uint32_t id, size_t len);
 
 #endif

@@ -115,6 +115,7 @@ static void flush_blocking(int ms)
 
 static void end_session(void)
 {
+    freeze_release(); /* first: a process blocked on the frozen layer cannot die */
     pid_t pids[MAX_CHANNELS];
     int n = chan_kill_all(SIGKILL, pids, MAX_CHANNELS);
     chan_drop_all();
@@ -207,6 +208,7 @@ static void remount_readonly(void)
 static _Noreturn void handle_shutdown(void)
 {
     debugmsg("shutdown");
+    freeze_release(); /* processes blocked on it must end, and it must sync and remount */
     if (g_pid1) {
         kill(-1, SIGTERM); /* everyone but us */
         wait_children(NULL, -1, 1000);
@@ -260,6 +262,12 @@ static void open_channel(uint8_t type, uint32_t id, const uint8_t *body, size_t 
         break;
     case MSG_MOUNT:
         request_mount(id, body, len);
+        break;
+    case MSG_FREEZE:
+        request_freeze(id, body, len);
+        break;
+    case MSG_THAW:
+        request_thaw(id, len);
         break;
     default:
         request_port_connect(id, body, len);
@@ -321,6 +329,8 @@ static void dispatch(const uint8_t *h, const uint8_t *body, size_t len)
     case MSG_FILE_WRITE:
     case MSG_PORT_CONNECT:
     case MSG_MOUNT:
+    case MSG_FREEZE:
+    case MSG_THAW:
         open_channel(type, id, body, len);
         break;
     case MSG_STDIN:
@@ -425,6 +435,9 @@ static void loop_once(void)
     int first_chan = n;
     n += chan_poll_fds(pfds + n, refs + n, (int)(sizeof pfds / sizeof pfds[0]) - n);
     int timeout = chan_next_timeout(now_ms());
+    int thaw_in = freeze_next_timeout(now_ms());
+    if (thaw_in >= 0 && (timeout < 0 || thaw_in < timeout))
+        timeout = thaw_in;
     if (!conn.connected && (timeout < 0 || timeout > RECONNECT_POLL_MS))
         timeout = RECONNECT_POLL_MS;
     if (poll(pfds, (nfds_t)n, timeout) < 0 && errno != EINTR)
@@ -438,6 +451,7 @@ static void loop_once(void)
     for (int i = first_chan; i < n; i++)
         handle_channel_event(&refs[i], pfds[i].revents);
     chan_timers(now_ms());
+    freeze_timers(now_ms());
     chan_sweep();
     if (conn.connected)
         flush_output();

@@ -1,0 +1,114 @@
+"""Restore: a new sandbox whose writable layer starts as a snapshot's.
+
+Who calls it: ``Sandbox.create(from_snapshot=…)`` (:mod:`.sandbox`) and
+``vmr run --snapshot``. What it promises:
+
+- restoring costs the same whatever the snapshot holds: the new sandbox's layer is a
+  qcow2 overlay (a few hundred KiB) whose backing file is the snapshot's layer, written
+  by nobody (made 0400; QEMU opens a backing file read-only); the sandbox's writes go to
+  its own overlay, so any number of restored sandboxes are independent of each other
+  and of the snapshot;
+- the base image must be in the cache with the manifest's exact digest; if it is not,
+  :class:`~vmruntime.errors.SnapshotBaseImageError` says how to get it by digest
+  (``vmr image pull REPOSITORY@DIGEST``) before anything is made;
+- the layer's size is the snapshot's (the sandbox's ``writable_size`` does not apply).
+
+The seam with :mod:`vmruntime.vm` (which must not import snapshots): :class:`SnapshotLayer`
+is a :class:`~vmruntime.vm.WritableLayerSource` passed in a
+:class:`~vmruntime.vm.CreationPlan`, and the config names the image by its digest.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmruntime import images
+from vmruntime._durable import fsync_dir
+from vmruntime.errors import (
+    ImageNotFoundError,
+    SnapshotBaseImageError,
+    SnapshotCorruptError,
+    SnapshotError,
+)
+from vmruntime.images.store import ImageStore
+from vmruntime.snapshots.capture import READ_ONLY, pull_reference
+from vmruntime.snapshots.store import Snapshot, SnapshotStore
+from vmruntime.vm import MadeLayer, SandboxConfig
+
+
+@dataclass(frozen=True)
+class SnapshotLayer:
+    """A :class:`~vmruntime.vm.WritableLayerSource`: a qcow2 overlay over ``snapshot``'s
+    layer, which stays read-only."""
+
+    snapshot: Snapshot
+
+    def make(self, dest: Path, config: SandboxConfig, cache_root: Path) -> MadeLayer:
+        backing = self.snapshot.layer_path.resolve()
+        check_layer(self.snapshot)
+        os.chmod(backing, READ_ONLY)
+        temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            make_overlay(backing, temp)
+            os.replace(temp, dest)
+            fsync_dir(dest.parent)
+        finally:
+            temp.unlink(missing_ok=True)
+        return MadeLayer(format="qcow2", origin=self.snapshot.digest)
+
+
+def make_overlay(backing: Path, dest: Path) -> None:
+    """``dest``: an empty qcow2 overlay over the raw file ``backing`` (by absolute path)."""
+    if shutil.which("qemu-img") is None:
+        raise SnapshotError("qemu-img is not on PATH (apt-get install qemu-utils)")
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing),
+            str(dest)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"qemu-img create over {backing}: {result.stderr.strip()[-2000:]}")
+
+
+def check_layer(snapshot: Snapshot) -> None:
+    """The layer is there with the manifest's size (a stat: restore never reads the data;
+    ``verify`` checks the seal)."""
+    try:
+        size = snapshot.layer_path.stat().st_size
+    except FileNotFoundError:
+        raise SnapshotCorruptError(snapshot.name, f"{snapshot.layer_path} is missing") from None
+    if size != snapshot.manifest.layer.apparent_size or snapshot.manifest.layer.format != "raw":
+        raise SnapshotCorruptError(snapshot.name, f"its layer holds {size} bytes, the manifest "
+                                   f"says {snapshot.manifest.layer.apparent_size}")  # fmt: skip
+
+
+def base_image(snapshot: Snapshot, image_store: ImageStore | None = None) -> str:
+    """The reference to create the restored sandbox from: the snapshot's image if it still
+    names the pinned digest, else that digest (any reference to it will do)."""
+    manifest = snapshot.manifest
+    store = image_store or ImageStore()
+    try:
+        if images.resolve(manifest.image, store).manifest_digest == manifest.image_manifest_digest:
+            return manifest.image
+    except (ImageNotFoundError, ValueError):
+        pass  # the reference is gone or moved on: the digest may still be cached
+    try:
+        images.resolve(manifest.image_manifest_digest, store)
+    except ImageNotFoundError:
+        hint = pull_reference(manifest.image, manifest.image_manifest_digest)
+        raise SnapshotBaseImageError(snapshot.name, manifest.image,
+                                     manifest.image_manifest_digest, hint) from None  # fmt: skip
+    return manifest.image_manifest_digest
+
+
+def restore_source(name: str, *, store: SnapshotStore | None = None,
+                   image_store: ImageStore | None = None) -> tuple[str, SnapshotLayer]:  # fmt: skip
+    """For a sandbox restored from snapshot ``name``: the image to create it from and its
+    layer source (blocking: reads the manifest and the image cache). Fails before
+    anything is made when the snapshot is damaged or its base image is missing."""
+    snapshot = (store or SnapshotStore()).get(name)
+    check_layer(snapshot)
+    return base_image(snapshot, image_store), SnapshotLayer(snapshot)
