@@ -29,8 +29,10 @@ from vmruntime.errors import (
     SnapshotError,
     SnapshotNameError,
 )
-from vmruntime.snapshots import LayerInfo, Sandbox, SnapshotManifest, SnapshotStore
+from vmruntime.rootfs.writable import templates_dir
+from vmruntime.snapshots import LayerInfo, Sandbox, SnapshotManifest, SnapshotStore, restore
 from vmruntime.snapshots.capture import capture_stopped, copy_layer
+from vmruntime.snapshots.restore import make_overlay
 from vmruntime.vm import state
 from vmruntime.vm.qemu import qemu_argv
 
@@ -191,3 +193,30 @@ def test_the_snapshot_commands(world: Path, capsys: pytest.CaptureFixture[str]) 
     state.SandboxPaths(restored.id).remove()
     assert main(["snapshot", "rm", "s1"]) == 0
     assert SnapshotStore().list() == []
+
+
+@pytest.mark.parametrize("depth", [1, 60])
+def test_an_overlay_from_the_template_is_a_valid_qcow2_over_its_backing(
+    tmp_path: Path, depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restore writes overlays from a template with the backing name patched in (no
+    qemu-img per restore): qemu-img must find them clean, over the right file and size."""
+    monkeypatch.setattr(restore, "_overlay_templates", {})  # made here, then from memory
+    folder = tmp_path.joinpath(*[f"d{i}" for i in range(depth)])
+    folder.mkdir(parents=True)
+    backing = folder / "layer.img"
+    with open(backing, "wb") as file:
+        file.truncate(64 << 20)
+        file.write(b"base data")
+    for index in range(2):  # the second comes from the in-memory template
+        overlay = tmp_path / f"overlay-{index}.qcow2"
+        make_overlay(backing, overlay, tmp_path / "cache")
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                         capture_output=True, check=True).stdout)  # fmt: skip
+        assert info["backing-filename"] == str(backing)
+        assert info["virtual-size"] == 64 << 20 and info["format"] == "qcow2"
+        subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True, check=True)
+        read = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x62 0 1", str(overlay)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert "read 1/1 bytes" in read.stdout, read.stdout + read.stderr  # b"b" of "base"
+    assert (templates_dir(tmp_path / "cache") / f"qcow2-overlay-{64 << 20}.img").is_file()

@@ -4,10 +4,10 @@ Who calls it: ``Sandbox.create(from_snapshot=…)`` (:mod:`.sandbox`) and
 ``vmr run --snapshot``. What it promises:
 
 - restoring costs the same whatever the snapshot holds: the new sandbox's layer is a
-  qcow2 overlay (a few hundred KiB) whose backing file is the snapshot's layer, written
-  by nobody (made 0400; QEMU opens a backing file read-only); the sandbox's writes go to
-  its own overlay, so any number of restored sandboxes are independent of each other
-  and of the snapshot;
+  qcow2 overlay (a quarter MiB, written from a cached template) whose backing file is
+  the snapshot's layer, written by nobody (made 0400; QEMU opens a backing file
+  read-only); the sandbox's writes go to its own overlay, so any number of restored
+  sandboxes are independent of each other and of the snapshot;
 - the base image must be in the cache with the manifest's exact digest; if it is not,
   :class:`~vmruntime.errors.SnapshotBaseImageError` says how to get it by digest
   (``vmr image pull REPOSITORY@DIGEST``) before anything is made;
@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmruntime import images
+from vmruntime import _paths, images
 from vmruntime._durable import fsync_dir
 from vmruntime.errors import (
     ImageNotFoundError,
@@ -36,6 +37,7 @@ from vmruntime.errors import (
     SnapshotError,
 )
 from vmruntime.images.store import ImageStore
+from vmruntime.rootfs.writable import templates_dir
 from vmruntime.snapshots.capture import READ_ONLY, pull_reference
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 from vmruntime.vm import MadeLayer, SandboxConfig
@@ -54,7 +56,7 @@ class SnapshotLayer:
         os.chmod(backing, READ_ONLY)
         temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
         try:
-            make_overlay(backing, temp)
+            make_overlay(backing, temp, cache_root)
             os.replace(temp, dest)
             fsync_dir(dest.parent)
         finally:
@@ -62,15 +64,67 @@ class SnapshotLayer:
         return MadeLayer(format="qcow2", origin=self.snapshot.digest)
 
 
-def make_overlay(backing: Path, dest: Path) -> None:
-    """``dest``: an empty qcow2 overlay over the raw file ``backing`` (by absolute path)."""
+# QEMU reads at most this many bytes of a backing file name.
+_MAX_BACKING_NAME = 1023
+_overlay_templates: dict[int, bytes] = {}
+
+
+def make_overlay(backing: Path, dest: Path, cache_root: Path | None = None) -> None:
+    """``dest``: an empty qcow2 overlay over the raw file ``backing`` (by absolute path).
+
+    Written from a template (an empty overlay of that size with a placeholder backing
+    name, made once by ``qemu-img create -u``) with the real name patched into its
+    header: no process is started, so a restore costs a quarter-MiB write.
+    """
+    name = os.fsencode(backing)
+    if len(name) > _MAX_BACKING_NAME:
+        raise SnapshotError(f"{backing}: a backing file path of over {_MAX_BACKING_NAME} "
+                            "bytes cannot be written into a qcow2 header")  # fmt: skip
+    image = bytearray(_overlay_template(backing.stat().st_size, cache_root))
+    offset, length = struct.unpack_from(">QI", image, 8)  # backing_file_offset, _size
+    image[offset : offset + length] = name.ljust(length, b"\0")
+    struct.pack_into(">I", image, 16, len(name))
+    descriptor = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(image)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _overlay_template(size: int, cache_root: Path | None) -> bytes:
+    """The empty overlay of ``size`` with a placeholder name: in memory, else in the
+    cache's templates directory, else made by qemu-img (and kept in both)."""
+    if (template := _overlay_templates.get(size)) is not None:
+        return template
+    path = templates_dir(cache_root) / f"qcow2-overlay-{size}.img"
+    try:
+        template = path.read_bytes()
+    except FileNotFoundError:
+        template = _new_overlay_template(size, path, cache_root)
+    if template[:4] != b"QFI\xfb" or struct.unpack_from(">QI", template, 8)[1] != (
+            _MAX_BACKING_NAME):  # fmt: skip
+        raise SnapshotError(f"{path}: not an overlay template; remove it and try again")
+    _overlay_templates[size] = template
+    return template
+
+
+def _new_overlay_template(size: int, path: Path, cache_root: Path | None) -> bytes:
     if shutil.which("qemu-img") is None:
         raise SnapshotError("qemu-img is not on PATH (apt-get install qemu-utils)")
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing),
-            str(dest)]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SnapshotError(f"qemu-img create over {backing}: {result.stderr.strip()[-2000:]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _paths.cache_temp(path.name, cache_root)
+    placeholder = "/" + "x" * (_MAX_BACKING_NAME - 1)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", placeholder,
+            str(temp), str(size)]  # fmt: skip
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SnapshotError(f"qemu-img create: {result.stderr.strip()[-2000:]}")
+        template = temp.read_bytes()
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return template
 
 
 def check_layer(snapshot: Snapshot) -> None:
