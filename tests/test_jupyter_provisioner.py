@@ -172,7 +172,10 @@ async def test_a_restart_can_keep_key_and_ports_so_connected_clients_carry_on(
         before = dict(km.get_connection_info())
         await km.restart_kernel()
         assert dict(km.get_connection_info()) == before
-        reply = await client.execute_interactive("x", timeout=30)  # the same client
+        # The same client: its sockets reconnect by themselves; wait_for_ready waits until
+        # its IOPub subscription is back too, as any client does after a restart.
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute_interactive("x", timeout=30)
         assert reply["content"]["ename"] == "NameError"  # a fresh kernel answered it
     finally:
         client.stop_channels()
