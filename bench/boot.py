@@ -442,8 +442,7 @@ async def stop_all(sandboxes: list[IdleSandbox]) -> None:
         raise failures[0]
 
 
-def mib(kib: float) -> str:
-    return f"{kib / 1024:.0f} MiB"
+mib = samples.mib
 
 
 def goal_verdict(kib: float, accel: str) -> str:

@@ -85,23 +85,9 @@ BenchError = samples.BenchError
 # --- samples ----------------------------------------------------------------------------
 
 
-def fmt(seconds: float) -> str:
-    """Seconds as ``2.41 s``, ``245 ms``, or ``2.1 ms`` below 10 ms."""
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.010:
-        return f"{seconds * 1000:.0f} ms"
-    return f"{seconds * 1000:.1f} ms"
-
-
-def mib(kib: float) -> str:
-    return f"{kib / 1024:.0f} MiB"
-
-
-class Samples(samples.Samples):
-    def line(self) -> str:
-        spread = f"min {fmt(self.low)}, max {fmt(self.high)}"
-        return f"{self.label}: median {fmt(self.median)} ({spread})"
+fmt = samples.seconds_text
+mib = samples.mib
+Samples = samples.Samples
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,23 @@ class Samples:
     def high(self) -> float:
         return max(self.seconds)
 
+    def line(self) -> str:
+        spread = f"min {seconds_text(self.low)}, max {seconds_text(self.high)}"
+        return f"{self.label}: median {seconds_text(self.median)} ({spread})"
+
+
+def seconds_text(seconds: float) -> str:
+    """Seconds as ``2.41 s``, ``245 ms``, or ``2.1 ms`` below 10 ms."""
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 0.010:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:.0f} MiB"
+
 
 class BenchError(RuntimeError):
     """A measurement did not do what it should; the run stops."""

@@ -56,6 +56,7 @@ import samples  # noqa: E402  (bench/samples.py, beside this script)
 from s3_support import S3Server, running_s3_server  # noqa: E402  (tests/s3_support.py)
 
 from vmruntime import Sandbox, _paths  # noqa: E402
+from vmruntime._durable import fsync_path  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
 from vmruntime.snapshots import SnapshotStore, content_digest  # noqa: E402
 from vmruntime.vm import SandboxConfig, state  # noqa: E402
@@ -90,13 +91,7 @@ BenchError = samples.BenchError
 # --- samples ----------------------------------------------------------------------------
 
 
-def fmt(seconds: float) -> str:
-    """Seconds as ``2.41 s``, ``245 ms``, or ``2.1 ms`` below 10 ms."""
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.010:
-        return f"{seconds * 1000:.0f} ms"
-    return f"{seconds * 1000:.1f} ms"
+fmt = samples.seconds_text
 
 
 def mb(size: float) -> str:
@@ -105,10 +100,7 @@ def mb(size: float) -> str:
 
 class Samples(samples.Samples):
     def line(self) -> str:
-        if not self.seconds:
-            return f"{self.label}: not measured"
-        spread = f"min {fmt(self.low)}, max {fmt(self.high)}"
-        return f"{self.label}: median {fmt(self.median)} ({spread})"
+        return f"{self.label}: not measured" if not self.seconds else super().line()
 
 
 @dataclass
@@ -196,14 +188,6 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed(step: Callable[[], Any]) -> tuple[float, Any]:
     """``step``'s wall time and result, after an untimed ``sync()`` so it pays for no
     earlier step's write-back."""
@@ -285,7 +269,7 @@ def measure_size(ctx: Context, sandbox: Sandbox, results: SizeResults) -> None:
     copy = ctx.work / f"copy-{tag}.img"
     cp_seconds, _ = timed(lambda: sparse_copy(layer, copy))
     fsync_started = time.perf_counter()  # right after the copy: no sync() in between
-    fsync_file(copy)
+    fsync_path(copy)
     fsync_seconds = time.perf_counter() - fsync_started
     check_copy(layer, copy, "cp --sparse=always")
     copy.unlink()
@@ -344,7 +328,7 @@ def direct_snapshot(layer: Path, name: str) -> Any:
     with SnapshotStore().create(name) as pending:
         dest = pending.path / "layer.img"
         sparse_copy(layer, dest)
-        fsync_file(dest)
+        fsync_path(dest)
         info = LayerInfo(apparent_size=dest.stat().st_size, allocated_size=allocated(dest))
         manifest = SnapshotManifest(
             name=name, image=DEFAULT_IMAGE, image_manifest_digest=image.manifest_digest,
