@@ -1,4 +1,4 @@
-"""Small helpers shared by the image tests."""
+"""Small helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -98,3 +98,13 @@ def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def sparse_file(path: Path, size: int, writes: dict[int, bytes]) -> Path:
+    """A ``size``-byte file at ``path``, a hole except for ``writes`` (offset -> bytes)."""
+    with open(path, "wb") as file:
+        file.truncate(size)
+        for offset, data in writes.items():
+            file.seek(offset)
+            file.write(data)
+    return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from helpers import sparse_file
 
 from vmruntime.cli import main
 from vmruntime.errors import (
@@ -54,12 +55,7 @@ WRITES = {
 
 
 def make_layer(path: Path, size: int = LAYER_SIZE, writes: dict[int, bytes] = WRITES) -> Path:
-    with open(path, "wb") as file:
-        file.truncate(size)
-        for offset, data in writes.items():
-            file.seek(offset)
-            file.write(data)
-    return path
+    return sparse_file(path, size, writes)
 
 
 def make_snapshot(

@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 import pytest
 import zstandard
+from helpers import sparse_file
 from s3_support import S3Server, running_s3_server
 
 from vmruntime.cli import main
@@ -65,12 +66,7 @@ def make_snapshot(
 ) -> Snapshot:
     """A snapshot in ``store`` whose sparse layer holds ``writes``, as capture would leave."""
     with store.create(name) as pending:
-        layer = pending.path / "layer.img"
-        with open(layer, "wb") as file:
-            file.truncate(size)
-            for offset, data in writes.items():
-                file.seek(offset)
-                file.write(data)
+        layer = sparse_file(pending.path / "layer.img", size, writes)
         allocated = os.stat(layer).st_blocks * 512
         manifest = SnapshotManifest(
             name=name,

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import sparse_file
 
 from vmruntime.errors import (
     SnapshotCorruptError,
@@ -28,15 +29,6 @@ from vmruntime.snapshots import (
 )
 
 DIGEST = "sha256:" + "ab" * 32
-
-
-def sparse_file(path: Path, size: int, writes: dict[int, bytes]) -> Path:
-    with open(path, "wb") as file:
-        file.truncate(size)
-        for offset, data in writes.items():
-            file.seek(offset)
-            file.write(data)
-    return path
 
 
 def manifest(name: str = "snap", size: int = 1 << 20, **changes: object) -> SnapshotManifest:
