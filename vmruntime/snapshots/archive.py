@@ -43,7 +43,7 @@ from vmruntime.errors import (
 )
 from vmruntime.snapshots.manifest import CHUNK_SIZE, SnapshotManifest
 from vmruntime.snapshots.names import check_name
-from vmruntime.snapshots.seal import content_digest, iter_chunks
+from vmruntime.snapshots.seal import content_digest, iter_chunks, write_sparse
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
 # PNG-style magic: a non-ASCII first byte, and CR LF / ^Z / LF to catch a text-mode copy.
@@ -63,8 +63,6 @@ MAX_MANIFEST_SIZE = 1 << 20
 MAX_STORED_CHUNK = CHUNK_SIZE + CHUNK_SIZE // 128 + 4096
 _COMPRESSION_LEVEL = 3
 # Inside a stored chunk, runs of zero blocks of this size are left as holes on import.
-_HOLE_BLOCK = 4096
-_ZERO_BLOCK = bytes(_HOLE_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -287,7 +285,7 @@ def _copy_chunks(reader: _ArchiveReader, fd: int, apparent_size: int) -> int:
         data = _inflate(reader, decompressor, frame, index, length)
         if hashlib.sha256(data).digest() != expected:
             raise reader.refuse(f"chunk {index}: digest mismatch (data altered or damaged)")
-        _write_data_blocks(fd, index * CHUNK_SIZE, data)
+        write_sparse(fd, index * CHUNK_SIZE, data)
         previous = index
         count += 1
 
@@ -343,29 +341,6 @@ def _read_bounded(stream: zstandard.ZstdDecompressionReader, limit: int) -> byte
         parts.append(part)
         size += len(part)
     return b"".join(parts)
-
-
-def _write_data_blocks(fd: int, offset: int, data: bytes) -> None:
-    """Write the non-zero blocks of ``data`` at ``offset``; zero blocks stay holes."""
-    view = memoryview(data)
-    run_start: int | None = None
-    for pos in range(0, len(data), _HOLE_BLOCK):
-        block = view[pos : pos + _HOLE_BLOCK]
-        is_zero = block == _ZERO_BLOCK[: len(block)]
-        if not is_zero and run_start is None:
-            run_start = pos
-        elif is_zero and run_start is not None:
-            _pwrite_all(fd, view[run_start:pos], offset + run_start)
-            run_start = None
-    if run_start is not None:
-        _pwrite_all(fd, view[run_start:], offset + run_start)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data = data[written:]
-        offset += written
 
 
 def _check_trailer(

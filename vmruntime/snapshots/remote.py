@@ -48,7 +48,14 @@ from vmruntime.errors import (
 )
 from vmruntime.snapshots.manifest import CHUNK_SIZE, SnapshotManifest, canonical_json
 from vmruntime.snapshots.names import check_name
-from vmruntime.snapshots.seal import Chunk, chunk_count, content_digest, iter_chunks, zero_digest
+from vmruntime.snapshots.seal import (
+    Chunk,
+    chunk_count,
+    content_digest,
+    iter_chunks,
+    write_sparse,
+    zero_digest,
+)
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
 CHUNKS_DIR = "chunks/sha256"
@@ -58,8 +65,6 @@ INDEX_KEYS = frozenset({"manifest", "chunks", "apparent_size"})
 MAX_INDEX_BYTES = 64 << 20  # a 1 PiB layer's index is ~20 MB: anything larger is not ours
 ZSTD_LEVEL = 3
 TRANSFERS = 4  # chunks in flight at once: object stores reward concurrency
-_BLOCK = 4096  # a pulled layer skips zero blocks of this size: as sparse as ext4 wrote it
-_ZERO_BLOCK = bytes(_BLOCK)
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -430,7 +435,7 @@ def _fetch_chunk(remote: RemoteStore, descriptor: int, index: int, digest: str, 
             f"chunk {index} ({path}) does not match its "
             f"digest: expected sha256:{digest}, got sha256:{actual}",
         )
-    _write_sparse(descriptor, index * CHUNK_SIZE, data)
+    write_sparse(descriptor, index * CHUNK_SIZE, data)
     return length
 
 
@@ -453,24 +458,6 @@ def _decompress(
             f"bytes, not {length}",
         )
     return data
-
-
-def _write_sparse(descriptor: int, offset: int, data: bytes) -> None:
-    """Write ``data`` at ``offset``, leaving its all-zero blocks as holes."""
-    view = memoryview(data)
-    start = None
-    for position in range(0, len(data) + _BLOCK, _BLOCK):
-        zero = (
-            position >= len(data)
-            or data[position : position + _BLOCK]
-            == _ZERO_BLOCK[: min(_BLOCK, len(data) - position)]
-        )
-        if not zero and start is None:
-            start = position
-        elif zero and start is not None:
-            end = min(position, len(data))
-            os.pwrite(descriptor, view[start:end], offset + start)
-            start = None
 
 
 def _check_seal_after_pull(remote: RemoteStore, manifest: SnapshotManifest, layer: Path) -> None:

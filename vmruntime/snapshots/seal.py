@@ -95,7 +95,32 @@ def _next_data(fd: int, offset: int, size: int) -> int:
 
 
 _ZEROS = bytes(CHUNK_SIZE)
+HOLE_BLOCK = 4096  # the block size a rebuilt layer keeps sparse at, as ext4 wrote it
 
 
 def _all_zero(data: bytes) -> bool:
     return data == _ZEROS[: len(data)]  # one memcmp
+
+
+def write_sparse(fd: int, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of a file made of holes (``ftruncate``d to its size),
+    leaving its all-zero :data:`HOLE_BLOCK` blocks as holes: import and pull rebuild a
+    layer as sparse as it was."""
+    view = memoryview(data)
+    run_start: int | None = None
+    for pos in range(0, len(data), HOLE_BLOCK):
+        is_zero = _all_zero(data[pos : pos + HOLE_BLOCK])  # a bytes compare: one memcmp
+        if not is_zero and run_start is None:
+            run_start = pos
+        elif is_zero and run_start is not None:
+            _pwrite_all(fd, view[run_start:pos], offset + run_start)
+            run_start = None
+    if run_start is not None:
+        _pwrite_all(fd, view[run_start:], offset + run_start)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
