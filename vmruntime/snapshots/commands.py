@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from vmruntime.errors import SnapshotError, SnapshotStoreError
+from vmruntime.images.commands import size_text
 from vmruntime.snapshots.archive import export_snapshot, import_snapshot
 from vmruntime.snapshots.capture import capture_running, capture_stopped
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
@@ -111,18 +112,9 @@ def _ls(args: argparse.Namespace) -> int:
     print(f"{'NAME':<28} {'CREATED':<21} {'SIZE':>9} {'SEALED':<6}  IMAGE")
     for s in snapshots:
         m = s.manifest
-        print(f"{s.name:<28} {m.created_at:<21} {_human(m.layer.allocated_size):>9} "
+        print(f"{s.name:<28} {m.created_at:<21} {size_text(m.layer.allocated_size):>9} "
               f"{'yes' if m.seal else 'no':<6}  {m.image}")  # fmt: skip
     return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def _inspect(args: argparse.Namespace) -> int:
