@@ -28,6 +28,7 @@ from jupyter_client import AsyncKernelManager, BlockingKernelClient, KernelManag
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from kernelprovider.kernel import KernelLaunchError
+from vmruntime.vm import state
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 GUEST_KERNEL = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -346,10 +347,5 @@ def _vmm_pid(km: KernelManager | AsyncKernelManager) -> int | None:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    """A process that exists and is not a zombie."""
+    return pid is not None and state.process_start_time(pid) is not None
