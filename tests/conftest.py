@@ -168,13 +168,7 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmSession]:
         patch.setenv("VMRUNTIME_AUTH_FILE", str(root / "no-auth.json"))
         image = load_busybox_image(root)
         yield VmSession(cache, root / "state", runtime, image, USER_CACHE)
-    leftovers = qemu_processes(str(runtime))
-    brokers = broker_processes(str(runtime))
-    for pid in leftovers + brokers:
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"
-    assert not brokers, f"broker processes outlived the test session: {brokers}"
+    end_session_runtime(runtime)
 
 
 @dataclass(frozen=True)
@@ -213,11 +207,19 @@ def default_image_session(tmp_path_factory: pytest.TempPathFactory
         patch.setenv("VMRUNTIME_STATE", str(root / "state"))
         patch.setenv("XDG_RUNTIME_DIR", str(runtime))
         yield DefaultImageSession(USER_CACHE, root / "state", runtime)
-    leftovers = qemu_processes(str(runtime)) + broker_processes(str(runtime))
-    for pid in leftovers:
+    end_session_runtime(runtime)
+
+
+def end_session_runtime(runtime: Path) -> None:
+    """Kill what a VM session left running under ``runtime``, remove it, and fail the run
+    if anything was left: every QEMU and broker must have ended with its sandbox."""
+    leftovers = qemu_processes(str(runtime))
+    brokers = broker_processes(str(runtime))
+    for pid in leftovers + brokers:
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(runtime, ignore_errors=True)
-    assert not leftovers, f"QEMU or broker processes outlived the test session: {leftovers}"
+    assert not leftovers, f"QEMU processes outlived the test session: {leftovers}"
+    assert not brokers, f"broker processes outlived the test session: {brokers}"
 
 
 def setup_kernel() -> GuestKernel:
