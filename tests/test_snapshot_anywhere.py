@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import USER_CACHE, end_session_runtime, setup_kernel
 from helpers import sparse_file
 from imagefactory import ImageInfo, directory, file, make_layer_tar, write_oci_layout
 from registry_support import LocalRegistry, push_layout, tamper_blob
 from s3_support import S3Server, running_s3_server
 
+from vmruntime import Sandbox
 from vmruntime.cli import main
 from vmruntime.errors import (
     SnapshotBaseImageError,
@@ -519,3 +522,50 @@ def test_cli_push_and_pull_with_image(
     assert out.strip() == "warm"
     assert f"image {info.manifest_digest}: from the store" in err
     assert_restorable(machine(tmp_path / "b"), "warm", original, info)
+
+
+# --- the whole way, with VMs (slow): a machine whose cache started empty -----------------
+
+
+def _as_machine(patch: pytest.MonkeyPatch, cache: Path, state: Path, runtime: Path) -> None:
+    patch.setenv("VMRUNTIME_CACHE", str(cache))
+    patch.setenv("VMRUNTIME_STATE", str(state))
+    patch.setenv("XDG_RUNTIME_DIR", str(runtime))
+
+
+def _python(sandbox: Sandbox, code: str) -> str:
+    result = sandbox.exec(["python3", "-c", code], timeout=120)
+    assert result.returncode == 0, result
+    return result.stdout.decode()
+
+
+@pytest.mark.slow
+def test_a_machine_whose_cache_started_empty_restores_and_runs_python(
+    python_image: str, store_url: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    kernel = setup_kernel()
+    runtimes = [Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp")) for _ in range(2)]
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # The first machine: the small Python image in the user's cache.
+            _as_machine(patch, USER_CACHE, tmp_path / "a" / "state", runtimes[0])
+            with Sandbox.create(python_image, memory_mib=256) as first:
+                _python(first, "open('/root/state', 'w').write('written on the first machine')")
+                snapshot = first.snapshot("py-warm")
+            result = push(snapshot, store_url, storage_options=s3_server.storage_options,
+                          with_image=True)  # fmt: skip
+
+            # The second: a cache holding only the guest kernel (tests never download one).
+            cache = tmp_path / "b" / "cache"
+            (cache / "guest" / "kernel").mkdir(parents=True)
+            (cache / "guest" / "kernel" / kernel.release).symlink_to(kernel.vmlinuz.parent)
+            _as_machine(patch, cache, tmp_path / "b" / "state", runtimes[1])
+            name = ensure_local(result.url, storage_options=s3_server.storage_options)
+            with Sandbox.create(from_snapshot=name, memory_mib=256) as second:
+                seen = _python(second, "import pickle, zipimport, struct, io, os, sys, "
+                               "traceback; print(open('/root/state').read())")  # fmt: skip
+            assert seen == "written on the first machine\n"
+            assert [r.source for r in ImageStore(cache).list_refs()] == [f"store {store_url}"]
+    finally:
+        for runtime in runtimes:
+            end_session_runtime(runtime)
