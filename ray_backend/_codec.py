@@ -487,6 +487,22 @@ def rebuild_array(descr: str, shape: tuple[int, ...], data: Any) -> Any:
     return numpy.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def rebuild_objects(shape: tuple[int, ...], items: list[Any]) -> Any:
+    """An object array the host sent as its shape and items."""
+    import numpy
+
+    array = numpy.empty(len(items), dtype=object)
+    for position, item in enumerate(items):
+        array[position] = item
+    return array.reshape(shape)
+
+
+def rebuild_scalar(descr: str, data: bytes) -> Any:
+    import numpy
+
+    return numpy.frombuffer(data, dtype=numpy.dtype(descr))[0]
+
+
 def rebuild_index(parts: tuple[Any, ...]) -> Any:
     import pandas
 
@@ -524,8 +540,8 @@ def _flat(*indexes: Any) -> bool:
 
 
 def reduce_argument(value: Any) -> Any:
-    """A pickle reduction for numpy arrays and pandas frames and series that the guest can
-    rebuild whatever its numpy and pandas versions (NotImplemented for anything else, as
+    """A pickle reduction for numpy arrays and scalars and pandas frames and series that the
+    guest can rebuild whatever its numpy and pandas versions (NotImplemented for anything else, as
     ``reducer_override`` expects)."""
     numpy = sys.modules.get("numpy")
     pandas = sys.modules.get("pandas")
@@ -533,6 +549,11 @@ def reduce_argument(value: Any) -> Any:
             and value.dtype.fields is None:  # fmt: skip
         contiguous = value if value.flags.c_contiguous else value.copy(order="C")
         return rebuild_array, (value.dtype.str, value.shape, pickle.PickleBuffer(contiguous))
+    if numpy is not None and type(value) is numpy.ndarray and value.dtype == object:
+        return rebuild_objects, (value.shape, value.ravel().tolist())
+    if numpy is not None and isinstance(value, numpy.generic) and value.dtype.fields is None \
+            and not value.dtype.hasobject:  # fmt: skip
+        return rebuild_scalar, (value.dtype.str, value.tobytes())
     if pandas is not None and type(value) is pandas.DataFrame and _flat(value.index, value.columns):
         values = [value.iloc[:, position].to_numpy() for position in range(value.shape[1])]
         return rebuild_frame, (_index_parts(value.columns), _index_parts(value.index), values)

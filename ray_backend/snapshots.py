@@ -10,6 +10,8 @@ through Ray's key-value store under the actor's id, or else the one it was creat
 
 from __future__ import annotations
 
+import warnings
+
 from vmruntime._blocking import in_thread
 from vmruntime.snapshots import SnapshotStore, remote
 from vmruntime.snapshots.names import check_name
@@ -70,7 +72,9 @@ def restart_source(snapshot: str | None) -> str | None:
     import ray
 
     try:
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
     except Exception:
         return snapshot
     key = _kv_key()
