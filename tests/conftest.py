@@ -31,7 +31,7 @@ from vmruntime.guest.kernel import GuestKernel, cached_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
 
 # Fixtures of the fast tier's fake VMM world (world, agent_cache): tests/fake_world.py.
-pytest_plugins = ["fake_world"]
+pytest_plugins = ["fake_world", "ray_support"]
 
 # The user's real directories, read before pytest_configure replaces them.
 USER_CACHE = default_cache_dir()
