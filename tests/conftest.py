@@ -214,7 +214,7 @@ def default_image_session(tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def python_image() -> str:
     """The small Python test image (tests/python_image.py) in the user's cache, like the
-    default image: built if it is missing or stale (about 25 s once), found afterwards.
+    default image: built if it is missing or stale (about 32 s once), found afterwards.
     Returns its reference; sessions that boot it use ``USER_CACHE`` as their cache."""
     from python_image import PYTHON_IMAGE, PYTHON_RECIPE
 

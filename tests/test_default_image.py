@@ -490,7 +490,7 @@ def test_another_recipe_builds_another_image_without_moving_the_defaults_hash() 
     argv = plan.mmdebstrap_argv(Path("/out.tar"))
     variant = argv.index("--variant=essential")
     assert argv[variant + 1] == "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr"
-    assert "--include=python3-minimal" in argv
+    assert "--include=python3" in argv
     hook = plan.recipe.customize_hooks()[-1]
-    assert "import pickle, zipimport, struct, io, os, traceback" in hook
+    assert "import pickle, zipimport, struct, io, os, sys, traceback, " in hook
     assert "small Python test image smoke test passed" in hook
