@@ -504,20 +504,28 @@ def test_cli_push_and_pull_with_image(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    # --endpoint-url, not $AWS_ENDPOINT_URL: fsspec caches a filesystem per set of options,
+    # so one made from the environment would outlive this module's server.
+    endpoint = ["--endpoint-url", s3_server.endpoint]
     monkeypatch.setenv("VMRUNTIME_STATE", str(tmp_path / "a" / "state"))
     monkeypatch.setenv("VMRUNTIME_CACHE", str(tmp_path / "a" / "cache"))
     a = machine(tmp_path / "a")
     info = make_image(tmp_path, a.images)
     original = make_snapshot(a, "warm", LOCAL_IMAGE, info)
-    assert main(["snapshot", "push", "warm", store_url, "--with-image", "--no-progress"]) == 0
+    assert (
+        main(["snapshot", "push", "warm", store_url, "--with-image", "--no-progress", *endpoint])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.strip() == f"{store_url}/warm"
     assert f"image {info.manifest_digest}: 4 blobs; sent" in err
 
     monkeypatch.setenv("VMRUNTIME_STATE", str(tmp_path / "b" / "state"))
     monkeypatch.setenv("VMRUNTIME_CACHE", str(tmp_path / "b" / "cache"))
-    assert main(["snapshot", "pull", f"{store_url}/warm", "--with-image", "--no-progress"]) == 0
+    assert (
+        main(["snapshot", "pull", f"{store_url}/warm", "--with-image", "--no-progress", *endpoint])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.strip() == "warm"
     assert f"image {info.manifest_digest}: from the store" in err
