@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import sys
 import threading
 import time
@@ -152,17 +151,10 @@ class SandboxActorBody:
     async def _prepare(self, readonly: bool) -> None:
         """Make the working directory, and the root read-only if asked (as Ray's sandboxes
         do: only the working directory and the tmpfs mounts stay writable)."""
-        steps = []
-        if self._workdir:
-            steps.append(f"mkdir -p -- {shlex.quote(self._workdir)}")
         if readonly:
-            if self._workdir:
-                quoted = shlex.quote(self._workdir)
-                steps.append(f"mount --bind -- {quoted} {quoted}")
-            steps.append("mount -o remount,bind,ro /")
-        if steps:
-            await self._sandbox.exec(["/bin/sh", "-c", " && ".join(steps)], user="0",
-                                     check=True)  # fmt: skip
+            await self._sandbox.readonly_root(writable=[self._workdir] if self._workdir else [])
+        elif self._workdir:
+            await self._sandbox.exec(["mkdir", "-p", "--", self._workdir], check=True)
 
     # --- untrusted functions ---------------------------------------------------------
 

@@ -40,6 +40,7 @@ BUNDLE_PATH = "/run/vmruntime-worker.zip"
 _BOOT = (f"import sys; sys.path.insert(0, {BUNDLE_PATH!r}); "
          "from ray_backend._worker import main; main()")  # fmt: skip
 _OUTPUT_TAIL = 4096
+_COMMAND_NOT_FOUND = 127  # the agent's exit status for a program that is not there
 # A worker that does not say hello in this long (importing cloudpickle under TCG takes
 # about a second) is broken.
 DEFAULT_START_TIMEOUT = 60.0
@@ -202,17 +203,18 @@ class GuestWorker:
         if not self._shipped:
             await self._sandbox.fs.write(BUNDLE_PATH, worker_bundle())
             self._shipped = True
-        try:
-            process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
-        except SandboxError as exc:
-            if "No such file" in str(exc) or "not found" in str(exc):
-                raise PythonMismatchError(self._image, "none (no python3)", host_python()) from exc
-            raise
+        process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
         self._process = process
         self._inbox = _Inbox(process, self._on_output)
         try:
             reply = await asyncio.wait_for(self._receive(), timeout)
             self.hello = self._check_hello(reply)
+        except WorkerDiedError as exc:
+            await self.stop()
+            if exc.returncode == _COMMAND_NOT_FOUND:
+                raise PythonMismatchError(self._image, "none (no python3 on its PATH)",
+                                          host_python()) from exc  # fmt: skip
+            raise
         except BaseException:
             await self.stop()
             raise

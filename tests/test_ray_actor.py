@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import ray
 import ray_user_module
+from vm_support import qemu_processes
 
 from ray_backend import (
     SandboxActor,
@@ -326,8 +327,10 @@ def test_a_restarted_actor_restores_its_last_snapshot(ray_session: Any) -> None:
     assert ray.get(handle.snapshot.remote("restart-test")) == "restart-test"
     call(handle, write_text, "/root/state.txt", "after the snapshot")
     first_sandbox = ray.get(handle.get_instance_id.remote())
+    assert qemu_processes(first_sandbox)
     ray.kill(handle, no_restart=False)
     restored = eventually(lambda: call(handle, read_text, "/root/state.txt"))
+    assert not qemu_processes(first_sandbox), "the killed actor's VM outlived it"
     assert restored == "snapshotted"
     assert ray.get(handle.get_instance_id.remote()) != first_sandbox
     # trust_results=True: the actor unpickles what it was asked to trust
@@ -355,3 +358,50 @@ def test_a_plain_result_needs_no_trust_but_an_object_does(actor: Any) -> None:
 
     error = raised(actor, Fraction, 1, 3)
     assert isinstance(error, UntrustedResultError) and "Fraction" in str(error)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def probe_options(share: str) -> dict[str, Any]:
+    import os
+
+    with open(f"{share}/data.txt") as shared:
+        facts: dict[str, Any] = {"cwd": os.getcwd(), "env": os.environ.get("PROJECT"),
+                                 "shared": shared.read()}  # fmt: skip
+    for path in (f"{share}/new.txt", "/etc/new.txt", "/tmp/new.txt", "/work/out/new.txt"):
+        try:
+            with open(path, "w") as handle:
+                handle.write("x")
+            facts[path] = "written"
+        except OSError as exc:
+            facts[path] = exc.strerror
+    return facts
+
+
+def test_mounts_env_workdir_readonly_and_ttl_are_honoured(ray_session: Any,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "data.txt").write_text("from the host")
+    handle = SandboxActor.remote(mounts=[f"{share}:/data:ro"], env={"PROJECT": "demo"},
+                                 workdir="/work/out", readonly=True, ttl_seconds=60)  # fmt: skip
+    try:
+        facts = call(handle, probe_options, "/data")
+        assert facts["cwd"] == "/work/out" and facts["env"] == "demo"
+        assert facts["shared"] == "from the host"
+        assert facts["/data/new.txt"] == "Read-only file system"
+        assert facts["/etc/new.txt"] == "Read-only file system"
+        assert facts["/tmp/new.txt"] == facts["/work/out/new.txt"] == "written"
+        assert not (share / "new.txt").exists()
+        status = ray.get(handle.get_status.remote())
+        assert status.name == "RUNNING"
+        deadline = time.monotonic() + 120
+        while ray.get(handle.get_status.remote()).name != "TERMINATED":
+            assert time.monotonic() < deadline, "the TTL did not end the sandbox"
+            time.sleep(2)
+        with pytest.raises(ray.exceptions.RayTaskError) as caught:
+            call(handle, pow, 2, 2)
+        assert "SandboxGoneError" in str(caught.value)
+    finally:
+        ray.kill(handle)
