@@ -154,12 +154,21 @@ def segfaults() -> None:
     ctypes.string_at(0)
 
 
+def eats_memory() -> None:
+    hoard = []
+    while True:
+        hoard.append(bytearray(b"x" * (32 << 20)))
+
+
 def test_a_worker_that_exits_is_reported_and_replaced(actor: Any) -> None:
     error = raised(actor, exits_hard)
     assert isinstance(error, WorkerDiedError)
     assert "exited with status 3" in str(error) and "last words" in str(error)
     error = raised(actor, segfaults)
     assert isinstance(error, WorkerDiedError) and "signal 11" in str(error)
+    error = raised(actor, eats_memory)
+    assert isinstance(error, WorkerDiedError) and error.oom_killed
+    assert "out-of-memory killer" in str(error)
     assert call(actor, pow, 2, 10) == 1024
 
 
@@ -368,7 +377,9 @@ def probe_options(share: str) -> dict[str, Any]:
 
     with open(f"{share}/data.txt") as shared:
         facts: dict[str, Any] = {"cwd": os.getcwd(), "env": os.environ.get("PROJECT"),
-                                 "shared": shared.read()}  # fmt: skip
+                                 "shared": shared.read(), "cpus": os.cpu_count()}  # fmt: skip
+    with open("/proc/meminfo") as meminfo:
+        facts["memory_kib"] = int(meminfo.readline().split()[1])
     for path in (f"{share}/new.txt", "/etc/new.txt", "/tmp/new.txt", "/work/out/new.txt"):
         try:
             with open(path, "w") as handle:
@@ -384,12 +395,15 @@ def test_mounts_env_workdir_readonly_and_ttl_are_honoured(ray_session: Any,
     share = tmp_path / "share"
     share.mkdir()
     (share / "data.txt").write_text("from the host")
-    handle = SandboxActor.remote(mounts=[f"{share}:/data:ro"], env={"PROJECT": "demo"},
-                                 workdir="/work/out", readonly=True, ttl_seconds=60)  # fmt: skip
+    handle = SandboxActor.options(num_cpus=2, memory=700 << 20).remote(
+        mounts=[f"{share}:/data:ro"], env={"PROJECT": "demo"}, workdir="/work/out",
+        readonly=True, ttl_seconds=60)  # fmt: skip
     try:
         facts = call(handle, probe_options, "/data")
         assert facts["cwd"] == "/work/out" and facts["env"] == "demo"
         assert facts["shared"] == "from the host"
+        assert facts["cpus"] == 2  # what Ray assigned to the actor
+        assert 600 << 10 < facts["memory_kib"] <= 700 << 10
         assert facts["/data/new.txt"] == "Read-only file system"
         assert facts["/etc/new.txt"] == "Read-only file system"
         assert facts["/tmp/new.txt"] == facts["/work/out/new.txt"] == "written"
