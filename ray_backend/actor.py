@@ -41,7 +41,7 @@ from ray_backend.errors import (
     WorkerProtocolError,
 )
 from ray_backend.results import interpret, printable
-from ray_backend.worker import GuestWorker, pickle_call
+from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_function
 from vmruntime.errors import ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
@@ -175,8 +175,12 @@ class SandboxActorBody:
         """:meth:`run` with the arguments as a sequence and a mapping."""
         with self._lock:
             self._require_alive()
-            payload, buffers = pickle_call(fn, args, dict(kwargs or {}), self._trust_results)
-            reply = sync.run(self._worker.call(payload, buffers, timeout))
+            function = pickle_function(fn)
+            key = function_key(function)
+            sync.run(self._worker.start())
+            payload, buffers = pickle_call(key, None if self._worker.knows(key) else function,
+                                           args, dict(kwargs or {}), self._trust_results)
+            reply = sync.run(self._worker.call(key, payload, buffers, timeout))
             del payload, buffers
             try:
                 return interpret(self._worker, reply, self._trust_results)
