@@ -319,7 +319,7 @@ SandboxActor.__doc__ = __doc__
 
 
 def create(
-    image: str,
+    image: str | None,
     cpu: float | None = None,
     memory: str | int | float | None = None,
     env: Mapping[str, str] | None = None,
@@ -356,6 +356,8 @@ def create(
     if unknown:
         raise UnsupportedOptionError(sorted(unknown)[0], kwargs[sorted(unknown)[0]],
                                      "not an option of ray_backend.create")  # fmt: skip
+    if kwargs.get("snapshot") is not None:
+        image = None  # the snapshot names its image
     return SandboxActor.options(**options).remote(
         image, cpu=cpu, memory=memory, env=env, workdir=workdir, ttl_seconds=ttl_seconds,
         timeout_seconds=max(timeout_seconds, DEFAULT_BOOT_TIMEOUT), rootless=rootless,
