@@ -6,9 +6,9 @@ given as a store URL (``<store URL>/<name>``, as ``snapshot(name, push_to=...)``
 it) is pulled into this node's store, with its image (by digest: from the store, where
 ``push_to`` sends it, else from its registry), before the sandbox is made
 (:func:`vmruntime.snapshots.ensure_local`: idempotent, one fetch when several actors of a
-node start at once); an
-actor that Ray restarts (``max_restarts``) restores the last snapshot it took, found
-through Ray's key-value store under the actor's id, or else the one it was created from.
+node start at once); an actor that Ray restarts (``max_restarts``) restores the last
+snapshot it took, found through Ray's key-value store under the actor's id, or else the
+one it was created from.
 """
 
 from __future__ import annotations
