@@ -45,6 +45,7 @@ from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_fu
 from vmruntime.errors import ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
+from vmruntime.vm.commands import prune_abandoned_sandboxes
 from vmruntime.vm.config import DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB
 
 DEFAULT_IMAGE = "vmruntime/default:latest"
@@ -75,8 +76,12 @@ def vcpus(cpu: float | None, assigned: Mapping[str, float]) -> int:
 
 
 def check_options(network: str, dns: Sequence[str] | None,
-                  capabilities: Sequence[str] | None) -> None:  # fmt: skip
+                  capabilities: Sequence[str] | None, rootless: bool = True) -> None:  # fmt: skip
     """Refuse the options of Ray's sandboxes that a microVM here cannot honour."""
+    if rootless is not True:
+        raise UnsupportedOptionError(
+            "rootless", rootless, "a microVM sandbox runs without host root privileges "
+            "always; there is no root mode to ask for")  # fmt: skip
     if network not in _NETWORK_MODES:
         raise UnsupportedOptionError("network", network, f"expected one of {_NETWORK_MODES}")
     if network != "none":
@@ -115,7 +120,7 @@ class SandboxActorBody:
         dns: Sequence[str] | None = None,
         capabilities: Sequence[str] | None = None,
     ) -> None:
-        check_options(network, dns, capabilities)
+        check_options(network, dns, capabilities, rootless)
         if snapshot is not None and image is not None:
             raise UnsupportedOptionError("image", image, "give an image or a snapshot, not both")
         assigned = _assigned_resources()
@@ -126,6 +131,7 @@ class SandboxActorBody:
         self._ended = False
         self._lock = threading.RLock()
         self._snapshot_source = actor_snapshots.restart_source(snapshot)
+        prune_abandoned_sandboxes()  # what actors killed on this node left behind
         self._sandbox = sync.run(self._create(
             env=env, mounts=mounts, cpus=vcpus(cpu, assigned),
             memory_mib=memory_mib(memory, assigned), boot_timeout=timeout_seconds,
@@ -343,7 +349,7 @@ def create(
     raised to at least 120 s."""
     from ray.experimental.sandbox.config import parse_memory_bytes
 
-    check_options(network, dns, capabilities)
+    check_options(network, dns, capabilities, rootless)
     options: dict[str, Any] = {}
     if cpu is not None and cpu >= 0:
         options["num_cpus"] = cpu

@@ -128,9 +128,10 @@ class SandboxGoneError(RaySandboxError, ray_errors.SandboxNotFoundError):
 
 
 class GuestFileError(RaySandboxError):
-    """Reading or writing a file in the guest failed (``path``, the guest's ``errno``)."""
+    """Reading or writing a file in the guest failed: ``path``, the ``exit_code`` of the
+    guest command that tried (``cat``, ``sh``) and its message."""
 
-    def __init__(self, path: str, errno: int, message: str) -> None:
-        super().__init__(f"{path}: {message}", path, errno, message)
+    def __init__(self, path: str, exit_code: int, message: str) -> None:
+        super().__init__(f"{path}: {message}", path, exit_code, message)
         self.path = path
-        self.errno = errno
+        self.exit_code = exit_code

@@ -32,6 +32,7 @@ from ray_backend import (
     WorkerProtocolError,
     _wire,
 )
+from vmruntime.vm import state
 
 pytestmark = pytest.mark.slow
 
@@ -340,6 +341,8 @@ def test_a_restarted_actor_restores_its_last_snapshot(ray_session: Any) -> None:
     ray.kill(handle, no_restart=False)
     restored = eventually(lambda: call(handle, read_text, "/root/state.txt"))
     assert not qemu_processes(first_sandbox), "the killed actor's VM outlived it"
+    # the restarted actor removed what the killed one left
+    assert first_sandbox not in {record.id for record in state.list_records()}
     assert restored == "snapshotted"
     assert ray.get(handle.get_instance_id.remote()) != first_sandbox
     # trust_results=True: the actor unpickles what it was asked to trust

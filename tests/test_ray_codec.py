@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ray.experimental.sandbox import exceptions as ray_errors
 
 from ray_backend import _codec, _wire
 from ray_backend.errors import (
@@ -315,3 +316,18 @@ def test_the_worker_answers_calls_errors_and_refusals(host_worker: Any) -> None:
     host_worker.stdin.close()
     assert host_worker.wait(30) == 0
     assert b"to stderr, not into the messages" in host_worker.stderr.read()
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"network": "public"}, "network"), ({"network": "bogus"}, "network"),
+    ({"dns": ["1.1.1.1"]}, "dns"), ({"capabilities": []}, "capabilities"),
+    ({"rootless": False}, "rootless"),
+])  # fmt: skip
+def test_options_a_microvm_cannot_honour_are_refused_before_an_actor_is_made(
+        options: dict[str, Any], named: str) -> None:  # fmt: skip
+    import ray_backend
+
+    with pytest.raises(ray_backend.UnsupportedOptionError) as caught:
+        ray_backend.create("vmruntime/default:latest", **options)
+    assert caught.value.option == named
+    assert isinstance(caught.value, ray_errors.SandboxCreationError)
