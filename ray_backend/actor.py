@@ -45,7 +45,7 @@ from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_fu
 from vmruntime.errors import ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
-from vmruntime.vm.commands import prune_abandoned_sandboxes
+from vmruntime.vm.commands import end_abandoned_sandboxes
 from vmruntime.vm.config import DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB
 
 DEFAULT_IMAGE = "vmruntime/default:latest"
@@ -131,7 +131,7 @@ class SandboxActorBody:
         self._ended = False
         self._lock = threading.RLock()
         self._snapshot_source = actor_snapshots.restart_source(snapshot)
-        prune_abandoned_sandboxes()  # what actors killed on this node left behind
+        sync.run(end_abandoned_sandboxes())  # what actors killed on this node left
         self._sandbox = sync.run(self._create(
             env=env, mounts=mounts, cpus=vcpus(cpu, assigned),
             memory_mib=memory_mib(memory, assigned), boot_timeout=timeout_seconds,

@@ -338,15 +338,15 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def prune_abandoned_sandboxes() -> list[state.SandboxRecord]:
+async def end_abandoned_sandboxes() -> list[state.SandboxRecord]:
     """Remove what owners that died left: ephemeral (not detached, not kept) sandboxes whose
     owning process is gone and whose VM is no longer running. Front doors call it when
     they start, so that killed owners (a Ray actor under ``ray.kill``) leave no files."""
     removed = []
-    for record in state.list_records():
+    for record in await asyncio.to_thread(state.list_records):
         if record.detached or record.keep or record.owner_alive or record.vm_running:
             continue
-        asyncio.run(end_from_outside(record, QemuDriver(), keep=False, graceful=False))
+        await end_from_outside(record, QemuDriver(), keep=False, graceful=False)
         removed.append(record)
     return removed
 
