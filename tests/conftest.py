@@ -31,7 +31,7 @@ from vmruntime.images.store import ImageStore, default_cache_dir
 
 # Fixtures of the fast tier's fake VMM world (world, agent_cache): tests/fake_world.py;
 # Ray's own gVisor sandboxes as the peer of the Ray front door (gvisor_peer): tests/ray_peer.py.
-pytest_plugins = ["fake_world", "ray_peer"]
+pytest_plugins = ["fake_world", "ray_support", "ray_peer"]
 
 # The user's real directories, read before pytest_configure replaces them.
 USER_CACHE = default_cache_dir()
