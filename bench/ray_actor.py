@@ -61,7 +61,7 @@ from ray_peer import (  # noqa: E402  (tests/ray_peer.py)
     GVisorPeer,
     GVisorPeerError,
     descendants,
-    ray_session,
+    local_ray,
     runsc_processes,
     start_gvisor_peer,
 )
@@ -661,7 +661,7 @@ def bench_main(args: argparse.Namespace) -> int:
             ctx = Context(args, Api.find(), peer)
             print_environment(ctx)
             env = {**peer.env, "VMRUNTIME_STATE": str(work / "state")}
-            with ray_session(env):
+            with local_ray(env):
                 if "actor" in args.parts:
                     measure_actor_part(ctx)
                 if "gvisor" in args.parts:

@@ -1,8 +1,10 @@
 """Ray's own sandboxes (``ray.experimental.sandbox``, gVisor): the peer the Ray front door
 is held to, set up with no manual step.
 
-Who calls it: the ``gvisor_peer`` session fixture (a plugin of ``tests/conftest.py``) and
-``bench/ray_actor.py`` (through :func:`start_gvisor_peer` and :func:`ray_session`).
+Who calls it: the ``gvisor_peer`` session fixture (a plugin of ``tests/conftest.py``; the
+session's one Ray, ``ray_session`` of ``tests/ray_support.py``, starts with its ``env``
+when a test of the run asks for it) and ``bench/ray_actor.py`` (through
+:func:`start_gvisor_peer` and :func:`local_ray`).
 
 What it promises: a :class:`GVisorPeer` whose ``env``, set before ``ray.init``, makes
 ``ray.experimental.sandbox.create(image="vmruntime/default:latest")`` work in that Ray
@@ -22,8 +24,8 @@ Three things make that so:
   asks the registry again; when the default image was rebuilt since, the stale entry
   is invalidated here, so Ray re-pulls (about 20 s) instead of running an old image.
 
-At the end of a Ray session, :func:`ray_session` fails if a runsc process that the
-session started is still alive (and kills it), like the QEMU check of the VM sessions.
+:func:`end_runsc` fails if a runsc process below this process outlives its sandboxes
+(and kills it), like the QEMU check of the VM sessions.
 """
 
 from __future__ import annotations
@@ -248,14 +250,25 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@contextlib.contextmanager
-def ray_session(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
-    """``ray.init(num_cpus=...)`` with ``env`` set in this process (so in the raylet and
-    its workers) for the session; at the end ``ray.shutdown()`` and the environment back.
+def end_runsc(started: set[int], grace: float = 5.0) -> None:
+    """Wait a moment for runsc processes to end with their sandboxes; kill those that do
+    not and raise :class:`GVisorPeerError` naming them."""
+    deadline = time.monotonic() + grace
+    while (left := {pid for pid in started if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        raise GVisorPeerError(f"runsc processes outlived their sandboxes: {sorted(left)}")
 
-    Raises :class:`GVisorPeerError` at the end if runsc processes of the session outlive
-    it (they are killed first).
-    """
+
+@contextlib.contextmanager
+def local_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
+    """``ray.init(num_cpus=...)`` with ``env`` set in this process (so in the raylet and
+    its workers) for the session; at the end ``ray.shutdown()`` and the environment back,
+    and :func:`end_runsc` for the runsc processes the session left. For the benchmark:
+    tests share ``ray_session`` (tests/ray_support.py)."""
     import ray
 
     saved = {name: os.environ.get(name) for name in env}
@@ -267,7 +280,7 @@ def ray_session(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
         finally:
             started = runsc_processes(os.getpid())
             ray.shutdown()
-            _end_runsc(started)
+            end_runsc(started)
     finally:
         for name, value in saved.items():
             if value is None:
@@ -276,28 +289,15 @@ def ray_session(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _end_runsc(started: set[int], grace: float = 5.0) -> None:
-    """Wait a moment for the session's runsc processes to end with their actors; kill
-    and report those that do not."""
-    deadline = time.monotonic() + grace
-    while (left := {pid for pid in started if _alive(pid)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if left:
-        raise GVisorPeerError(f"runsc processes outlived the Ray session: {sorted(left)}")
-
-
 # --- the fixture ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def gvisor_peer(default_image_session: object, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[GVisorPeer]:  # fmt: skip
-    """Ray's gVisor sandboxes, ready to run the default image: set ``gvisor_peer.env``
-    before ``ray.init`` (or use :func:`ray_session`). Fails, never skips, when the peer
-    cannot be set up (the message says why)."""
+    """Ray's gVisor sandboxes, ready to run the default image: ``ray_session`` starts with
+    ``gvisor_peer.env`` when a test of the run asks for this fixture. Fails, never skips,
+    when the peer cannot be set up (the message says why)."""
     from conftest import PEER_CACHE, USER_CACHE
 
     try:
