@@ -176,9 +176,7 @@ class _Encoder:
             self.out += b"Ir"
             for number in (index.start, index.stop, index.step):
                 _encode_int(self, number)
-        elif kind in (pandas.Index, pandas.DatetimeIndex, pandas.TimedeltaIndex) and (
-            getattr(index, "tz", None) is None
-        ):
+        elif not isinstance(index, pandas.MultiIndex):  # its dtype is checked as a column's
             self.out += b"Iv"
             self.column(index, depth)
         else:

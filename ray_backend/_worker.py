@@ -109,9 +109,13 @@ def _safe_str(exc: BaseException) -> str:
         return f"<{type(exc).__name__} whose str() failed>"
 
 
-def _answer(stream: BinaryIO, body: bytearray, buffers: list[bytearray]) -> None:
+def _answer(stream: BinaryIO, body: bytearray, buffers: list[bytearray],
+            functions: dict[bytes, Any]) -> None:  # fmt: skip
     try:
-        fn, args, kwargs, pickled_result = pickle.loads(body, buffers=buffers)
+        key, function, args, kwargs, pickled_result = pickle.loads(body, buffers=buffers)
+        if function is not None:
+            functions[key] = pickle.loads(function)
+        fn = functions[key]
     except BaseException as exc:  # the call itself did not unpickle: say why
         _send(stream, _wire.Kind.ERROR, _describe_error(exc))
         return
@@ -169,11 +173,12 @@ def main() -> None:
         "pid": os.getpid(),
     })  # fmt: skip
     _send(outgoing, _wire.Kind.HELLO, hello)
+    functions: dict[bytes, Any] = {}  # loaded once, kept warm like Ray's remote functions
     while (message := _read_message(incoming)) is not None:
         kind, body, buffers = message
         if kind != _wire.Kind.CALL:
             return
-        _answer(outgoing, body, buffers)
+        _answer(outgoing, body, buffers, functions)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ from ray_backend.errors import (
     WorkerProtocolError,
 )
 from ray_backend.results import interpret, printable
-from ray_backend.worker import GuestWorker, pickle_call
+from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_function
 from vmruntime.errors import ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
@@ -152,17 +151,10 @@ class SandboxActorBody:
     async def _prepare(self, readonly: bool) -> None:
         """Make the working directory, and the root read-only if asked (as Ray's sandboxes
         do: only the working directory and the tmpfs mounts stay writable)."""
-        steps = []
-        if self._workdir:
-            steps.append(f"mkdir -p -- {shlex.quote(self._workdir)}")
         if readonly:
-            if self._workdir:
-                quoted = shlex.quote(self._workdir)
-                steps.append(f"mount --bind -- {quoted} {quoted}")
-            steps.append("mount -o remount,bind,ro /")
-        if steps:
-            await self._sandbox.exec(["/bin/sh", "-c", " && ".join(steps)], user="0",
-                                     check=True)  # fmt: skip
+            await self._sandbox.readonly_root(writable=[self._workdir] if self._workdir else [])
+        elif self._workdir:
+            await self._sandbox.exec(["mkdir", "-p", "--", self._workdir], check=True)
 
     # --- untrusted functions ---------------------------------------------------------
 
@@ -183,8 +175,12 @@ class SandboxActorBody:
         """:meth:`run` with the arguments as a sequence and a mapping."""
         with self._lock:
             self._require_alive()
-            payload, buffers = pickle_call(fn, args, dict(kwargs or {}), self._trust_results)
-            reply = sync.run(self._worker.call(payload, buffers, timeout))
+            function = pickle_function(fn)
+            key = function_key(function)
+            sync.run(self._worker.start())
+            payload, buffers = pickle_call(key, None if self._worker.knows(key) else function,
+                                           args, dict(kwargs or {}), self._trust_results)
+            reply = sync.run(self._worker.call(key, payload, buffers, timeout))
             del payload, buffers
             try:
                 return interpret(self._worker, reply, self._trust_results)
@@ -323,7 +319,7 @@ SandboxActor.__doc__ = __doc__
 
 
 def create(
-    image: str,
+    image: str | None,
     cpu: float | None = None,
     memory: str | int | float | None = None,
     env: Mapping[str, str] | None = None,
@@ -360,6 +356,8 @@ def create(
     if unknown:
         raise UnsupportedOptionError(sorted(unknown)[0], kwargs[sorted(unknown)[0]],
                                      "not an option of ray_backend.create")  # fmt: skip
+    if kwargs.get("snapshot") is not None:
+        image = None  # the snapshot names its image
     return SandboxActor.options(**options).remote(
         image, cpu=cpu, memory=memory, env=env, workdir=workdir, ttl_seconds=ttl_seconds,
         timeout_seconds=max(timeout_seconds, DEFAULT_BOOT_TIMEOUT), rootless=rootless,

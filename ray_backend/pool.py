@@ -31,17 +31,24 @@ class SandboxPool(ActorPool):
 
     def map(self, fn: Callable[[Any], Any], values: Iterable[Any]) -> Iterator[Any]:  # type: ignore[override]
         """``fn(value)`` for each value, in the guests; results in the values' order."""
-        return super().map(_runner(fn), values)
+        return super().map(fn, values)  # which calls our submit for each value
 
     def map_unordered(self, fn: Callable[[Any], Any],  # type: ignore[override]
                       values: Iterable[Any]) -> Iterator[Any]:  # fmt: skip
         """As :meth:`map`, results as they finish."""
-        return super().map_unordered(_runner(fn), values)
+        return super().map_unordered(fn, values)
 
     def submit(self, fn: Callable[[Any], Any], value: Any) -> None:  # type: ignore[override]
         """Start ``fn(value)`` on a free actor (or when one frees up)."""
-        super().submit(_runner(fn), value)
+        # ActorPool re-submits what it queued (already a _Runner) when an actor frees up.
+        super().submit(fn if isinstance(fn, _Runner) else _Runner(fn), value)
 
 
-def _runner(fn: Callable[[Any], Any]) -> Callable[[ActorHandle, Any], Any]:
-    return lambda actor, value: actor.run.remote(fn, value)
+class _Runner:
+    """What ActorPool calls with a free actor: one ``run`` of the untrusted function."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, actor: ActorHandle, value: Any) -> Any:
+        return actor.run.remote(self.fn, value)

@@ -3,9 +3,12 @@ store URLs, and the snapshot a restarted actor restores.
 
 Who calls it: :class:`ray_backend.actor.SandboxActorBody`. What it promises: a snapshot
 given as a store URL (``<store URL>/<name>``, as ``snapshot(name, push_to=...)`` returns
-it) is pulled into this node's store, with its image, before the sandbox is made; an
-actor that Ray restarts (``max_restarts``) restores the last snapshot it took, found
-through Ray's key-value store under the actor's id, or else the one it was created from.
+it) is pulled into this node's store, with its image (by digest: from the store, where
+``push_to`` sends it, else from its registry), before the sandbox is made
+(:func:`vmruntime.snapshots.ensure_local`: idempotent, one fetch when several actors of a
+node start at once); an actor that Ray restarts (``max_restarts``) restores the last
+snapshot it took, found through Ray's key-value store under the actor's id, or else the
+one it was created from.
 """
 
 from __future__ import annotations
@@ -13,38 +16,21 @@ from __future__ import annotations
 import warnings
 
 from vmruntime._blocking import in_thread
-from vmruntime.snapshots import SnapshotStore, remote
-from vmruntime.snapshots.names import check_name
+from vmruntime.snapshots import SnapshotStore, ensure_local, remote
 
 _KV_NAMESPACE = "vmruntime"
 
 
-def is_url(spec: str) -> bool:
-    return "://" in spec
-
-
 async def local_snapshot(spec: str) -> str:
-    """The local name of snapshot ``spec`` (a local name, or a store URL pulled now)."""
-    if not is_url(spec):
-        return check_name(spec)
-    return await in_thread(_pull_once, spec)
-
-
-def _pull_once(url: str) -> str:
-    _, name = remote.split_snapshot_url(url)
-    store = SnapshotStore()
-    if not store.exists(name):
-        try:
-            remote.pull(url, name, store, progress=False)
-        except Exception:
-            if not store.exists(name):  # another actor on this node pulled it meanwhile
-                raise
-    return name
+    """The local name of snapshot ``spec`` (a local name, or a store URL pulled now), its
+    base image in this node's cache."""
+    return await in_thread(ensure_local, spec)
 
 
 def publish(name: str, url: str) -> str:
-    """Push local snapshot ``name`` to the store at ``url``; the URL that restores it."""
-    return remote.push(SnapshotStore().get(name), url, progress=False).url
+    """Push local snapshot ``name``, with its base image, to the store at ``url``; the URL
+    that restores it on any node."""
+    return remote.push(SnapshotStore().get(name), url, progress=False, with_image=True).url
 
 
 def _kv_key() -> bytes | None:

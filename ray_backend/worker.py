@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import pickle
 import py_compile
@@ -40,6 +41,9 @@ BUNDLE_PATH = "/run/vmruntime-worker.zip"
 _BOOT = (f"import sys; sys.path.insert(0, {BUNDLE_PATH!r}); "
          "from ray_backend._worker import main; main()")  # fmt: skip
 _OUTPUT_TAIL = 4096
+_COMMAND_NOT_FOUND = 127  # the agent's exit status for a program that is not there
+# How many functions a worker keeps loaded (the host resends any beyond them each time).
+_KNOWN_FUNCTIONS = 256
 # A worker that does not say hello in this long (importing cloudpickle under TCG takes
 # about a second) is broken.
 DEFAULT_START_TIMEOUT = 60.0
@@ -91,16 +95,28 @@ class _CallPickler(cloudpickle.Pickler):
     reducer_override = _reduce_for_guest
 
 
-def pickle_call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
-                pickled_result: bool) -> tuple[bytes, list[memoryview]]:  # fmt: skip
-    """The call as a protocol 5 pickle and its out-of-band buffers. The function's own
-    module travels by value unless it is installed (the guest cannot import the caller's
-    modules), and arrays and frames as :mod:`ray_backend._codec` rebuilds them."""
-    buffers: list[pickle.PickleBuffer] = []
+def pickle_function(fn: Callable[..., Any]) -> bytes:
+    """``fn`` as the guest loads it: its own module travels by value unless it is installed
+    (the guest cannot import the caller's modules)."""
     out = io.BytesIO()
     with _by_value(getattr(fn, "__module__", None)):
-        _CallPickler(out, protocol=5, buffer_callback=buffers.append).dump(
-            (fn, tuple(args), dict(kwargs), pickled_result))
+        _CallPickler(out, protocol=5).dump(fn)
+    return out.getvalue()
+
+
+def function_key(function: bytes) -> bytes:
+    return hashlib.blake2b(function, digest_size=16).digest()
+
+
+def pickle_call(key: bytes, function: bytes | None, args: Sequence[Any], kwargs: dict[str, Any],
+                pickled_result: bool) -> tuple[bytes, list[memoryview]]:  # fmt: skip
+    """A CALL's body and out-of-band buffers: the function's key, the pickled function
+    (None if the worker has it already), and the arguments as a protocol 5 pickle in which
+    arrays and frames travel as :mod:`ray_backend._codec` rebuilds them."""
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _CallPickler(out, protocol=5, buffer_callback=buffers.append).dump(
+        (key, function, tuple(args), dict(kwargs), pickled_result))
     return out.getvalue(), [b.raw() for b in buffers]
 
 
@@ -185,6 +201,7 @@ class GuestWorker:
         self._process: AsyncProcess | None = None
         self._inbox: _Inbox | None = None
         self._shipped = False
+        self._known: set[bytes] = set()
         self.hello: dict[str, Any] = {}
 
     @property
@@ -202,17 +219,19 @@ class GuestWorker:
         if not self._shipped:
             await self._sandbox.fs.write(BUNDLE_PATH, worker_bundle())
             self._shipped = True
-        try:
-            process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
-        except SandboxError as exc:
-            if "No such file" in str(exc) or "not found" in str(exc):
-                raise PythonMismatchError(self._image, "none (no python3)", host_python()) from exc
-            raise
+        process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
         self._process = process
+        self._known = set()
         self._inbox = _Inbox(process, self._on_output)
         try:
             reply = await asyncio.wait_for(self._receive(), timeout)
             self.hello = self._check_hello(reply)
+        except WorkerDiedError as exc:
+            await self.stop()
+            if exc.returncode == _COMMAND_NOT_FOUND:
+                raise PythonMismatchError(self._image, "none (no python3 on its PATH)",
+                                          host_python()) from exc  # fmt: skip
+            raise
         except BaseException:
             await self.stop()
             raise
@@ -231,14 +250,23 @@ class GuestWorker:
             raise PythonMismatchError(self._image, ".".join(map(str, python)), host_python())
         return hello
 
-    async def call(self, payload: bytes, buffers: Sequence[memoryview],
+    def knows(self, key: bytes) -> bool:
+        """Whether the running worker has the function of ``key`` loaded (a call may then
+        leave the function out)."""
+        return key in self._known
+
+    async def call(self, key: bytes, payload: bytes, buffers: Sequence[memoryview],
                    timeout: float | None) -> Reply:  # fmt: skip
-        """Send one call and wait for its reply; a fresh worker is started if needed."""
-        await self.start()
+        """Send one call and wait for its reply. The worker must be running (:meth:`start`)
+        since the caller decided with :meth:`knows` whether the function goes along."""
         process = self._process
-        assert process is not None
+        if process is None:
+            raise RuntimeError("call() without a running worker: start() it first")
         try:
-            return await asyncio.wait_for(self._exchange(process, payload, buffers), timeout)
+            reply = await asyncio.wait_for(self._exchange(process, payload, buffers), timeout)
+            if reply.kind != _wire.Kind.ERROR and len(self._known) < _KNOWN_FUNCTIONS:
+                self._known.add(key)  # it ran, so the worker has it (an error may mean not)
+            return reply
         except TimeoutError:
             await self.stop()
             raise SandboxTimeoutError("the call", timeout or 0) from None

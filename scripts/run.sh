@@ -33,10 +33,18 @@ except OSError as exc:
     --mount "$PWD/docs:/shared/docs:ro" --env HOST_PROJECT_DIR="$PWD" --sys-prefix --replace
 .venv/bin/python -m kernelprovider execute notebooks/quickstart.ipynb \
     --kernel vmruntime-default --output build/quickstart.executed.ipynb
+
+# The Ray front door: this notebook runs on an ordinary local kernel (the virtualenv's
+# python3), starts a local Ray and hands functions to SandboxActors, each owning a
+# microVM; it ends with ray.shutdown(), so no Ray process or VM outlives it.
+.venv/bin/python -m kernelprovider execute notebooks/ray_sandbox.ipynb \
+    --kernel python3 --output build/ray_sandbox.executed.ipynb
 cat <<END
 
 To open the notebook in JupyterLab on the same sandboxed kernel:
     .venv/bin/jupyter lab notebooks/quickstart.ipynb
 (its metadata names the kernel "Python 3 (sandboxed: vmruntime/default:latest)";
 pick it under Kernel > Change Kernel for any other notebook)
+The Ray notebook runs on the ordinary "Python 3 (ipykernel)" kernel, on this machine:
+    .venv/bin/jupyter lab notebooks/ray_sandbox.ipynb
 END

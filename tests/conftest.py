@@ -11,6 +11,7 @@ so and use ``USER_CACHE`` / ``PEER_CACHE``, captured before the switch.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -209,6 +210,33 @@ def default_image_session(tmp_path_factory: pytest.TempPathFactory
         patch.setenv("XDG_RUNTIME_DIR", str(runtime))
         yield DefaultImageSession(USER_CACHE, root / "state", runtime)
     end_session_runtime(runtime)
+
+
+@pytest.fixture(scope="session")
+def python_image() -> str:
+    """The small Python test image (tests/python_image.py) in the user's cache, like the
+    default image: built if it is missing or stale (about 32 s once), found afterwards.
+    Returns its reference; sessions that boot it use ``USER_CACHE`` as their cache."""
+    from python_image import PYTHON_IMAGE, PYTHON_RECIPE
+
+    from vmruntime.errors import ImageBuildError
+    from vmruntime.images.default_image import default_image_is_current, ensure_default_image
+    from vmruntime.rootfs import load
+
+    setup_kernel()
+    store = ImageStore(USER_CACHE)
+    try:
+        return ensure_default_image(
+            recipe=PYTHON_RECIPE,
+            load=functools.partial(load, store=store),
+            is_current=functools.partial(
+                default_image_is_current, store=store, reference=PYTHON_IMAGE
+            ),
+            workdir=USER_CACHE / "build",
+            log=lambda line: None,
+        )
+    except ImageBuildError as exc:
+        pytest.fail(f"building the small Python test image failed: {exc}", pytrace=False)
 
 
 def end_session_runtime(runtime: Path) -> None:

@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,17 @@ def sparse_file(path: Path, size: int, writes: dict[int, bytes]) -> Path:
             file.seek(offset)
             file.write(data)
     return path
+
+
+def outputs_of(document: Any) -> tuple[str, list[dict]]:
+    """All stream text of an executed notebook (an nbformat document), and its rich
+    outputs; fails on a cell that raised, with its traceback."""
+    text, rich = [], []
+    for cell in document.cells:
+        for output in cell.get("outputs", []):
+            assert output.output_type != "error", "".join(output.get("traceback", []))
+            if output.output_type == "stream":
+                text.append(output.text)
+            else:
+                rich.append(output)
+    return "".join(text), rich

@@ -475,3 +475,22 @@ def check_layer_contents(layer: Path) -> None:
     # python3-munkres satisfies fonttools' "scipy | munkres": no scipy, no compiler.
     assert "./usr/lib/python3/dist-packages/scipy/__init__.py" not in members
     assert "./usr/bin/g++" not in members
+
+
+def test_another_recipe_builds_another_image_without_moving_the_defaults_hash() -> None:
+    # The small Python test image's recipe: its own reference, packages and options.
+    from python_image import PYTHON_IMAGE, PYTHON_RECIPE
+
+    default_inputs = plan_default_image().inputs()
+    # Keys that did not exist when caches were filled stay out of the default's inputs.
+    assert "reference" not in default_inputs and "mmdebstrap_options" not in default_inputs
+    plan = plan_default_image(PYTHON_RECIPE)
+    assert plan.inputs()["reference"] == PYTHON_IMAGE
+    assert plan.input_hash != plan_default_image().input_hash
+    argv = plan.mmdebstrap_argv(Path("/out.tar"))
+    variant = argv.index("--variant=essential")
+    assert argv[variant + 1] == "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr"
+    assert "--include=python3" in argv
+    hook = plan.recipe.customize_hooks()[-1]
+    assert "import pickle, zipimport, struct, io, os, sys, traceback, " in hook
+    assert "small Python test image smoke test passed" in hook

@@ -18,6 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import VmSession, setup_kernel
+from helpers import outputs_of
 from vm_support import broker_processes, qemu_processes
 
 from kernelprovider.execute import NotebookExecutionError, execute_notebook
@@ -52,19 +53,6 @@ def test_execute_names_a_missing_kernel_and_leaves_the_input_alone(tmp_path: Pat
     )  # fmt: skip
     assert done.returncode == 1
     assert "no kernelspec named 'nowhere'" in done.stderr and "Traceback" not in done.stderr
-
-
-def outputs_of(document: nbformat.NotebookNode) -> tuple[str, list[dict]]:
-    """All stream text of the executed notebook, and its rich outputs."""
-    text, rich = [], []
-    for cell in document.cells:
-        for output in cell.get("outputs", []):
-            assert output.output_type != "error", "".join(output.get("traceback", []))
-            if output.output_type == "stream":
-                text.append(output.text)
-            else:
-                rich.append(output)
-    return "".join(text), rich
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import ray
 import ray_user_module
+from vm_support import qemu_processes
 
 from ray_backend import (
     SandboxActor,
@@ -153,12 +154,21 @@ def segfaults() -> None:
     ctypes.string_at(0)
 
 
+def eats_memory() -> None:
+    hoard = []
+    while True:
+        hoard.append(bytearray(b"x" * (32 << 20)))
+
+
 def test_a_worker_that_exits_is_reported_and_replaced(actor: Any) -> None:
     error = raised(actor, exits_hard)
     assert isinstance(error, WorkerDiedError)
     assert "exited with status 3" in str(error) and "last words" in str(error)
     error = raised(actor, segfaults)
     assert isinstance(error, WorkerDiedError) and "signal 11" in str(error)
+    error = raised(actor, eats_memory)
+    assert isinstance(error, WorkerDiedError) and error.oom_killed
+    assert "out-of-memory killer" in str(error)
     assert call(actor, pow, 2, 10) == 1024
 
 
@@ -326,8 +336,10 @@ def test_a_restarted_actor_restores_its_last_snapshot(ray_session: Any) -> None:
     assert ray.get(handle.snapshot.remote("restart-test")) == "restart-test"
     call(handle, write_text, "/root/state.txt", "after the snapshot")
     first_sandbox = ray.get(handle.get_instance_id.remote())
+    assert qemu_processes(first_sandbox)
     ray.kill(handle, no_restart=False)
     restored = eventually(lambda: call(handle, read_text, "/root/state.txt"))
+    assert not qemu_processes(first_sandbox), "the killed actor's VM outlived it"
     assert restored == "snapshotted"
     assert ray.get(handle.get_instance_id.remote()) != first_sandbox
     # trust_results=True: the actor unpickles what it was asked to trust
@@ -355,3 +367,55 @@ def test_a_plain_result_needs_no_trust_but_an_object_does(actor: Any) -> None:
 
     error = raised(actor, Fraction, 1, 3)
     assert isinstance(error, UntrustedResultError) and "Fraction" in str(error)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def probe_options(share: str) -> dict[str, Any]:
+    import os
+
+    with open(f"{share}/data.txt") as shared:
+        facts: dict[str, Any] = {"cwd": os.getcwd(), "env": os.environ.get("PROJECT"),
+                                 "shared": shared.read(), "cpus": os.cpu_count()}  # fmt: skip
+    with open("/proc/meminfo") as meminfo:
+        facts["memory_kib"] = int(meminfo.readline().split()[1])
+    for path in (f"{share}/new.txt", "/etc/new.txt", "/tmp/new.txt", "/work/out/new.txt"):
+        try:
+            with open(path, "w") as handle:
+                handle.write("x")
+            facts[path] = "written"
+        except OSError as exc:
+            facts[path] = exc.strerror
+    return facts
+
+
+def test_mounts_env_workdir_readonly_and_ttl_are_honoured(ray_session: Any,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "data.txt").write_text("from the host")
+    handle = SandboxActor.options(num_cpus=2, memory=700 << 20).remote(
+        mounts=[f"{share}:/data:ro"], env={"PROJECT": "demo"}, workdir="/work/out",
+        readonly=True, ttl_seconds=60)  # fmt: skip
+    try:
+        facts = call(handle, probe_options, "/data")
+        assert facts["cwd"] == "/work/out" and facts["env"] == "demo"
+        assert facts["shared"] == "from the host"
+        assert facts["cpus"] == 2  # what Ray assigned to the actor
+        assert 600 << 10 < facts["memory_kib"] <= 700 << 10
+        assert facts["/data/new.txt"] == "Read-only file system"
+        assert facts["/etc/new.txt"] == "Read-only file system"
+        assert facts["/tmp/new.txt"] == facts["/work/out/new.txt"] == "written"
+        assert not (share / "new.txt").exists()
+        status = ray.get(handle.get_status.remote())
+        assert status.name == "RUNNING"
+        deadline = time.monotonic() + 120
+        while ray.get(handle.get_status.remote()).name != "TERMINATED":
+            assert time.monotonic() < deadline, "the TTL did not end the sandbox"
+            time.sleep(2)
+        with pytest.raises(ray.exceptions.RayTaskError) as caught:
+            call(handle, pow, 2, 2)
+        assert "SandboxGoneError" in str(caught.value)
+    finally:
+        ray.kill(handle)

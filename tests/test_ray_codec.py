@@ -29,7 +29,7 @@ from ray_backend.errors import (
     WorkerDiedError,
 )
 from ray_backend.results import guest_exception, printable
-from ray_backend.worker import pickle_call, worker_bundle
+from ray_backend.worker import function_key, pickle_call, pickle_function, worker_bundle
 
 U64 = struct.Struct(">Q")
 
@@ -196,6 +196,12 @@ def test_errors_survive_the_trip_through_ray(error: Exception) -> None:
 # --- calls and the worker ------------------------------------------------------------------
 
 
+def make_call(fn: Any, *args: Any, pickled: bool = False,
+              known: bool = False) -> tuple[bytes, list[memoryview]]:  # fmt: skip
+    function = pickle_function(fn)
+    return pickle_call(function_key(function), None if known else function, args, {}, pickled)
+
+
 def unpickle_without_the_tests_on_the_path(payload: bytes, buffers: list[bytes],
                                            expression: str) -> str:  # fmt: skip
     """Load a call in a fresh Python that cannot import the test modules, and evaluate
@@ -204,7 +210,8 @@ def unpickle_without_the_tests_on_the_path(payload: bytes, buffers: list[bytes],
         "import pickle, sys\n"
         "data = sys.stdin.buffer.read()\n"
         f"payload, buffers = pickle.loads(data)\n"
-        "fn, args, kwargs, _ = pickle.loads(payload, buffers=buffers)\n"
+        "_, function, args, kwargs, _ = pickle.loads(payload, buffers=buffers)\n"
+        "fn = pickle.loads(function)\n"
         f"print({expression})\n"
     )
     repo = str(Path(__file__).parent.parent)
@@ -218,14 +225,14 @@ def unpickle_without_the_tests_on_the_path(payload: bytes, buffers: list[bytes],
 def test_a_function_of_the_callers_own_module_travels_by_value() -> None:
     import ray_user_module
 
-    payload, buffers = pickle_call(ray_user_module.add_offset, (5,), {}, False)
+    payload, buffers = make_call(ray_user_module.add_offset, 5)
     assert unpickle_without_the_tests_on_the_path(
         payload, [bytes(b) for b in buffers], "fn(*args)") == "1005"
 
 
 def test_arrays_go_as_protocol_5_buffers_the_guest_rebuilds_itself() -> None:
     array = np.arange(1 << 20, dtype=np.int32)
-    payload, buffers = pickle_call(len, (array,), {}, False)
+    payload, buffers = make_call(len, array)
     assert [b.nbytes for b in buffers] == [array.nbytes]
     assert b"rebuild_array" in payload and b"numpy._core" not in payload
     out = unpickle_without_the_tests_on_the_path(
@@ -268,13 +275,18 @@ def read_reply(stream: Any) -> tuple[int, Any]:
     return header.kind, _codec.decode(body, buffers)
 
 
-def send_call(process: Any, fn: Any, *args: Any, pickled: bool = False) -> tuple[int, Any]:
-    payload, buffers = pickle_call(fn, args, {}, pickled)
+def send_call(process: Any, fn: Any, *args: Any, pickled: bool = False,
+              known: bool = False) -> tuple[int, Any]:  # fmt: skip
+    payload, buffers = make_call(fn, *args, pickled=pickled, known=known)
     process.stdin.write(_wire.encode_header(_wire.Kind.CALL, payload, buffers) + payload)
     for buffer in buffers:
         process.stdin.write(buffer)
     process.stdin.flush()
     return read_reply(process.stdout)
+
+
+def square_unknown_to_the_worker(value: int) -> int:
+    return value * value
 
 
 def prints_and_returns(value: int) -> int:
@@ -286,6 +298,10 @@ def test_the_worker_answers_calls_errors_and_refusals(host_worker: Any) -> None:
     kind, hello = read_reply(host_worker.stdout)
     assert kind == _wire.Kind.HELLO and hello["python"][:2] == list(sys.version_info[:2])
     assert send_call(host_worker, prints_and_returns, 21) == (_wire.Kind.RESULT, 42)
+    # the worker keeps what it loaded: the function need not travel again
+    assert send_call(host_worker, prints_and_returns, 4, known=True) == (_wire.Kind.RESULT, 8)
+    kind, error = send_call(host_worker, square_unknown_to_the_worker, 3, known=True)
+    assert kind == _wire.Kind.ERROR and error["type"] == "builtins.KeyError"
     kind, error = send_call(host_worker, int, "not a number")
     assert kind == _wire.Kind.ERROR and error["type"] == "builtins.ValueError"
     assert error["args"] == ("invalid literal for int() with base 10: 'not a number'",)

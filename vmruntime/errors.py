@@ -7,6 +7,7 @@ attribute, so callers can react without parsing messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -391,3 +392,20 @@ class SnapshotBaseImageError(SnapshotError, LookupError):
         self.image = image
         self.digest = digest
         self.pull = pull
+
+
+class SnapshotImageUnavailableError(SnapshotBaseImageError):
+    """A snapshot's base image is in none of the places asked for it by digest: the cache,
+    the store the snapshot came from, the registry its manifest names. ``tried`` says
+    what each answered."""
+
+    def __init__(self, name: str, image: str, digest: str, pull: str,
+                 tried: Sequence[str]) -> None:  # fmt: skip
+        SnapshotError.__init__(self, f"snapshot {name!r}: its base image {image} ({digest}) "
+                               "is not in the cache and could not be fetched: "
+                               + "; ".join(tried))  # fmt: skip
+        self.name = name
+        self.image = image
+        self.digest = digest
+        self.pull = pull
+        self.tried = tuple(tried)

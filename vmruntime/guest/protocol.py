@@ -292,12 +292,14 @@ def thaw(channel: int) -> bytes:
     return encode_frame(MsgType.THAW, channel)
 
 
-MOUNT_FSTYPES = ("virtiofs", "ext4")
+MOUNT_FSTYPES = ("virtiofs", "ext4", "bind")
 
 
 @dataclass(frozen=True)
 class MountRequest:
-    """Mount a share (``virtiofs``, by its device tag) or a disk (``ext4``, by its serial)."""
+    """Mount a share (``virtiofs``, by its device tag), a disk (``ext4``, by its serial), or
+    a directory of the root again (``bind``, by its path; ``/`` on ``/`` read-only makes
+    the root read-only while the mounts under it keep their flags)."""
 
     source: str
     fstype: str

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from vmruntime import _paths
@@ -80,6 +81,14 @@ DPKG_OPTIONS: tuple[str, ...] = (
 )
 APT_OPTIONS: tuple[str, ...] = ('APT::Install-Recommends "false"',)
 
+SMOKE_IMPORTS: tuple[str, ...] = (
+    "ipykernel.kernelapp",
+    "cloudpickle",
+    "numpy",
+    "pandas",
+    "matplotlib.pyplot",
+)
+
 INPUTS_LABEL = "org.vmruntime.default-image.inputs"
 """Config label (and manifest annotation) holding the input hash, ``sha256:<hex>``."""
 
@@ -118,7 +127,13 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DefaultImageRecipe:
-    """What goes into the image, independent of the host building it."""
+    """What goes into the image, independent of the host building it.
+
+    The defaults are the default image's. Other recipes (the small Python image the
+    tests build, say) change ``reference``, ``packages`` and ``smoke_imports``; the
+    fields after ``recipe_version`` change the input hash only when they differ from
+    their defaults, so the default image's hash (and every cache holding it) stays put.
+    """
 
     suite: str = SUITE
     packages: tuple[str, ...] = PACKAGES
@@ -127,6 +142,15 @@ class DefaultImageRecipe:
     apt_options: tuple[str, ...] = APT_OPTIONS
     python_version: tuple[int, int] = GUEST_PYTHON
     recipe_version: int = BUILD_RECIPE_VERSION
+    reference: str = DEFAULT_IMAGE
+    name: str = "default image"  # in the title, the smoke test's line and log lines
+    contents: str = "Python, ipykernel, cloudpickle, numpy, pandas and matplotlib"
+    smoke_imports: tuple[str, ...] = SMOKE_IMPORTS
+    mmdebstrap_options: tuple[str, ...] = ()  # e.g. a --hook-dir
+
+    @property
+    def title(self) -> str:
+        return f"vmruntime {self.name}"
 
     def customize_hooks(self) -> tuple[str, ...]:
         """Shell snippets mmdebstrap runs in the finished chroot (``$1``), in order."""
@@ -134,8 +158,8 @@ class DefaultImageRecipe:
         smoke_test = (
             "import sys; "
             f"assert sys.version_info[:2] == ({major}, {minor}), sys.version; "
-            "import ipykernel.kernelapp, cloudpickle, numpy, pandas, matplotlib.pyplot; "
-            "print('default image smoke test passed: python', sys.version.split()[0])"
+            f"import {', '.join(self.smoke_imports)}; "
+            f"print('{self.name} smoke test passed: python', sys.version.split()[0])"
         )
         smoke_env = (
             f"PATH={DEFAULT_PATH} LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 "
@@ -172,7 +196,7 @@ class BuildPlan:
 
     def inputs(self) -> dict[str, object]:
         r = self.recipe
-        return {
+        inputs: dict[str, object] = {
             "recipe_version": r.recipe_version,
             "suite": r.suite,
             "variant": r.variant,
@@ -184,6 +208,12 @@ class BuildPlan:
             "architecture": self.architecture,
             "source_date_epoch": self.source_date_epoch,
         }
+        # Only when not the default's: the default image's hash must not move.
+        if r.reference != DEFAULT_IMAGE:
+            inputs["reference"] = r.reference
+        if r.mmdebstrap_options:
+            inputs["mmdebstrap_options"] = list(r.mmdebstrap_options)
+        return inputs
 
     @property
     def input_hash(self) -> str:
@@ -200,6 +230,7 @@ class BuildPlan:
             "--mode=unshare",
             "--format=tar",
             f"--variant={r.variant}",
+            *r.mmdebstrap_options,
             "--include=" + ",".join(r.packages),
             *(f"--dpkgopt={opt}" for opt in r.dpkg_options),
             *(f"--aptopt={opt}" for opt in (*r.apt_options, *self.host_apt_options)),
@@ -221,7 +252,7 @@ def plan_default_image(
         recipe=recipe,
         mirrors=host_debian_mirrors(recipe.suite, apt_etc=apt_etc),
         host_apt_options=host_apt_options(),
-        architecture=_dpkg_architecture(),
+        architecture=_dpkg_architecture(recipe.reference),
         source_date_epoch=_source_date_epoch(),
     )
 
@@ -231,14 +262,14 @@ def _source_date_epoch() -> int:
     return int(value) if value.isdigit() else RECIPE_EPOCH
 
 
-def _dpkg_architecture() -> str:
+def _dpkg_architecture(reference: str) -> str:
     try:
         out = subprocess.run(
             ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ImageBuildError(
-            DEFAULT_IMAGE, f"step 'plan': cannot determine the dpkg architecture: {exc}"
+            reference, f"step 'plan': cannot determine the dpkg architecture: {exc}"
         ) from exc
     return out
 
@@ -358,18 +389,20 @@ def host_apt_options() -> tuple[str, ...]:
 
 def ensure_default_image(
     *,
+    recipe: DefaultImageRecipe | None = None,
     force: bool = False,
     load: Callable[[Path, str], object] | None = None,
     is_current: Callable[[str], bool] | None = None,
     workdir: Path | None = None,
     log: Log = print,
 ) -> str:
-    """Make sure the image cache holds an up-to-date ``vmruntime/default:latest``.
+    """Make sure the image cache holds an up-to-date ``vmruntime/default:latest`` (or the
+    image of another ``recipe``, under its reference).
 
     Computes the input hash (:func:`plan_default_image`); unless ``force``, returns
     at once when ``is_current(input_hash)`` is true. Otherwise builds the image
     under ``workdir`` (default: ``<cache dir>/build``), hands the OCI layout to
-    ``load(layout_dir, DEFAULT_IMAGE)`` and removes everything it wrote under
+    ``load(layout_dir, reference)`` and removes everything it wrote under
     ``workdir``, on success and on failure alike. Concurrent calls are serialised
     by a lock file in ``workdir``; the one that waited re-checks ``is_current``.
 
@@ -377,35 +410,36 @@ def ensure_default_image(
     stores the blobs only: pass one that also builds layer images, as the CLI does)
     and :func:`default_image_is_current`. Progress goes to ``log`` one line at a time.
 
-    Returns the image reference, :data:`DEFAULT_IMAGE`.
+    Returns the image reference, :data:`DEFAULT_IMAGE` (or the recipe's).
     Raises :class:`ImageBuildError` naming the failed step (and, for mmdebstrap,
     the tail of its output; for a full disk, the path); errors from ``load``
     propagate unchanged.
     """
-    load, is_current = _cache_callables(load, is_current)
-    plan = plan_default_image()
+    plan = plan_default_image(recipe)
+    reference = plan.recipe.reference
+    load, is_current = _cache_callables(load, is_current, reference)
     _warn_on_python_mismatch(plan.recipe, log)
     if not force and is_current(plan.input_hash):
-        log(f"{DEFAULT_IMAGE} is up to date (inputs {plan.input_hash})")
-        return DEFAULT_IMAGE
+        log(f"{reference} is up to date (inputs {plan.input_hash})")
+        return reference
     workdir = Path(workdir) if workdir is not None else default_workdir()
-    _make_dir(workdir)
-    with _build_lock(workdir, log):
+    _make_dir(workdir, reference)
+    with _build_lock(workdir, reference, log):
         if not force and is_current(plan.input_hash):
-            log(f"{DEFAULT_IMAGE} was built by another process meanwhile")
-            return DEFAULT_IMAGE
+            log(f"{reference} was built by another process meanwhile")
+            return reference
         _remove_stale_builds(workdir, log)
-        _check_free_space(workdir, REQUIRED_FREE_BYTES)
+        _check_free_space(workdir, REQUIRED_FREE_BYTES, reference)
         build_dir = Path(tempfile.mkdtemp(prefix=BUILD_DIR_PREFIX, dir=workdir))
         try:
             layout = build_default_image_layout(build_dir / "layout", plan=plan, log=log)
-            log(f"loading {DEFAULT_IMAGE} into the image cache")
+            log(f"loading {reference} into the image cache")
             started = time.monotonic()
-            load(layout.path, DEFAULT_IMAGE)
-            log(f"loaded {DEFAULT_IMAGE} in {time.monotonic() - started:.1f} s")
+            load(layout.path, reference)
+            log(f"loaded {reference} in {time.monotonic() - started:.1f} s")
         finally:
             _remove_tree(build_dir, log)
-    return DEFAULT_IMAGE
+    return reference
 
 
 def default_workdir() -> Path:
@@ -417,17 +451,23 @@ def default_workdir() -> Path:
 
 
 def _cache_callables(
-    load: Callable[[Path, str], object] | None, is_current: Callable[[str], bool] | None
+    load: Callable[[Path, str], object] | None,
+    is_current: Callable[[str], bool] | None,
+    reference: str,
 ) -> tuple[Callable[[Path, str], object], Callable[[str], bool]]:
     from vmruntime.images.load import load as load_into_cache
 
-    return load or load_into_cache, is_current or default_image_is_current
+    if is_current is None:
+        is_current = partial(default_image_is_current, reference=reference)
+    return load or load_into_cache, is_current
 
 
-def default_image_is_current(input_hash: str, store: ImageStore | None = None) -> bool:
-    """True when the cached default image was built from these inputs."""
+def default_image_is_current(input_hash: str, store: ImageStore | None = None,
+                             reference: str = DEFAULT_IMAGE) -> bool:  # fmt: skip
+    """True when the cached default image (or the image at ``reference``) was built from
+    these inputs."""
     try:
-        image = resolve(DEFAULT_IMAGE, store)
+        image = resolve(reference, store)
     except ImageNotFoundError:
         return False
     return image.config.labels.get(INPUTS_LABEL) == input_hash
@@ -437,7 +477,7 @@ def _warn_on_python_mismatch(recipe: DefaultImageRecipe, log: Log) -> None:
     if sys.version_info[:2] != recipe.python_version:
         guest = ".".join(map(str, recipe.python_version))
         log(
-            f"warning: the default image has Python {guest} but the host runs "
+            f"warning: the {recipe.name} has Python {guest} but the host runs "
             f"{sys.version_info.major}.{sys.version_info.minor}; cloudpickle'd functions "
             "will not load across minor versions"
         )
@@ -449,7 +489,7 @@ def _warn_on_python_mismatch(recipe: DefaultImageRecipe, log: Log) -> None:
 def build_default_image_layout(
     dest_dir: Path, *, plan: BuildPlan | None = None, log: Log = print
 ) -> LayoutResult:
-    """Build the default image into a new OCI image layout at ``dest_dir``.
+    """Build the default image (or ``plan``'s) into a new OCI image layout at ``dest_dir``.
 
     Does not consult or change the image cache. Scratch space (mmdebstrap's
     chroot, the tar) is a temporary directory next to ``dest_dir``, removed
@@ -460,7 +500,8 @@ def build_default_image_layout(
     plan = plan or plan_default_image()
     dest_dir = Path(dest_dir)
     log(
-        f"building {DEFAULT_IMAGE}: {plan.recipe.suite}, {len(plan.recipe.packages)} packages, "
+        f"building {plan.recipe.reference}: {plan.recipe.suite}, "
+        f"{len(plan.recipe.packages)} packages, "
         f"{len(plan.mirrors) or 'default'} mirror(s), inputs {plan.input_hash}"
     )
     scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=dest_dir.parent))
@@ -483,17 +524,18 @@ def _run_mmdebstrap(plan: BuildPlan, tar_path: Path, scratch: Path, log: Log) ->
         "TMPDIR": str(tmpdir),
         "SOURCE_DATE_EPOCH": str(plan.source_date_epoch),
     }
-    log("running mmdebstrap (about two minutes): " + shlex.join(argv[:6]) + " ...")
+    log("running mmdebstrap (up to two minutes): " + shlex.join(argv[:6]) + " ...")
     started = time.monotonic()
-    returncode, tail = _stream_process(argv, env, log)
+    returncode, tail = _stream_process(argv, env, log, plan.recipe.reference)
     elapsed = time.monotonic() - started
     if returncode != 0:
-        raise _mmdebstrap_error(returncode, tail, scratch)
+        raise _mmdebstrap_error(returncode, tail, scratch, plan.recipe.reference)
     size = tar_path.stat().st_size
     log(f"mmdebstrap finished in {elapsed:.0f} s; root filesystem tar is {size / 1e6:.0f} MB")
 
 
-def _stream_process(argv: Sequence[str], env: dict[str, str], log: Log) -> tuple[int, list[str]]:
+def _stream_process(argv: Sequence[str], env: dict[str, str], log: Log,
+                    reference: str) -> tuple[int, list[str]]:  # fmt: skip
     """Run ``argv``, pass each output line to ``log``; return status and the last lines."""
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
     try:
@@ -508,7 +550,7 @@ def _stream_process(argv: Sequence[str], env: dict[str, str], log: Log) -> tuple
         )
     except FileNotFoundError as exc:
         raise ImageBuildError(
-            DEFAULT_IMAGE,
+            reference,
             f"step 'mmdebstrap': {argv[0]} is not installed (apt-get install mmdebstrap)",
         ) from exc
     try:
@@ -535,7 +577,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-def _mmdebstrap_error(returncode: int, tail: list[str], scratch: Path) -> ImageBuildError:
+def _mmdebstrap_error(returncode: int, tail: list[str], scratch: Path,
+                      reference: str) -> ImageBuildError:  # fmt: skip
     output = "\n".join(tail)
     if "No space left on device" in output or _free_bytes(scratch) < (64 << 20):
         reason = (
@@ -548,7 +591,7 @@ def _mmdebstrap_error(returncode: int, tail: list[str], scratch: Path) -> ImageB
             f"step 'mmdebstrap' failed with exit status {returncode}; "
             f"last lines of its output:\n{output}"
         )
-    return ImageBuildError(DEFAULT_IMAGE, reason)
+    return ImageBuildError(reference, reason)
 
 
 def _write_default_layout(
@@ -560,12 +603,14 @@ def _write_default_layout(
         result = write_image_layout(
             dest_dir,
             [tar_path],
-            tag=DEFAULT_IMAGE,
+            tag=plan.recipe.reference,
             config=_image_config(plan),
             annotations=_manifest_annotations(plan),
         )
     except ImageBuildError as exc:
-        raise ImageBuildError(DEFAULT_IMAGE, f"step 'write OCI layout': {exc.reason}") from exc
+        raise ImageBuildError(
+            plan.recipe.reference, f"step 'write OCI layout': {exc.reason}"
+        ) from exc
     log(
         f"OCI layout written in {time.monotonic() - started:.1f} s: "
         f"manifest {result.manifest_digest}, layer {result.layer_digests[0]}"
@@ -586,13 +631,13 @@ def _image_config(plan: BuildPlan) -> ImageConfigSpec:
             "org.vmruntime.default-image.suite": r.suite,
             "org.vmruntime.default-image.python": python,
             "org.vmruntime.default-image.packages": " ".join(r.packages),
-            "org.opencontainers.image.title": "vmruntime default image",
+            "org.opencontainers.image.title": r.title,
         },
         architecture=DPKG_TO_OCI_ARCH.get(plan.architecture, plan.architecture),
         created=datetime.fromtimestamp(plan.source_date_epoch, tz=UTC),
         # Mirrors are left out: URIs may carry credentials and the history is public.
         created_by=f"mmdebstrap --variant={r.variant} --include={','.join(r.packages)} {r.suite}",
-        comment=f"vmruntime default image recipe {r.recipe_version}",
+        comment=f"{r.title} recipe {r.recipe_version}",
     )
 
 
@@ -602,10 +647,9 @@ def _manifest_annotations(plan: BuildPlan) -> dict[str, str]:
         "org.opencontainers.image.created": format_timestamp(
             datetime.fromtimestamp(plan.source_date_epoch, tz=UTC)
         ),
-        "org.opencontainers.image.title": "vmruntime default image",
+        "org.opencontainers.image.title": plan.recipe.title,
         "org.opencontainers.image.description": (
-            f"Debian {plan.recipe.suite} with Python, ipykernel, cloudpickle, numpy, "
-            "pandas and matplotlib"
+            f"Debian {plan.recipe.suite} with {plan.recipe.contents}"
         ),
     }
 
@@ -613,23 +657,23 @@ def _manifest_annotations(plan: BuildPlan) -> dict[str, str]:
 # --- work directory housekeeping ------------------------------------------------------
 
 
-def _make_dir(path: Path) -> None:
+def _make_dir(path: Path, reference: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ImageBuildError(
-            DEFAULT_IMAGE, f"step 'create work directory': cannot create {path}: {exc.strerror}"
+            reference, f"step 'create work directory': cannot create {path}: {exc.strerror}"
         ) from exc
 
 
 @contextlib.contextmanager
-def _build_lock(workdir: Path, log: Log) -> Iterator[None]:
+def _build_lock(workdir: Path, reference: str, log: Log) -> Iterator[None]:
     """Hold an exclusive lock on ``workdir`` for one build (released if we die)."""
     with open(workdir / LOCK_NAME, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"another process is building {DEFAULT_IMAGE}; waiting for it")
+            log(f"another process is building an image there; {reference} waits for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -642,11 +686,11 @@ def _remove_stale_builds(workdir: Path, log: Log) -> None:
             _remove_tree(stale, log)
 
 
-def _check_free_space(path: Path, needed: int) -> None:
+def _check_free_space(path: Path, needed: int, reference: str) -> None:
     free = _free_bytes(path)
     if free < needed:
         raise ImageBuildError(
-            DEFAULT_IMAGE,
+            reference,
             f"step 'check free space': not enough space left on device for {path}: "
             f"{free / 1e6:.0f} MB free, the build needs about {needed / 1e9:.1f} GB "
             "(point VMRUNTIME_CACHE or workdir at a larger disk)",

@@ -9,11 +9,14 @@ digest that skips holes), ``store`` (the local store: whole snapshots or none),
 layer as a copy-on-write overlay of a snapshot's), ``sandbox`` (the public
 ``Sandbox``/``AsyncSandbox`` with ``snapshot()`` and ``create(from_snapshot=)``),
 ``archive`` (one-file export and checked import), ``remote`` (the shared store on any
-fsspec URL: push and checked pull), ``commands`` (``vmr snapshot``).
+fsspec URL: push and checked pull), ``remote_images`` (a snapshot's base image pushed
+with it and fetched back by digest), ``ensure`` (a local name or a store URL made ready
+to restore on this machine, base image included), ``commands`` (``vmr snapshot``).
 Formats: docs/snapshots.md.
 """
 
 from vmruntime.snapshots.archive import ExportResult, export_snapshot, import_snapshot
+from vmruntime.snapshots.ensure import ensure_local
 from vmruntime.snapshots.manifest import CHUNK_SIZE, LayerInfo, Seal, SnapshotManifest
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.remote import PushResult, pull, push
@@ -36,6 +39,7 @@ __all__ = [
     "SnapshotStore",
     "check_name",
     "content_digest",
+    "ensure_local",
     "export_snapshot",
     "import_snapshot",
     "iter_chunks",

@@ -211,6 +211,9 @@ def add_push_command(sub: _SubParsers) -> None:
     )
     push.add_argument("name", help="the local snapshot")
     push.add_argument("url", help="the store's URL; the snapshot goes under its name there")
+    push.add_argument("--with-image", action="store_true",
+                      help="also send its base image's blobs (deduplicated like the layer's"
+                      " chunks), for machines that cannot pull it from a registry")  # fmt: skip
     _add_store_options(push)
     push.set_defaults(handler=_push)
 
@@ -222,6 +225,9 @@ def add_pull_command(sub: _SubParsers) -> None:
     )
     pull.add_argument("url", help="<store URL>/<snapshot name>, as `vmr snapshot push` prints")
     pull.add_argument("name", nargs="?", help="the local name (default: the name in the store)")
+    pull.add_argument("--with-image", action="store_true",
+                      help="also bring its base image into the image cache by digest: from the"
+                      " store if it was pushed with it, else from its registry")  # fmt: skip
     _add_store_options(pull)
     pull.set_defaults(handler=_pull)
 
@@ -244,22 +250,41 @@ def _push(args: argparse.Namespace) -> int:
     from vmruntime.snapshots.remote import push
 
     snapshot = SnapshotStore().get(args.name)
-    result = push(snapshot, args.url, **_store_options(args))
+    result = push(snapshot, args.url, with_image=args.with_image, **_store_options(args))
     print(result.url)
     print(
         f"{result.name}: {result.index_digest}; sent {result.chunks_sent} of "
         f"{result.chunks} chunks ({result.bytes_sent} bytes compressed)",
         file=sys.stderr,
     )
+    if result.image is not None:
+        image = result.image
+        print(f"image {image.manifest_digest}: {image.blobs} blobs; sent {image.chunks_sent} of "
+              f"{image.chunks} chunks ({image.bytes_sent} bytes compressed)",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
 def _pull(args: argparse.Namespace) -> int:
     from vmruntime.snapshots.remote import pull
 
-    snapshot = pull(args.url, args.name, **_store_options(args))
+    options = _store_options(args)
+    snapshot = pull(args.url, args.name, **options)
+    if args.with_image:
+        _pull_image(snapshot, args.url, options)
     print(snapshot.name)
     return 0
+
+
+def _pull_image(snapshot: Snapshot, url: str, options: dict[str, Any]) -> None:
+    from vmruntime.images.store import ImageStore
+    from vmruntime.snapshots.ensure import ensure_base_image
+    from vmruntime.snapshots.remote import RemoteStore, split_snapshot_url
+
+    remote = RemoteStore.open(split_snapshot_url(url)[0], options.get("storage_options"))
+    found = ensure_base_image(snapshot.manifest, ImageStore(), remote,
+                              progress=options["progress"] is not False)  # fmt: skip
+    print(f"image {snapshot.manifest.image_manifest_digest}: from the {found}", file=sys.stderr)
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,8 @@ docs/snapshots.md, "Shared store layout"):
   chunk named by the SHA-256 of its *uncompressed* bytes, ``manifests/sha256/<hex>`` one
   snapshot index (the manifest and the layer's chunk list) named by its own SHA-256, and
   ``names/<name>`` the index digest; zero chunks are never sent, and a chunk the store
-  already has is not sent again;
+  already has is not sent again; pushed ``with_image``, the base image's blobs go in
+  chunks too, listed by ``images/sha256/<manifest hex>`` (:mod:`.remote_images`);
 - a push writes the name *last*, after everything it names, so a crash or two machines
   pushing at once never leave a name pointing at missing data (the last name written
   wins, and each names a complete snapshot);
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zstandard
 
@@ -58,6 +59,10 @@ from vmruntime.snapshots.seal import (
 )
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
+if TYPE_CHECKING:
+    from vmruntime.images.store import ImageStore
+    from vmruntime.snapshots.remote_images import ImagePushResult
+
 CHUNKS_DIR = "chunks/sha256"
 INDEXES_DIR = "manifests/sha256"
 NAMES_DIR = "names"
@@ -78,6 +83,7 @@ class PushResult:
     chunks: int  # non-zero chunks of the layer
     chunks_sent: int  # of which the store did not have yet
     bytes_sent: int  # compressed bytes of those chunks
+    image: ImagePushResult | None = None  # what went of the base image (``with_image``)
 
 
 class RemoteStore:
@@ -147,30 +153,39 @@ def push(
     *,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    with_image: bool = False,
+    image_store: ImageStore | None = None,
 ) -> PushResult:
     """Send ``snapshot`` to the store at ``url`` under its name (see the module).
 
     ``progress``: a bar on stderr (None: when stderr is a terminal).
+    ``with_image``: also send its base image's blobs from ``image_store`` (default: this
+    machine's cache), so a machine that cannot reach the image's registry, or whose image
+    no registry serves, gets it from the store (:func:`.remote_images.push_image`).
     A sealed snapshot whose layer no longer matches its seal is refused
     (:class:`SnapshotCorruptError`) before its name is written.
     """
+    from vmruntime.snapshots.remote_images import push_image  # it builds on this module
+
     remote = url if isinstance(url, RemoteStore) else RemoteStore.open(url, storage_options)
     manifest = snapshot.manifest
     name = check_name(snapshot.name)
     size = manifest.layer.apparent_size
     remote.forget_listings()
-    with _bar(size, f"push {name}", progress) as bar:
+    # The image first: its record must exist before a name can point at the snapshot.
+    image = push_image(remote, snapshot, image_store, progress) if with_image else None
+    with progress_bar(size, f"push {name}", progress) as bar:
         digests, sent, sent_bytes = _send_chunks(remote, snapshot.layer_path, size, bar)
     _check_seal_before_push(snapshot, digests)
     index = snapshot_index(manifest, digests)
     index_hex = hashlib.sha256(index).hexdigest()
     index_path = f"{INDEXES_DIR}/{index_hex}"
-    if not _guard(remote, "check", index_path, lambda: remote.has(index_path)):
-        _guard(remote, "write", index_path, lambda: remote.write(index_path, index))
+    if not guard(remote, "check", index_path, lambda: remote.has(index_path)):
+        guard(remote, "write", index_path, lambda: remote.write(index_path, index))
     # Last: only now does everything the name points at exist.
     name_path = f"{NAMES_DIR}/{name}"
     name_data = f"sha256:{index_hex}".encode()
-    _guard(remote, "write", name_path, lambda: remote.write(name_path, name_data))
+    guard(remote, "write", name_path, lambda: remote.write(name_path, name_data))
     return PushResult(
         name=name,
         url=remote.where(name),
@@ -178,6 +193,7 @@ def push(
         chunks=len(digests),
         chunks_sent=sent,
         bytes_sent=sent_bytes,
+        image=image,
     )
 
 
@@ -198,6 +214,17 @@ def _send_chunks(
 ) -> tuple[dict[int, str], int, int]:
     """Send the layer's non-zero chunks the store lacks; their digests by index, how many
     were sent and their compressed bytes."""
+    try:
+        return send_chunks(remote, iter_chunks(layer, size), bar)
+    except (ValueError, FileNotFoundError) as exc:  # the local layer is not what it says
+        raise SnapshotStoreError(remote.url, f"cannot read the local layer: {exc}") from None
+
+
+def send_chunks(
+    remote: RemoteStore, chunks: Iterable[Chunk], bar: Any
+) -> tuple[dict[int, str], int, int]:
+    """Send the non-zero ``chunks`` (of a layer or an image blob) that the store lacks;
+    their hex digests by index, how many were sent and their compressed bytes."""
     digests: dict[int, str] = {}
     sent = sent_bytes = 0
 
@@ -210,12 +237,8 @@ def _send_chunks(
         bar.update(length)
         bar.set_postfix_str(f"sent {sent}, had {len(digests) - sent}", refresh=False)
 
-    try:
-        chunks = iter_chunks(layer, size)
-        non_zero = _count_zero_chunks(chunks, bar)
-        _run_bounded(non_zero, lambda chunk: _send_chunk(remote, chunk), collect)
-    except (ValueError, FileNotFoundError) as exc:  # the local layer is not what it says
-        raise SnapshotStoreError(remote.url, f"cannot read the local layer: {exc}") from None
+    non_zero = _count_zero_chunks(chunks, bar)
+    run_bounded(non_zero, lambda chunk: _send_chunk(remote, chunk), collect)
     return digests, sent, sent_bytes
 
 
@@ -233,10 +256,10 @@ def _send_chunk(remote: RemoteStore, chunk: Chunk) -> tuple[int, str, int | None
     assert chunk.data is not None
     digest = hashlib.sha256(chunk.data).hexdigest()
     path = f"{CHUNKS_DIR}/{digest}"
-    if _guard(remote, "check", path, lambda: remote.has(path)):
+    if guard(remote, "check", path, lambda: remote.has(path)):
         return chunk.index, digest, None, chunk.length
     compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk.data)
-    _guard(remote, "write", path, lambda: remote.write(path, compressed))
+    guard(remote, "write", path, lambda: remote.write(path, compressed))
     return chunk.index, digest, len(compressed), chunk.length
 
 
@@ -299,8 +322,22 @@ def pull_from(
     if store.exists(local_name):  # before any download; commit checks again
         raise SnapshotExistsError(local_name)
     remote.forget_listings()
-    index_hex = _read_name(remote, remote_name)
+    index_hex = read_name(remote, remote_name)
     manifest, digests = read_index(remote, index_hex)
+    return pull_index(remote, manifest, digests, local_name, store, progress=progress)
+
+
+def pull_index(
+    remote: RemoteStore,
+    manifest: SnapshotManifest,
+    digests: Mapping[int, str],
+    local_name: str,
+    store: SnapshotStore,
+    *,
+    progress: bool | None = None,
+) -> Snapshot:
+    """The snapshot of an index already read and checked (:func:`read_index`), fetched and
+    committed into ``store`` as ``local_name``; on any mismatch nothing is imported."""
     if manifest.name != local_name:
         manifest = dataclasses.replace(manifest, name=local_name)
     with store.create(local_name) as pending:
@@ -323,10 +360,11 @@ def split_snapshot_url(url: str) -> tuple[str, str]:
     return store_url, name
 
 
-def _read_name(remote: RemoteStore, name: str) -> str:
+def read_name(remote: RemoteStore, name: str) -> str:
+    """The hex digest of the index that ``names/<name>`` points at."""
     path = f"{NAMES_DIR}/{check_name(name)}"
     try:
-        text = _guard(remote, "read", path, lambda: remote.read(path, 200)).decode().strip()
+        text = guard(remote, "read", path, lambda: remote.read(path, 200)).decode().strip()
     except FileNotFoundError:
         raise SnapshotStoreError(
             remote.url, f"no snapshot named {name!r} ({path} is missing)"
@@ -342,7 +380,7 @@ def read_index(remote: RemoteStore, index_hex: str) -> tuple[SnapshotManifest, d
     """The snapshot index ``index_hex``, checked: its digest, its form, its manifest."""
     path = f"{INDEXES_DIR}/{index_hex}"
     try:
-        data = _guard(remote, "read", path, lambda: remote.read(path, MAX_INDEX_BYTES))
+        data = guard(remote, "read", path, lambda: remote.read(path, MAX_INDEX_BYTES))
     except FileNotFoundError:
         raise SnapshotStoreError(
             remote.url,
@@ -407,8 +445,8 @@ def _fetch_layer(
     descriptor = os.open(layer, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(descriptor, size)
-        with _bar(total, f"pull {label}", progress) as bar:
-            _run_bounded(
+        with progress_bar(total, f"pull {label}", progress) as bar:
+            run_bounded(
                 iter(sorted(digests.items())),
                 lambda item: _fetch_chunk(remote, descriptor, item[0], item[1], size),
                 bar.update,
@@ -419,28 +457,35 @@ def _fetch_layer(
 
 def _fetch_chunk(remote: RemoteStore, descriptor: int, index: int, digest: str, size: int) -> int:
     """Fetch, check and write chunk ``index``; returns its length."""
-    path = f"{CHUNKS_DIR}/{digest}"
     length = _chunk_length(index, size)
-    try:
-        compressed = _guard(remote, "read", path, lambda: remote.read(path, 2 * CHUNK_SIZE))
-    except FileNotFoundError:
-        raise SnapshotStoreError(
-            remote.url, f"chunk {index} (sha256:{digest}) is missing ({path})"
-        ) from None
-    data = _decompress(remote, compressed, length, index, digest)
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != digest:
-        raise SnapshotStoreError(
-            remote.url,
-            f"chunk {index} ({path}) does not match its "
-            f"digest: expected sha256:{digest}, got sha256:{actual}",
-        )
+    data = read_chunk(remote, digest, length, f"chunk {index}")
     write_sparse(descriptor, index * CHUNK_SIZE, data)
     return length
 
 
+def read_chunk(remote: RemoteStore, digest: str, length: int, label: str) -> bytes:
+    """The chunk ``digest`` (hex) of ``length`` bytes, decompressed (bounded) and checked
+    against its digest; ``label`` names it in errors ("chunk 3", "chunk 3 of blob …")."""
+    path = f"{CHUNKS_DIR}/{digest}"
+    try:
+        compressed = guard(remote, "read", path, lambda: remote.read(path, 2 * CHUNK_SIZE))
+    except FileNotFoundError:
+        raise SnapshotStoreError(
+            remote.url, f"{label} (sha256:{digest}) is missing ({path})"
+        ) from None
+    data = _decompress(remote, compressed, length, label, digest)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise SnapshotStoreError(
+            remote.url,
+            f"{label} ({path}) does not match its "
+            f"digest: expected sha256:{digest}, got sha256:{actual}",
+        )
+    return data
+
+
 def _decompress(
-    remote: RemoteStore, compressed: bytes, length: int, index: int, digest: str
+    remote: RemoteStore, compressed: bytes, length: int, label: str, digest: str
 ) -> bytes:
     """The chunk's bytes, never more than ``length`` + 1 of them whatever the frame claims."""
     try:
@@ -448,12 +493,12 @@ def _decompress(
         data = reader.read(length + 1)
     except zstandard.ZstdError as exc:
         raise SnapshotStoreError(
-            remote.url, f"chunk {index} (sha256:{digest}) is not a zstd frame: {exc}"
+            remote.url, f"{label} (sha256:{digest}) is not a zstd frame: {exc}"
         ) from None
     if len(data) != length:
         raise SnapshotStoreError(
             remote.url,
-            f"chunk {index} (sha256:{digest}) holds "
+            f"{label} (sha256:{digest}) holds "
             f"{'more than ' if len(data) > length else ''}{len(data)} "
             f"bytes, not {length}",
         )
@@ -479,18 +524,21 @@ def _chunk_length(index: int, size: int) -> int:
 # --- shared ---------------------------------------------------------------------------------
 
 
-def _run_bounded(
-    items: Iterator[Any], work: Callable[[Any], Any], collect: Callable[[Any], object]
+def run_bounded(
+    items: Iterator[Any],
+    work: Callable[[Any], Any],
+    collect: Callable[[Any], object],
+    transfers: int = TRANSFERS,
 ) -> None:
-    """``work(item)`` for each item on a few threads, at most 2 * TRANSFERS in flight (each
-    holds a chunk in memory); ``collect(result)`` in order, on this thread. The first
-    failure cancels what has not started and is raised."""
-    with concurrent.futures.ThreadPoolExecutor(TRANSFERS, "vmr-snapshot") as pool:
+    """``work(item)`` for each item on ``transfers`` threads, at most 2 * ``transfers`` in
+    flight (each holds a chunk in memory); ``collect(result)`` in order, on this thread.
+    The first failure cancels what has not started and is raised."""
+    with concurrent.futures.ThreadPoolExecutor(transfers, "vmr-snapshot") as pool:
         pending: deque[concurrent.futures.Future[Any]] = deque()
         try:
             for item in items:
                 pending.append(pool.submit(work, item))
-                if len(pending) >= 2 * TRANSFERS:
+                if len(pending) >= 2 * transfers:
                     collect(pending.popleft().result())
             while pending:
                 collect(pending.popleft().result())
@@ -499,7 +547,7 @@ def _run_bounded(
                 future.cancel()
 
 
-def _guard(remote: RemoteStore, verb: str, relative: str, action: Callable[[], Any]) -> Any:
+def guard(remote: RemoteStore, verb: str, relative: str, action: Callable[[], Any]) -> Any:
     """Run one store operation; a failure becomes a :class:`SnapshotStoreError` naming the
     object, except a missing object on a read (FileNotFoundError: the caller says what was
     missing). Backends raise their own types (botocore's EndpointConnectionError,
@@ -532,7 +580,7 @@ def _write_local(path: Path, data: bytes) -> None:
             temporary.unlink()
 
 
-def _bar(total: int, label: str, enabled: bool | None) -> Any:
+def progress_bar(total: int, label: str, enabled: bool | None) -> Any:
     """A byte progress bar on stderr; a silent one when disabled or stderr is no terminal."""
     from tqdm import tqdm
 

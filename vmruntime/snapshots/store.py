@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "manifest.json"
 _TEMP_PREFIX = ".tmp-"
+_LOCKS_DIR = ".locks"  # never a snapshot: names start with a letter or a digit
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,14 @@ class SnapshotStore:
         os.rename(snapshot_dir, doomed)
         _make_writable(doomed)
         shutil.rmtree(doomed)
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[bool]:
+        """An exclusive ``flock`` for whoever is about to fetch snapshot ``name`` (in
+        ``<root>/.locks/``): a second fetcher on this machine waits, then finds it there."""
+        self._ensure_root()
+        locks = self.root / _LOCKS_DIR
+        locks.mkdir(mode=0o700, exist_ok=True)
+        return _paths.flock(locks / f"{check_name(name)}.lock")
 
     @contextlib.contextmanager
     def create(self, name: str) -> Iterator[PendingSnapshot]:

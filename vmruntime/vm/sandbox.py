@@ -544,6 +544,24 @@ class AsyncSandbox:
         cmd = list(args) or list(self._defaults.cmd)
         return entrypoint + cmd or ["/bin/sh"]
 
+    # The root filesystem.
+
+    async def readonly_root(self, writable: Sequence[str] = ()) -> None:
+        """Make the guest's root read-only for everything that runs from now on, as a
+        container's read-only root filesystem: each of ``writable`` (absolute guest paths,
+        made if missing) stays writable, and so do the tmpfs mounts (``/tmp``, ``/run``,
+        ``/dev/shm``) and the sandbox's shares and disks. Guest root can undo it (it only
+        protects the guest from itself); snapshots still capture the layer."""
+        for path in writable:
+            await self._bind(path, path, readonly=False)
+        await self._bind("/", "/", readonly=True)
+
+    async def _bind(self, source: str, path: str, *, readonly: bool) -> None:
+        request = p.MountRequest(source, "bind", path, readonly)
+        error = await self._guard(self._agent().mount(request))
+        if error is not None:
+            raise SandboxError(self.id, f"cannot bind {source} on {path}: {error.message}")
+
     # Ports.
 
     async def port_open(self, guest_port: int) -> bool:

@@ -234,6 +234,9 @@ class Sandbox:
     def unforward(self, guest_ports: Iterable[int]) -> None:
         run(self._inner.unforward(guest_ports))
 
+    def readonly_root(self, writable: Sequence[str] = ()) -> None:
+        run(self._inner.readonly_root(writable))
+
     def default_command(self, args: Sequence[str] = ()) -> list[str]:
         return self._inner.default_command(args)
 

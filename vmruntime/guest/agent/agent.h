@@ -129,7 +129,7 @@ int spawn_exec(const struct exec_req *req, struct spawned *sp, char *why, size_t
 /* ---- mount.c ---- */
 struct mount_req {
     char *source; /* virtiofs: the device's tag; ext4: the virtio-blk serial */
-    char *fstype; /* "virtiofs" or "ext4" */
+    char *fstype; /* "virtiofs", "ext4" or "bind" */
     char *path;   /* absolute guest path, created (mkdir -p) if missing */
     bool readonly;
 };

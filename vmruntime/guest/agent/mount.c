@@ -67,8 +67,37 @@ static int make_dirs(const char *path, char *why, size_t whylen)
     }
 }
 
+/* A directory of the root mounted again at PATH (or PATH itself, which then becomes a
+ * mount of its own), or PATH's mount made read-only: source and path "/" with READONLY
+ * is the root made read-only while the mounts under it keep their own flags. */
+static int bind_request(const struct mount_req *m, char *why, size_t whylen)
+{
+    bool root_only = strcmp(m->source, "/") == 0 && strcmp(m->path, "/") == 0;
+    if (!root_only) {
+        int err = make_dirs(m->source, why, whylen);
+        if (!err)
+            err = make_dirs(m->path, why, whylen);
+        if (err)
+            return err;
+        if (mount(m->source, m->path, NULL, MS_BIND | MS_REC, NULL) < 0) {
+            err = errno;
+            snprintf(why, whylen, "bind %s on %s: %s", m->source, m->path, strerror(err));
+            return err;
+        }
+    }
+    if (m->readonly && mount(NULL, m->path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0) {
+        int err = errno;
+        snprintf(why, whylen, "remount %s read-only: %s", m->path, strerror(err));
+        return err;
+    }
+    debugmsg("bound %s on %s%s", m->source, m->path, m->readonly ? " (read-only)" : "");
+    return 0;
+}
+
 int mount_request(const struct mount_req *m, char *why, size_t whylen)
 {
+    if (strcmp(m->fstype, "bind") == 0)
+        return bind_request(m, why, whylen);
     bool disk = strcmp(m->fstype, "ext4") == 0;
     char dev[64];
     const char *source = m->source;
