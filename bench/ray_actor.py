@@ -230,14 +230,22 @@ class Context:
     gvisor: Side = field(default_factory=lambda: Side(GVISOR))
     snapshot_name: str | None = None  # ours, taken once, for the snapshot starts
 
-    def sandbox_actor(self, **options: Any) -> Any:
+    def sandbox_actor(self) -> Any:
         import ray_backend
 
-        return ray_backend.SandboxActor.remote(image=PEER_IMAGE, **options)
+        return ray_backend.SandboxActor.remote(image=PEER_IMAGE)
 
     def snapshot_actor(self) -> Any:
         """Our actor restored from the disk snapshot taken in the actor part."""
-        return self.sandbox_actor(snapshot=self.snapshot_name)
+        import ray_backend
+
+        return ray_backend.SandboxActor.remote(snapshot=self.snapshot_name)
+
+    def snapshot_sandbox(self) -> Any:
+        """The drop-in ``create`` of a sandbox restored from that snapshot."""
+        import ray_backend
+
+        return ray_backend.create(PEER_IMAGE, snapshot=self.snapshot_name)
 
 
 # --- part "actor": against a plain actor ------------------------------------------------
@@ -331,14 +339,14 @@ def first_run_time(make: Callable[[], Any], sandbox: bool = True) -> float:
 # --- part "gvisor": against Ray's gVisor sandbox ----------------------------------------
 
 
-def gvisor_create(**options: Any) -> Any:
-    return ray_sandbox.create(image=PEER_IMAGE, **options)
+def gvisor_create() -> Any:
+    return ray_sandbox.create(image=PEER_IMAGE)
 
 
-def ours_create(**options: Any) -> Any:
+def ours_create() -> Any:
     import ray_backend
 
-    return ray_backend.create(PEER_IMAGE, **options)
+    return ray_backend.create(PEER_IMAGE)
 
 
 def first_exec_time(make: Callable[[], Any], what: str) -> float:
@@ -358,7 +366,7 @@ def measure_gvisor_part(ctx: Context) -> None:
     if ctx.api.create:
         makers.append((ctx.ours.first_exec, ours_create, "ours create"))
     if ctx.snapshot_name:
-        makers.append((ctx.ours.first_exec_snapshot, ctx.snapshot_actor, "ours from snapshot"))
+        makers.append((ctx.ours.first_exec_snapshot, ctx.snapshot_sandbox, "ours from snapshot"))
     for round_ in range(ctx.args.runs + 1):  # round 0 warms up (gVisor's image, workers)
         for samples_, make, what in makers:
             seconds = first_exec_time(make, what)

@@ -33,7 +33,7 @@ from ray.experimental.sandbox import (
     SandboxStatus,
     SandboxTimeoutError,
 )
-from ray_peer import PEER_IMAGE, GVisorPeer, GVisorPeerError, ray_session
+from ray_peer import PEER_IMAGE, GVisorPeer, GVisorPeerError, end_runsc, runsc_processes
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,13 @@ TIMEOUT_COMMAND_SECONDS = 3  # the command a timeout of 1 s must cut short
 
 
 @pytest.fixture(scope="module")
-def conformance_ray(default_image_session: object, gvisor_peer: GVisorPeer) -> Iterator[None]:
-    """One Ray session for both backends: started with the gVisor peer's PATH and mirror,
-    and (through default_image_session) the cache and state our sandboxes use."""
+def conformance_ray(ray_session: object, gvisor_peer: GVisorPeer) -> Iterator[None]:
+    """The session's one Ray, started with the gVisor peer's PATH and registry mirror (as
+    it is when a test asks for ``gvisor_peer``) and the cache and state our sandboxes use.
+    At the end no runsc process of the module's sandboxes may be left."""
+    yield
     try:
-        with ray_session(gvisor_peer.env):
-            yield
+        end_runsc(runsc_processes(os.getpid()))
     except GVisorPeerError as exc:
         pytest.fail(str(exc), pytrace=False)
 
