@@ -30,8 +30,9 @@ from vm_support import broker_processes, load_busybox_image, qemu_processes
 from vmruntime.guest.kernel import GuestKernel, cached_kernel
 from vmruntime.images.store import ImageStore, default_cache_dir
 
-# Fixtures of the fast tier's fake VMM world (world, agent_cache): tests/fake_world.py.
-pytest_plugins = ["fake_world", "ray_support"]
+# Fixtures of the fast tier's fake VMM world (world, agent_cache): tests/fake_world.py;
+# Ray's own gVisor sandboxes as the peer of the Ray front door (gvisor_peer): tests/ray_peer.py.
+pytest_plugins = ["fake_world", "ray_support", "ray_peer"]
 
 # The user's real directories, read before pytest_configure replaces them.
 USER_CACHE = default_cache_dir()

@@ -19,10 +19,14 @@ RAY_WORKER_ENV: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
-def ray_session(default_image_session: Any) -> Iterator[Any]:
+def ray_session(default_image_session: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A local Ray with 2 CPUs; every actor it ran is gone (and so its VMs) at the end."""
     import ray
 
+    if any("gvisor_peer" in item.fixturenames for item in request.session.items):
+        # Ray's own gVisor sandboxes run in this session too (tests/ray_peer.py): their
+        # workers need runsc on PATH and the registry mirror, and Ray starts only once.
+        RAY_WORKER_ENV.update(request.getfixturevalue("gvisor_peer").env)
     with pytest.MonkeyPatch.context() as patch:
         # Ray's workers import the test modules whose functions the tests send (Ray pickles
         # them by reference, as it does a job's own modules on its PYTHONPATH).
