@@ -42,7 +42,7 @@ from ray_backend.errors import (
 )
 from ray_backend.results import interpret, printable
 from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_function
-from vmruntime.errors import ExecTimeoutError
+from vmruntime.errors import ExecStartError, ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
 from vmruntime.vm.commands import end_abandoned_sandboxes
@@ -51,6 +51,7 @@ from vmruntime.vm.config import DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB
 DEFAULT_IMAGE = "vmruntime/default:latest"
 DEFAULT_SHELL = "/bin/bash"
 _NETWORK_MODES = ("none", "public", "host", "sandbox")
+_CANNOT_START = 128  # the exit code Ray's sandboxes give a command that cannot start
 
 
 def memory_mib(memory: str | int | float | None, assigned: Mapping[str, float]) -> int:
@@ -218,16 +219,24 @@ class SandboxActorBody:
     def exec(self, command: str | Sequence[str], timeout: float | None = None,
              cwd: str | None = None, env: Mapping[str, str] | None = None,
              shell: str | None = None) -> ExecResult:  # fmt: skip
-        """Run ``command`` (a list, or a string through ``shell``, default /bin/bash)."""
+        """Run ``command`` (a list, or a string through ``shell``, default /bin/bash). A
+        command that cannot start (no such program or working directory) exits 128 with
+        the reason on stderr, as in Ray's sandboxes."""
         argv = [shell or self._shell, "-c", command] if isinstance(command, str) else list(command)
         with self._lock:
             self._require_alive()
             started = time.monotonic()
             try:
+                if not argv:
+                    raise ExecStartError(self._sandbox.id, argv, 0, "no command given")
                 result = sync.run(self._sandbox.exec(argv, env=env, cwd=cwd or self._workdir,
                                                      timeout=timeout))  # fmt: skip
             except ExecTimeoutError:
                 raise SandboxTimeoutError(f"command {argv!r}", timeout or 0) from None
+            except ExecStartError as exc:
+                return ExecResult(exit_code=_CANNOT_START, stdout="",
+                                  stderr=printable(exc.message) + "\n",
+                                  duration_seconds=time.monotonic() - started)  # fmt: skip
         code = result.returncode if result.returncode >= 0 else 128 - result.returncode
         return ExecResult(exit_code=code,
                           stdout=result.stdout.decode("utf-8", "replace"),

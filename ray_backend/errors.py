@@ -17,14 +17,7 @@ from vmruntime.errors import VmruntimeError
 
 
 class RaySandboxError(VmruntimeError, ray_errors.SandboxError):
-    """Root of the Ray front door's errors."""
-
-    def __init__(self, message: str, *carried: Any) -> None:
-        super().__init__(message)
-        self._carried = carried
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), self._carried, self.__dict__)
+    """Root of the Ray front door's errors (they pickle as every vmruntime error does)."""
 
 
 class SandboxTaskError(RaySandboxError):
@@ -34,7 +27,7 @@ class SandboxTaskError(RaySandboxError):
 
     def __init__(self, type_name: str, message: str, guest_traceback: str) -> None:
         super().__init__(f"{type_name}: {message}\n--- traceback in the sandbox ---\n"
-                         f"{guest_traceback}", type_name, message, guest_traceback)  # fmt: skip
+                         f"{guest_traceback}")  # fmt: skip
         self.type_name = type_name
         self.guest_message = message
         self.guest_traceback = guest_traceback
@@ -50,7 +43,7 @@ class UntrustedResultError(RaySandboxError, TypeError):
             "is not plain data: results must be None, bool, int, float, complex, str, bytes, "
             "list, tuple, dict, set, numpy arrays or pandas frames and series. Pass "
             "trust_results=True to the actor to unpickle anything (that runs code the "
-            "guest chose on the host)", type_name, detail)  # fmt: skip
+            "guest chose on the host)")  # fmt: skip
         self.type_name = type_name
 
 
@@ -58,8 +51,7 @@ class WorkerProtocolError(RaySandboxError):
     """The guest worker sent bytes that break the worker protocol; the worker is ended."""
 
     def __init__(self, sandbox_id: str, detail: str) -> None:
-        super().__init__(f"sandbox {sandbox_id}: the guest worker broke the protocol: {detail}",
-                         sandbox_id, detail)  # fmt: skip
+        super().__init__(f"sandbox {sandbox_id}: the guest worker broke the protocol: {detail}")
         self.sandbox_id = sandbox_id
         self.detail = detail
 
@@ -81,7 +73,7 @@ class WorkerDiedError(RaySandboxError):
         message = f"sandbox {sandbox_id}: the guest worker {how} during the call"
         if output_tail:
             message += f"\n--- its last output ---\n{output_tail}"
-        super().__init__(message, sandbox_id, returncode, oom_killed, output_tail)
+        super().__init__(message)
         self.sandbox_id = sandbox_id
         self.returncode = returncode
         self.oom_killed = oom_killed
@@ -91,7 +83,7 @@ class SandboxTimeoutError(RaySandboxError, ray_errors.SandboxTimeoutError, Timeo
     """A call or command ran past its ``timeout`` and was killed (the actor goes on)."""
 
     def __init__(self, what: str, timeout: float) -> None:
-        super().__init__(f"{what} timed out after {timeout:g} s and was killed", what, timeout)
+        super().__init__(f"{what} timed out after {timeout:g} s and was killed")
         self.what = what
         self.timeout = timeout
 
@@ -104,7 +96,7 @@ class PythonMismatchError(RaySandboxError):
         super().__init__(
             f"image {image!r} has Python {guest}, the host runs Python {host}: functions "
             "travel by value with cloudpickle, which needs the same minor version on both "
-            "sides; use an image with Python " + host, image, guest, host)  # fmt: skip
+            "sides; use an image with Python " + host)  # fmt: skip
         self.image = image
         self.guest = guest
         self.host = host
@@ -114,7 +106,7 @@ class UnsupportedOptionError(RaySandboxError, ray_errors.SandboxCreationError, V
     """An option of Ray's sandboxes that a microVM sandbox cannot honour."""
 
     def __init__(self, option: str, value: Any, reason: str) -> None:
-        super().__init__(f"{option}={value!r}: {reason}", option, value, reason)
+        super().__init__(f"{option}={value!r}: {reason}")
         self.option = option
         self.value = value
 
@@ -123,7 +115,7 @@ class SandboxGoneError(RaySandboxError, ray_errors.SandboxNotFoundError):
     """The actor's sandbox was deleted or terminated (or its TTL ran out)."""
 
     def __init__(self, sandbox_id: str) -> None:
-        super().__init__(f"sandbox {sandbox_id} was deleted or terminated", sandbox_id)
+        super().__init__(f"sandbox {sandbox_id} was deleted or terminated")
         self.sandbox_id = sandbox_id
 
 
@@ -132,6 +124,6 @@ class GuestFileError(RaySandboxError):
     guest command that tried (``cat``, ``sh``) and its message."""
 
     def __init__(self, path: str, exit_code: int, message: str) -> None:
-        super().__init__(f"{path}: {message}", path, exit_code, message)
+        super().__init__(f"{path}: {message}")
         self.path = path
         self.exit_code = exit_code

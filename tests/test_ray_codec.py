@@ -31,6 +31,7 @@ from ray_backend.errors import (
 )
 from ray_backend.results import guest_exception, printable
 from ray_backend.worker import function_key, pickle_call, pickle_function, worker_bundle
+from vmruntime.errors import CommandFailedError, ExecStartError
 
 U64 = struct.Struct(">Q")
 
@@ -187,6 +188,7 @@ def test_guest_text_cannot_drive_the_callers_terminal() -> None:
 @pytest.mark.parametrize("error", [
     SandboxTaskError("t.T", "m", "tb"), UntrustedResultError("os.system"),
     WorkerDiedError("sb", -9, True, "tail"), SandboxTimeoutError("the call", 2.5),
+    CommandFailedError("sb", ["false"], 1, b"", b"why"), ExecStartError("sb", ["x"], 2, "m"),
 ])  # fmt: skip
 def test_errors_survive_the_trip_through_ray(error: Exception) -> None:
     again = pickle.loads(pickle.dumps(error))

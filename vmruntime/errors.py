@@ -12,7 +12,23 @@ from pathlib import Path
 
 
 class VmruntimeError(Exception):
-    """Root of every error vmruntime raises on purpose."""
+    """Root of every error vmruntime raises on purpose.
+
+    Errors pickle with their message and attributes (not through their constructors,
+    whose arguments differ), so they survive a trip between processes: a Ray actor's
+    error reaches its caller as itself.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(kind: type[VmruntimeError], args: tuple[object, ...],
+                   state: dict[str, object]) -> VmruntimeError:  # fmt: skip
+    error = kind.__new__(kind)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 # --- image references ------------------------------------------------------
@@ -234,6 +250,17 @@ class GuestOutOfMemoryError(AgentDiedError):
 
 class AgentProtocolError(SandboxError):
     """The guest sent something the agent protocol does not allow."""
+
+
+class ExecStartError(SandboxError):
+    """The agent could not start a command (no such program or working directory, not
+    executable, ...); ``errno`` and ``message`` are the guest's."""
+
+    def __init__(self, sandbox_id: str, argv: list[str], errno: int, message: str) -> None:
+        super().__init__(sandbox_id, f"cannot start {argv!r}: {message}")
+        self.argv = argv
+        self.errno = errno
+        self.message = message
 
 
 class ExecTimeoutError(SandboxError):

@@ -40,6 +40,7 @@ from vmruntime.errors import (
     AgentProtocolError,
     BootError,
     CommandFailedError,
+    ExecStartError,
     ExecTimeoutError,
     GuestOutOfMemoryError,
     MountError,
@@ -50,7 +51,7 @@ from vmruntime.guest import protocol as p
 from vmruntime.images.store import ImageStore
 from vmruntime.vm import state
 from vmruntime.vm.builder import CreationPlan, build_machine
-from vmruntime.vm.client import STDERR, AgentClient, Channel
+from vmruntime.vm.client import STDERR, AgentClient, Channel, _GuestChannelError
 from vmruntime.vm.config import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_MEMORY_MIB,
@@ -502,7 +503,11 @@ class AsyncSandbox:
             timeout=timeout, rlimits=rlimits,
         )  # fmt: skip
         channel = await self._guard(self._agent().exec(request))
-        await self._guard(channel.started())
+        try:
+            await self._guard(channel.started())
+        except _GuestChannelError as exc:  # e.g. its working directory does not exist
+            raise ExecStartError(self.id, request.argv, exc.error.errno,
+                                 exc.error.message) from None  # fmt: skip
         return AsyncProcess(self, channel, request.argv, timeout)
 
     async def exec(
