@@ -341,8 +341,14 @@ def test_a_restarted_actor_restores_its_last_snapshot(ray_session: Any) -> None:
     ray.kill(handle, no_restart=False)
     restored = eventually(lambda: call(handle, read_text, "/root/state.txt"))
     assert not qemu_processes(first_sandbox), "the killed actor's VM outlived it"
-    # the restarted actor removed what the killed one left
-    assert first_sandbox not in {record.id for record in state.list_records()}
+    # the restarted actor removed what the killed one left (in the session's state, which
+    # the actors use whatever other session fixtures did to this process's environment)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VMRUNTIME_STATE", str(ray_session.state))
+        patch.setenv("XDG_RUNTIME_DIR", str(ray_session.runtime))
+        records = {record.id for record in state.list_records()}
+    assert ray.get(handle.get_instance_id.remote()) in records  # the right directory
+    assert first_sandbox not in records
     assert restored == "snapshotted"
     assert ray.get(handle.get_instance_id.remote()) != first_sandbox
     # trust_results=True: the actor unpickles what it was asked to trust

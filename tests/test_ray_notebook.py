@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -68,7 +69,7 @@ def private() -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_the_ray_notebook_runs_functions_in_microvms_and_refuses_what_is_hostile(
-    ray_session: object, private: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session: Any, private: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The kernel inherits this environment: its sandboxes and its Ray get directories of
     # their own, so what they leave can be told from the session's.
@@ -78,6 +79,8 @@ def test_the_ray_notebook_runs_functions_in_microvms_and_refuses_what_is_hostile
     state = tmp_path / "state"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     monkeypatch.setenv("VMRUNTIME_STATE", str(state))
+    # the default image's cache, whatever another session fixture made of this variable
+    monkeypatch.setenv("VMRUNTIME_CACHE", str(ray_session.cache))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     notebook_before = NOTEBOOK.read_bytes()
