@@ -22,9 +22,8 @@ registry on 127.0.0.1 by ``tests/ray_peer.py``, which also sets up ``runsc``):
   actor processes are printed beside it).
 
 It prints every median, every ratio (ours / the peer's: below 1 we are faster or
-smaller), the accelerator, the issue's two Must lines, and a summary line. A part whose
-API is not in this checkout yet (``ray_backend`` lands in pieces) is not measured, and
-the output says so. See ``bench/README.md`` for every line.
+smaller), the accelerator, the issue's two Must lines, and a summary line. See
+``bench/README.md`` for every line.
 
 Every actor and sandbox it starts ends with the Ray session, also on Ctrl-C, SIGTERM
 and errors; the registry and the temporary state directory are removed at the end.
@@ -156,41 +155,6 @@ PLAIN, OURS, GVISOR = "plain actor", "microvm", "gvisor"
 # --- what this checkout has -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Api:
-    """Which parts of ``ray_backend`` are on this checkout."""
-
-    actor: bool  # SandboxActor with run
-    pool: bool  # SandboxPool
-    snapshot: bool  # SandboxActor.snapshot and snapshot=
-    create: bool  # the drop-in create (exec, terminate)
-
-    @classmethod
-    def find(cls) -> Api:
-        import ray_backend
-
-        actor = hasattr(ray_backend, "SandboxActor")
-        return cls(
-            actor=actor,
-            pool=actor and hasattr(ray_backend, "SandboxPool"),
-            snapshot=actor and hasattr(ray_backend.SandboxActor, "snapshot"),
-            create=actor and hasattr(ray_backend, "create"),
-        )
-
-    def notes(self) -> list[str]:
-        missing = [
-            ("ray_backend.SandboxActor", self.actor),
-            ("ray_backend.SandboxPool", self.pool),
-            ("SandboxActor.snapshot", self.snapshot),
-            ("ray_backend.create", self.create),
-        ]
-        return [
-            f"not measured: our side of what needs {name} (not on this checkout yet)"
-            for name, present in missing
-            if not present
-        ]
-
-
 # --- measuring ---------------------------------------------------------------------------
 
 
@@ -223,7 +187,6 @@ def check_exec(result: Any, what: str) -> None:
 @dataclass
 class Context:
     args: argparse.Namespace
-    api: Api
     peer: GVisorPeer
     plain: Side = field(default_factory=lambda: Side(PLAIN))
     ours: Side = field(default_factory=lambda: Side(OURS))
@@ -254,28 +217,27 @@ class Context:
 def measure_actor_part(ctx: Context) -> None:
     print("part actor: against a plain Ray actor on the host", flush=True)
     plain = [PlainActor.remote() for _ in range(2)]
-    ours = [ctx.sandbox_actor() for _ in range(2)] if ctx.api.actor else []
+    ours = [ctx.sandbox_actor() for _ in range(2)]
     with killed_after(*plain), killed_after(*ours, terminate=True):
         ray.get([actor.run.remote(trivial) for actor in plain + ours])  # started, warm
-        measure_run_trips(ctx, plain[0], ours[0] if ours else None)
-        measure_pools(ctx, plain, ours if ctx.api.pool else [])
-        measure_arrays(ctx, plain[0], ours[0] if ours else None)
-        if ours:
-            take_snapshot(ctx, ours[0])
+        measure_run_trips(ctx, plain[0], ours[0])
+        measure_pools(ctx, plain, ours)
+        measure_arrays(ctx, plain[0], ours[0])
+        take_snapshot(ctx, ours[0])
     measure_actor_starts(ctx)
 
 
 def take_snapshot(ctx: Context, actor: Any) -> None:
     """The disk snapshot our snapshot starts restore (untimed), once per run."""
-    if ctx.api.snapshot and ctx.snapshot_name is None:
+    if ctx.snapshot_name is None:
         name = f"vmr-bench-ray-{os.getpid()}"
         ray.get(actor.snapshot.remote(name))
         ctx.snapshot_name = name
 
 
-def measure_run_trips(ctx: Context, plain: Any, ours: Any | None) -> None:
+def measure_run_trips(ctx: Context, plain: Any, ours: Any) -> None:
     """Trivial ``run`` round trips, plain and ours interleaved call by call."""
-    targets = [(ctx.plain, plain)] + ([(ctx.ours, ours)] if ours is not None else [])
+    targets = [(ctx.plain, plain), (ctx.ours, ours)]
     for _ in range(ctx.args.warmup):
         for _side, actor in targets:
             ray.get(actor.run.remote(trivial))
@@ -310,9 +272,9 @@ def measure_pools(ctx: Context, plain: list[Any], ours: list[Any]) -> None:
     print(f"  pools: {ctx.args.runs} x {ctx.args.pool_calls} calls", flush=True)
 
 
-def measure_arrays(ctx: Context, plain: Any, ours: Any | None) -> None:
+def measure_arrays(ctx: Context, plain: Any, ours: Any) -> None:
     array = np.random.default_rng(0).integers(0, 256, ctx.args.array_mb * MB, dtype=np.uint8)
-    targets = [(ctx.plain, plain)] + ([(ctx.ours, ours)] if ours is not None else [])
+    targets = [(ctx.plain, plain), (ctx.ours, ours)]
     for _ in range(ctx.args.runs):
         for side, actor in targets:
             seconds, back = timed(lambda actor=actor: ray.get(actor.run.remote(identity, array)))
@@ -326,8 +288,7 @@ def measure_actor_starts(ctx: Context) -> None:
     """Actor creation to its first trivial ``run`` answered; each actor is killed after."""
     for _ in range(ctx.args.runs):
         ctx.plain.actor_start.seconds.append(first_run_time(PlainActor.remote, sandbox=False))
-        if ctx.api.actor:
-            ctx.ours.actor_start.seconds.append(first_run_time(ctx.sandbox_actor))
+        ctx.ours.actor_start.seconds.append(first_run_time(ctx.sandbox_actor))
         if ctx.snapshot_name:
             ctx.ours.actor_start_snapshot.seconds.append(first_run_time(ctx.snapshot_actor))
     print(f"  actor starts: {ctx.args.runs} of each", flush=True)
@@ -367,17 +328,15 @@ def first_exec_time(make: Callable[[], Any], what: str) -> float:
 
 def measure_gvisor_part(ctx: Context) -> None:
     print("part gvisor: against Ray's gVisor sandbox on the same image", flush=True)
-    if ctx.api.snapshot and ctx.snapshot_name is None:  # part actor did not run
+    if ctx.snapshot_name is None:  # part actor did not run
         source = ctx.sandbox_actor()
         with killed_after(source, terminate=True):
             take_snapshot(ctx, source)
     makers: list[tuple[Samples, Callable[[], Any], str]] = [
         (ctx.gvisor.first_exec, gvisor_create, "gvisor create"),
+        (ctx.ours.first_exec, ours_create, "ours create"),
+        (ctx.ours.first_exec_snapshot, ctx.snapshot_sandbox, "ours from snapshot"),
     ]
-    if ctx.api.create:
-        makers.append((ctx.ours.first_exec, ours_create, "ours create"))
-    if ctx.snapshot_name:
-        makers.append((ctx.ours.first_exec_snapshot, ctx.snapshot_sandbox, "ours from snapshot"))
     for round_ in range(ctx.args.runs + 1):  # round 0 warms up (gVisor's image, workers)
         for samples_, make, what in makers:
             seconds = first_exec_time(make, what)
@@ -386,14 +345,11 @@ def measure_gvisor_part(ctx: Context) -> None:
     print(f"  create to first exec: {ctx.args.runs} of each, after a warm-up", flush=True)
     measure_exec_trips(ctx)
     measure_at_once(ctx, ctx.gvisor, gvisor_create, gvisor_memory)
-    if ctx.api.create:
-        measure_at_once(ctx, ctx.ours, ours_create, ours_memory)
+    measure_at_once(ctx, ctx.ours, ours_create, ours_memory)
 
 
 def measure_exec_trips(ctx: Context) -> None:
-    targets = [(ctx.gvisor, gvisor_create())]
-    if ctx.api.create:
-        targets.append((ctx.ours, ours_create()))
+    targets = [(ctx.gvisor, gvisor_create()), (ctx.ours, ours_create())]
     with killed_after(*(actor for _, actor in targets), terminate=True):
         for _ in range(ctx.args.warmup):
             for _side, actor in targets:
@@ -654,8 +610,6 @@ def print_environment(ctx: Context) -> None:
         f"sizes: {args.calls} trivial runs, {args.pool_calls} pool calls, {args.array_mb} MB "
         f"array, {args.execs} execs of each, {args.at_once} at once, {args.runs} run(s)"
     )
-    for note in ctx.api.notes():
-        print(note)
 
 
 def print_accelerator() -> str:
@@ -692,7 +646,7 @@ def measure(args: argparse.Namespace, work: Path) -> Context:
     """Both parts in one Ray session, with the gVisor peer set up and torn down around it."""
     peer = start_gvisor_peer(ImageStore(), PEER_CACHE, work / "peer")
     try:
-        ctx = Context(args, Api.find(), peer)
+        ctx = Context(args, peer)
         print_environment(ctx)
         with local_ray({**peer.env, "VMRUNTIME_STATE": str(work / "state")}):
             if "actor" in args.parts:
