@@ -27,22 +27,21 @@ def ray_session(default_image_session: Any, request: pytest.FixtureRequest) -> I
         # Ray's own gVisor sandboxes run in this session too (tests/ray_peer.py): their
         # workers need runsc on PATH and the registry mirror, and Ray starts only once.
         RAY_WORKER_ENV.update(request.getfixturevalue("gvisor_peer").env)
+    # Ray's workers take the environment that Ray starts with: it is set for ray.init
+    # only, since other session fixtures (vm_session) own this process's environment.
     with pytest.MonkeyPatch.context() as patch:
         # Ray's workers import the test modules whose functions the tests send (Ray pickles
         # them by reference, as it does a job's own modules on its PYTHONPATH).
         patch.setenv("PYTHONPATH", os.pathsep.join(
             filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))  # fmt: skip
-        # Ray's workers take this process's environment when Ray starts: name the default
-        # image session's directories outright, since another session fixture (vm_session)
-        # may have pointed these variables elsewhere since.
         patch.setenv("VMRUNTIME_CACHE", str(default_image_session.cache))
         patch.setenv("VMRUNTIME_STATE", str(default_image_session.state))
         patch.setenv("XDG_RUNTIME_DIR", str(default_image_session.runtime))
         for name, value in RAY_WORKER_ENV.items():
             patch.setenv(name, value)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield default_image_session
-        finally:
-            ray.shutdown()
+    try:
+        yield default_image_session
+    finally:
+        ray.shutdown()
     assert os.environ.get("RAY_ADDRESS") is None
