@@ -44,19 +44,19 @@ def interpret(worker: GuestWorker, reply: Reply, trust_results: bool) -> Any:
         refusal = _fields(worker, reply, ("type", "message"))
         raise UntrustedResultError(printable(refusal["type"], 200))
     if reply.kind == _wire.Kind.ERROR:
-        raise guest_exception(_fields(worker, reply, ("type", "message", "traceback")),
-                              worker.decode(reply).get("args"))  # fmt: skip
+        info = _fields(worker, reply, ("type", "message", "traceback"))
+        raise guest_exception(info, info.get("args"))
     raise WorkerProtocolError(worker.sandbox_id, f"unexpected message kind {reply.kind}")
 
 
-def _fields(worker: GuestWorker, reply: Reply, names: tuple[str, ...]) -> dict[str, str]:
+def _fields(worker: GuestWorker, reply: Reply, names: tuple[str, ...]) -> dict[str, Any]:
     value = worker.decode(reply)
     if not isinstance(value, dict) or not all(isinstance(value.get(n), str) for n in names):
         raise WorkerProtocolError(worker.sandbox_id, f"a reply without {', '.join(names)}")
     return value
 
 
-def guest_exception(info: dict[str, str], args: Any) -> BaseException:
+def guest_exception(info: dict[str, Any], args: Any) -> BaseException:
     """The exception the guest reported: its own built-in type where that is safe, with
     the guest's traceback as a note; else a :class:`SandboxTaskError`."""
     type_name = printable(info["type"], 200)
