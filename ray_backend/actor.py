@@ -184,7 +184,6 @@ class SandboxActorBody:
             self._require_alive()
             function = pickle_function(fn)
             key = function_key(function)
-            sync.run(self._worker.start())
             payload, buffers = pickle_call(key, None if self._worker.knows(key) else function,
                                            args, dict(kwargs or {}), self._trust_results)
             reply = sync.run(self._worker.call(key, payload, buffers, timeout))

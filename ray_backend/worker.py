@@ -221,7 +221,6 @@ class GuestWorker:
             self._shipped = True
         process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
         self._process = process
-        self._known = set()
         self._inbox = _Inbox(process, self._on_output)
         try:
             reply = await asyncio.wait_for(self._receive(), timeout)
@@ -252,16 +251,16 @@ class GuestWorker:
 
     def knows(self, key: bytes) -> bool:
         """Whether the running worker has the function of ``key`` loaded (a call may then
-        leave the function out)."""
+        leave the function out). False while no worker runs: the next call starts one."""
         return key in self._known
 
     async def call(self, key: bytes, payload: bytes, buffers: Sequence[memoryview],
                    timeout: float | None) -> Reply:  # fmt: skip
-        """Send one call and wait for its reply. The worker must be running (:meth:`start`)
-        since the caller decided with :meth:`knows` whether the function goes along."""
+        """Send one call and wait for its reply, starting a fresh worker first if none
+        runs (a call made for it carries its function, since :meth:`knows` was False)."""
+        await self.start()
         process = self._process
-        if process is None:
-            raise RuntimeError("call() without a running worker: start() it first")
+        assert process is not None
         try:
             reply = await asyncio.wait_for(self._exchange(process, payload, buffers), timeout)
             if reply.kind != _wire.Kind.ERROR and len(self._known) < _KNOWN_FUNCTIONS:
@@ -315,9 +314,15 @@ class GuestWorker:
     def _protocol_error(self, detail: str) -> WorkerProtocolError:
         return WorkerProtocolError(self.sandbox_id, detail)
 
-    async def _died(self) -> WorkerDiedError:
+    def _forget(self) -> tuple[AsyncProcess | None, _Inbox | None]:
+        """Drop the running worker (and what it had loaded); it and its inbox."""
         process, inbox = self._process, self._inbox
         self._process = self._inbox = None
+        self._known = set()
+        return process, inbox
+
+    async def _died(self) -> WorkerDiedError:
+        process, inbox = self._forget()
         returncode: int | None = None
         oom = False
         if process is not None:
@@ -329,15 +334,13 @@ class GuestWorker:
 
     async def stop(self) -> None:
         """End the worker (its whole process group) if it runs."""
-        process, inbox = self._process, self._inbox
-        self._process = self._inbox = None
+        process, _ = self._forget()
         if process is None:
             return
         with contextlib.suppress(SandboxError, TimeoutError, ProcessLookupError):
             await process.signal(signal.SIGKILL, group=True)
             await asyncio.wait_for(_drain(process), 10)
             await asyncio.wait_for(process.wait(), 10)
-        del inbox
 
 
 async def _drain(process: AsyncProcess) -> None:
