@@ -342,20 +342,21 @@ async def end_abandoned_sandboxes() -> list[state.SandboxRecord]:
     """Remove what owners that died left: ephemeral (not detached, not kept) sandboxes whose
     owning process is gone and whose VM is no longer running. Front doors call it when
     they start, so that killed owners (a Ray actor under ``ray.kill``) leave no files."""
+    return await _end_records(lambda record: not (
+        record.detached or record.keep or record.owner_alive or record.vm_running))
+
+
+async def _end_records(
+        should_end: Callable[[state.SandboxRecord], bool]) -> list[state.SandboxRecord]:
+    """End and remove every sandbox whose record ``should_end`` picks; their records."""
     removed = []
     for record in await asyncio.to_thread(state.list_records):
-        if record.detached or record.keep or record.owner_alive or record.vm_running:
-            continue
-        await end_from_outside(record, QemuDriver(), keep=False, graceful=False)
-        removed.append(record)
+        if should_end(record):
+            await end_from_outside(record, QemuDriver(), keep=False, graceful=False)
+            removed.append(record)
     return removed
 
 
 def prune_sandboxes() -> list[state.SandboxRecord]:
     """Remove stopped sandboxes and kill + remove those whose owning process died."""
-    removed = []
-    for record in state.list_records():
-        if record.status in ("stopped", "orphaned"):
-            asyncio.run(end_from_outside(record, QemuDriver(), keep=False, graceful=False))
-            removed.append(record)
-    return removed
+    return asyncio.run(_end_records(lambda record: record.status in ("stopped", "orphaned")))
