@@ -224,9 +224,12 @@ class AgentClient:
         channel = self._new_channel()
         await self.send(p.adopt(channel.id, pid))
         try:
-            await channel.started()
+            started = await channel.started()
         except _GuestChannelError as exc:
             raise AdoptError(self.sandbox_id, pid, exc.error.errno, exc.error.message) from None
+        if started != pid:  # a guest that hands over some other process is lying
+            self._fail(AgentProtocolError(self.sandbox_id, f"ADOPT {pid} answered by {started}"))
+            raise self._failure  # type: ignore[misc]
         return channel
 
     async def set_identity(self, *, entropy: bytes | None = None, time_ns: int | None = None,
