@@ -175,6 +175,26 @@ def test_an_adopted_exec_takes_stdin_signals_and_ends_live(listening: ListeningA
     assert result.exit == p.Exit(code=9, signal=None)
 
 
+def test_stdin_the_old_host_sent_still_arrives_and_the_new_host_has_a_whole_window(
+    listening: ListeningAgent,
+) -> None:
+    first = listening.connect()
+    channel, pid = listening.start_detached(first, ["sh", "-c", "sleep 1; exec cat"], stdin=True)
+    old, new = os.urandom(p.WINDOW), os.urandom(p.WINDOW)
+    first.send_stdin(channel, old)  # most of it waits in the agent: the pipe holds 64 KiB
+    first.sock.close()
+    second = listening.connect()
+    adopted, _ = adopt(second, pid)
+    second.auto_grant.add(adopted)
+    second.send_stdin(adopted, new)  # a whole window, however much of the old is pending
+    second.send(p.encode_frame(MsgType.STDIN_EOF, adopted))
+    result = second.collect(adopted, grant=False, timeout=30)
+    assert result.exit == p.Exit(code=0, signal=None)
+    assert result.stdout == old + new
+    refusals = [f for f in second.queued if f.channel == 0 and f.type == MsgType.ERROR]
+    assert refusals == []
+
+
 def test_a_new_hello_parks_detached_execs_too(listening: ListeningAgent) -> None:
     conn = listening.connect()
     _, pid = listening.start_detached(conn, ["sh", "-c", "sleep 0.3; echo late"])

@@ -652,7 +652,8 @@ void request_stdin(struct channel *ch, const uint8_t *data, size_t len)
             send_window(ch->id, len);
         return;
     }
-    if (buf_pending(&ch->inbuf) + len > WINDOW_SIZE) {
+    /* Bytes an earlier host sent (ch->in_carry) do not count against this host's window. */
+    if (buf_pending(&ch->inbuf) - ch->in_carry + len > WINDOW_SIZE) {
         send_error(0, EOVERFLOW, "STDIN on channel %u overruns its window; dropped", ch->id);
         return;
     }

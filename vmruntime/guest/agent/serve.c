@@ -194,9 +194,14 @@ static void handle_hello(const uint8_t *body, size_t len)
         send_error(0, EPROTONOSUPPORT, "agent speaks protocol version %d only", PROTO_VERSION);
         return;
     }
-    /* A HELLO on a live session means a new host whose arrival we did not see. */
-    if (conn.hello)
+    /* A HELLO on a live session means a new host whose arrival we did not see (a clone
+     * restored from a memory snapshot still holds its original's session). Frames not
+     * yet flushed were the old host's: to the new one they would be for channels it
+     * never opened, ahead of its HELLO. */
+    if (conn.hello) {
         end_session(true);
+        buf_free(&g_outq);
+    }
     struct utsname u;
     uname(&u);
     size_t fr = frame_begin(&g_outq, MSG_HELLO, 0);
