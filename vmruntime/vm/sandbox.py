@@ -588,6 +588,35 @@ class AsyncSandbox:
                 pass
         return True
 
+    async def request(self, guest_port: int, data: bytes, *, limit: int = 1 << 20,
+                      timeout: float = 30.0) -> bytes:  # fmt: skip
+        """Send ``data`` to a service on the guest's 127.0.0.1:``guest_port``, close the
+        sending side and return what it answers until it closes (at most ``limit`` bytes:
+        the answer is the guest's, so it is bounded). A front door's one-shot exchange
+        with something it started in the guest, without a host port."""
+        channel = await self._guard(self._agent().connect_port(guest_port))
+        answer = bytearray()
+
+        async def exchange() -> None:
+            await channel.write(data)
+            await channel.close_stdin()
+            while (item := await channel.read()) is not None:
+                answer.extend(item[1])
+                if len(answer) > limit:
+                    raise SandboxError(self.id, f"guest port {guest_port} answered more "
+                                                f"than {limit} bytes")  # fmt: skip
+
+        try:
+            await self._guard(asyncio.wait_for(exchange(), timeout))
+        except TimeoutError:
+            raise SandboxError(self.id, f"guest port {guest_port} did not answer within "
+                                        f"{timeout:g} s") from None  # fmt: skip
+        finally:
+            if not channel.done():
+                with contextlib.suppress(SandboxError):
+                    await channel.abort()
+        return bytes(answer)
+
     async def unforward(self, guest_ports: Iterable[int]) -> None:
         """Stop forwarding ``guest_ports``: their host listeners close, and so does every
         connection made through them."""
