@@ -319,6 +319,11 @@ class VmmError(VmruntimeError):
         self.argv = argv or []
 
 
+class MemorySnapshotError(VmmError):
+    """A VM's memory could not be saved or resumed (the message says why: a device that
+    cannot migrate, a driver without the feature, a VMM that refused)."""
+
+
 # --- shares: the virtio-fs broker, bind mounts, volumes, disk images --------
 
 

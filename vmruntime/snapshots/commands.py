@@ -16,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-from vmruntime.errors import SnapshotError, SnapshotStoreError
+from vmruntime.errors import SandboxError, SnapshotError, SnapshotStoreError
 from vmruntime.images.commands import size_text
 from vmruntime.snapshots.archive import export_snapshot, import_snapshot
-from vmruntime.snapshots.capture import capture_running, capture_stopped
+from vmruntime.snapshots.capture import capture_memory, capture_running, capture_stopped
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 from vmruntime.vm import AsyncSandbox, state
 
@@ -48,6 +48,9 @@ def add_create_command(sub: _SubParsers) -> None:
     create.add_argument("sandbox", help="id, id prefix or name")
     create.add_argument("name")
     create.add_argument("--seal", action="store_true", help="record a digest of the content")
+    create.add_argument("--memory", action="store_true",
+                        help="keep the running machine too (RAM and devices): sandboxes made "
+                        "from it resume where it was")  # fmt: skip
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     create.set_defaults(handler=_create)
 
@@ -86,19 +89,22 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 def _create(args: argparse.Namespace) -> int:
     labels = _labels(args.label)
     record = state.find_record(args.sandbox)
-    snapshot = asyncio.run(_capture(record, args.name, args.seal, labels))
+    snapshot = asyncio.run(_capture(record, args.name, args.seal, labels, args.memory))
     print(snapshot.name)
     return 0
 
 
 async def _capture(record: state.SandboxRecord, name: str, seal: bool,
-                   labels: dict[str, str]) -> Snapshot:  # fmt: skip
+                   labels: dict[str, str], memory: bool = False) -> Snapshot:  # fmt: skip
     if not record.vm_running:
+        if memory:
+            raise SandboxError(record.id, f"is {record.status}: --memory needs a running sandbox")
         return await capture_stopped(record, name, seal=seal, labels=labels)
     # Only one host connection at a time: a sandbox whose owner is connected refuses us.
     sandbox = await AsyncSandbox.attach(record.id)
+    capture = capture_memory if memory else capture_running
     try:
-        return await capture_running(sandbox, name, seal=seal, labels=labels)
+        return await capture(sandbox, name, seal=seal, labels=labels)
     finally:
         await sandbox.detach()
 

@@ -29,7 +29,7 @@ import fcntl
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -45,6 +45,7 @@ from vmruntime.errors import (
     ExecStartError,
     ExecTimeoutError,
     GuestOutOfMemoryError,
+    MemorySnapshotError,
     MountError,
     SandboxError,
     VmmError,
@@ -62,7 +63,7 @@ from vmruntime.vm.config import (
     Ports,
     SandboxConfig,
 )
-from vmruntime.vm.driver import VmHandle, VmmDriver
+from vmruntime.vm.driver import MemoryImage, VmHandle, VmmDriver
 from vmruntime.vm.forwards import PortForwards
 from vmruntime.vm.mounts import Mount, SandboxMounts
 from vmruntime.vm.qemu import QemuDriver
@@ -76,6 +77,8 @@ _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
 # What the guest kernel prints when memory exhaustion is what killed it.
 _OUT_OF_MEMORY_SIGNS = ("Out of memory", "oom-kill", "deadlocked on memory", "out_of_memory")
+# What runs while a sandbox's VM is paused for a memory snapshot (the layer's copy).
+PausedWork = Callable[[], Awaitable[None]]
 # Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
 _live: WeakSet[AsyncSandbox] = WeakSet()
 
@@ -286,7 +289,8 @@ class AsyncSandbox:
                           machine.mounts)  # fmt: skip
             await sandbox._connect(config.boot_timeout)  # 6: the agent
             undo.push_async_callback(sandbox._disconnect)
-            await sandbox._mount_all(started + config.boot_timeout)
+            if not plan.start.resumes:  # a resumed guest has its mounts already
+                await sandbox._mount_all(started + config.boot_timeout)
             sandbox.boot_seconds = time.monotonic() - started
             undo.push_async_callback(sandbox._forwards.close)
             try:  # 7: the per-caller settings
@@ -622,6 +626,35 @@ class AsyncSandbox:
                 pass
         return True
 
+    async def request(self, guest_port: int, data: bytes, *, limit: int = 1 << 20,
+                      timeout: float = 30.0) -> bytes:  # fmt: skip
+        """Send ``data`` to a service on the guest's 127.0.0.1:``guest_port``, close the
+        sending side and return what it answers until it closes (at most ``limit`` bytes:
+        the answer is the guest's, so it is bounded). A front door's one-shot exchange
+        with something it started in the guest, without a host port."""
+        channel = await self._guard(self._agent().connect_port(guest_port))
+        answer = bytearray()
+
+        async def exchange() -> None:
+            await channel.write(data)
+            await channel.close_stdin()
+            while (item := await channel.read()) is not None:
+                answer.extend(item[1])
+                if len(answer) > limit:
+                    raise SandboxError(self.id, f"guest port {guest_port} answered more "
+                                                f"than {limit} bytes")  # fmt: skip
+
+        try:
+            await self._guard(asyncio.wait_for(exchange(), timeout))
+        except TimeoutError:
+            raise SandboxError(self.id, f"guest port {guest_port} did not answer within "
+                                        f"{timeout:g} s") from None  # fmt: skip
+        finally:
+            if not channel.done():
+                with contextlib.suppress(SandboxError):
+                    await channel.abort()
+        return bytes(answer)
+
     async def unforward(self, guest_ports: Iterable[int]) -> None:
         """Stop forwarding ``guest_ports``: their host listeners close, and so does every
         connection made through them."""
@@ -663,6 +696,46 @@ class AsyncSandbox:
                 await client.thaw()
             raise
         await self._guard(client.thaw())
+
+    # Saving the whole machine.
+
+    async def save_machine(self, image: MemoryImage, during: PausedWork | None = None) -> None:
+        """Save the running machine (guest RAM and device state) to ``image``'s files, for
+        a memory snapshot; ``during`` runs while the VM is paused after the save (the
+        caller copies the writable layer there: QEMU flushed it at the pause).
+
+        The agent's session is renewed first, as a resumed copy's will be: commands this
+        connection runs end (their process groups are killed), detached ones go on. The
+        VM runs on afterwards. Refused for a sandbox with shares or disks: vhost-user-fs
+        cannot migrate, and a resumed copy cannot share a disk its original writes.
+        """
+        self._check_machine_saveable()
+        await self._forwards.close()
+        await self._renew_session()
+        vm = self._vm
+        await self._guard(vm.pause())
+        try:
+            await vm.save_memory(image)
+            if during is not None:
+                await during()
+        finally:
+            await vm.resume()
+
+    def _check_machine_saveable(self) -> None:
+        if self._record.mounts:
+            reason = ("it has mounts (" + ", ".join(self._record.mounts) + "): a memory snapshot "
+                      "is taken of a sandbox without shares or disks (vhost-user-fs devices "
+                      "cannot be migrated by QEMU, and a resumed copy cannot write a disk "
+                      "its original holds)")  # fmt: skip
+            raise MemorySnapshotError(f"sandbox {self.id}: cannot save its memory: {reason}")
+        if not self.running:
+            raise SandboxError(self.id, "is not running: only a running sandbox's memory is saved")
+
+    async def _renew_session(self) -> None:
+        """A new agent connection, so that nothing of the old session is in flight when
+        the machine is saved: a resumed copy starts from a quiet, handshaken agent."""
+        await self._disconnect()
+        await self._connect(DEFAULT_BOOT_TIMEOUT)
 
     @property
     def writable_layer(self) -> Path:
