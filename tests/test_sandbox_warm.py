@@ -92,11 +92,14 @@ def test_a_detached_process_survives_detach_and_is_adopted(shared: Shared) -> No
     shared.box = box = Sandbox(run(AsyncSandbox.attach(box.id)))
     adopted = box.adopt(pid)
     assert adopted.pid == pid and adopted.dropped == 0
-    after = counts(adopted, 10)
-    # What it printed while parked comes first, then live output, without a gap.
+    started = time.monotonic()
+    parked = counts(adopted, 6)
+    # Printed while nobody was connected (about 7 lines in 1.5 s), kept by the agent and
+    # delivered at once: six live lines would take 1.2 s.
+    assert time.monotonic() - started < 1.0
+    after = parked + counts(adopted, 3)  # then live output, without a gap
     assert after[0] > seen[-1]
     assert after == list(range(after[0], after[0] + len(after)))
-    assert after[-1] >= seen[-1] + 7
     with pytest.raises(AdoptError):
         box.adopt(pid)  # it is on this connection now
     adopted.signal(signal.SIGKILL, group=True)
