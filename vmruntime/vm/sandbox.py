@@ -289,7 +289,9 @@ class AsyncSandbox:
                           machine.mounts)  # fmt: skip
             await sandbox._connect(config.boot_timeout)  # 6: the agent
             undo.push_async_callback(sandbox._disconnect)
-            if not plan.start.resumes:  # a resumed guest has its mounts already
+            if plan.start.resumes:  # its mounts are there; its identity is the original's
+                await sandbox.renew_identity()
+            else:
                 await sandbox._mount_all(started + config.boot_timeout)
             sandbox.boot_seconds = time.monotonic() - started
             undo.push_async_callback(sandbox._forwards.close)
