@@ -652,7 +652,7 @@ class AsyncSandbox:
             raise SandboxError(self.id, f"guest port {guest_port} did not answer within "
                                         f"{timeout:g} s") from None  # fmt: skip
         finally:
-            if not channel.done():
+            if not channel.done:
                 with contextlib.suppress(SandboxError):
                     await channel.abort()
         return bytes(answer)
