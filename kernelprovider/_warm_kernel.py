@@ -12,8 +12,10 @@ once, on ``127.0.0.1:CLAIM_PORT``, with one JSON line:
 ``{"key", "session", "seed", "env", "cwd"}``. The claim gives the kernel the user's key
 and a new session id, reseeds ``random`` and numpy's global generator (their state was
 copied with the memory), applies the environment and working directory, rewrites the
-connection file with the new key, answers ``{"ok": true, "pid"}`` and stops listening:
-nothing else in the guest can claim it again. Version 1.
+connection file with the new key, forgets the host's warm-up executions (history and
+execution count start afresh), answers ``{"ok": true, "pid"}`` and stops listening:
+nothing else in the guest can claim it again. The claim runs on the kernel's thread.
+Version 1.
 """
 
 import contextlib
@@ -48,7 +50,7 @@ def _serve_claim(listener: socket.socket, app: object) -> None:
         conn, _ = listener.accept()
         with conn:
             try:
-                reply = _claim(app, json.loads(_read_line(conn)))
+                reply = _on_kernel_thread(app, json.loads(_read_line(conn)))
             except Exception as exc:  # the host reads the reason
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             conn.sendall(json.dumps(reply).encode() + b"\n")
@@ -67,6 +69,26 @@ def _read_line(conn: socket.socket) -> bytes:
     return data
 
 
+def _on_kernel_thread(app: object, claim: dict) -> dict:
+    """The claim runs on the kernel's own thread (its IOLoop), between messages: the
+    shell's history database belongs to that thread."""
+    done, result = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            result["reply"] = _claim(app, claim)
+        except Exception as exc:  # the host reads the reason
+            result["reply"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            done.set()
+
+    loop = getattr(app, "io_loop", None) or app.kernel.io_loop  # type: ignore[attr-defined]
+    loop.add_callback(run)
+    if not done.wait(60):
+        return {"ok": False, "error": "the kernel's thread did not run the claim in 60 s"}
+    return result["reply"]
+
+
 def _claim(app: object, claim: dict) -> dict:
     session = app.session  # type: ignore[attr-defined]
     session.key = claim["key"].encode("ascii")
@@ -76,7 +98,19 @@ def _claim(app: object, claim: dict) -> dict:
     if claim.get("cwd"):
         os.chdir(claim["cwd"])
     _rewrite_connection_file(app, claim["key"])
+    _forget_warm_up(app.shell)  # type: ignore[attr-defined]
     return {"ok": True, "pid": os.getpid(), "version": VERSION}
+
+
+def _forget_warm_up(shell: object) -> None:
+    """The host's warm-up executions ran as a user's would (so that their code was loaded
+    and translated); the user's first cell is still number 1, with an empty history."""
+    shell.history_manager.reset(new_session=True)  # type: ignore[attr-defined]
+    shell.execution_count = 1  # type: ignore[attr-defined]
+    namespace = shell.user_ns  # type: ignore[attr-defined]
+    namespace.update(_i="", _ii="", _iii="")
+    for name in [n for n in namespace if n.startswith("_i") and n[2:].isdigit()]:
+        del namespace[name]
 
 
 def _reseed(seed: bytes) -> None:

@@ -52,6 +52,9 @@ _GUEST_CONNECTION_FILE = "/tmp/.vmruntime-kernel/warm.json"
 KERNEL_PORTS = {"shell": 20000, "iopub": 20001, "stdin": 20002, "control": 20003, "hb": 20004}
 CLAIM_PORT = 20005
 _WARMUP_TIMEOUT = 120.0
+# A claimed kernel's first cells come soon after it starts; its replacement's resume and
+# warm-up (a second of CPU under TCG) waits until they are likely done.
+REFILL_DELAY = 5.0
 _IPYKERNEL_MODULES = ("ipykernel_launcher", "ipykernel")
 
 
@@ -111,7 +114,8 @@ class KernelPools:
             key = PoolKey(f"image:{spec.image}", spec.cpus, spec.memory_mib,
                           purpose="jupyter:" + " ".join(spec.argv))  # fmt: skip
             name = f"jupyter-{key.digest}"
-            pool = WarmPool(key, size, lambda: self._make_member(spec), name=name)
+            pool = WarmPool(key, size, lambda: self._make_member(spec), name=name,
+                            refill_delay=REFILL_DELAY)  # fmt: skip
             self._pools[spec] = pool
         pool.size = max(pool.size, size)
         pool.start()
@@ -219,8 +223,9 @@ async def _collect(process: AsyncProcess, output: bytearray) -> None:
 
 
 async def warm_up(host_ports: Mapping[str, int], key: str) -> None:
-    """One ``kernel_info`` and one silent ``pass`` (no history, no execution count) with
-    the template's key, so that what a first execution loads and translates is done."""
+    """One ``kernel_info`` and one ``pass`` executed as a user's cell would be (history,
+    execution count: the claim forgets both), with the template's key, so that what a
+    first execution loads and translates is done: under TCG that is most of its time."""
     client = AsyncKernelClient()
     client.load_connection_info({**{f"{n}_port": p for n, p in host_ports.items()},
                                  "ip": "127.0.0.1", "transport": "tcp", "key": key,
@@ -228,7 +233,7 @@ async def warm_up(host_ports: Mapping[str, int], key: str) -> None:
     client.start_channels()
     try:
         await client.kernel_info(reply=True, timeout=_WARMUP_TIMEOUT)
-        reply = await client.execute("pass", silent=True, store_history=False, reply=True,
+        reply = await client.execute("pass", reply=True,
                                      timeout=_WARMUP_TIMEOUT)  # fmt: skip
         if reply["content"].get("status") != "ok":
             raise WarmKernelError(f"the warm-up execution failed: {reply['content']}")

@@ -92,10 +92,15 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     startup_timeout = Float(DEFAULT_STARTUP_TIMEOUT, config=True,
                             help="seconds for boot + kernel listening")  # fmt: skip
     pass_env = List(Unicode(), config=True, help="server environment variables passed in")
+    warm = Bool(
+        True, config=True,
+        help="start kernels from a memory snapshot of a started kernel (made once per "
+        "kernelspec and image, kept in the snapshot store) instead of booting them; only "
+        "for an ipykernel without mounts",
+    )  # fmt: skip
     pool_size = Int(
         1, config=True,
-        help="warm kernels kept ready for this kernelspec (resumed from a memory snapshot of a "
-        "started kernel; 0: every kernel boots cold). Only for an ipykernel without mounts",
+        help="warm kernels kept ready for this kernelspec (0: each is resumed when asked for)",
     )  # fmt: skip
     warm_imports = List(Unicode(), ["numpy"], config=True,
                         help="modules a warm kernel imported before it is handed out")  # fmt: skip
@@ -171,14 +176,14 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                              mounts=mounts, boot_timeout=self.startup_timeout)  # fmt: skip
 
     def _warm_source(self, cmd: list[str], config: SandboxConfig) -> WarmSource | None:
-        """The warm pool a first launch claims from, when this kernelspec can have one: a
-        pool size above 0, an ipykernel, and no mounts (a memory snapshot has none)."""
-        if self.pool_size < 1 or config.mounts:
+        """The warm pool a first launch claims from, when this kernelspec can have one:
+        ``warm``, an ipykernel, and no mounts (a memory snapshot has none)."""
+        if not self.warm or config.mounts:
             return None
         spec = warm_spec(cmd, self.image, self.cpus, self.memory, self.warm_imports)
         if spec is None:
             return None
-        return WarmSource(_warm_pools(), spec, self.pool_size)
+        return WarmSource(_warm_pools(), spec, max(0, self.pool_size))
 
     @classmethod
     def close_pools(cls) -> None:

@@ -80,11 +80,15 @@ MemberMaker = Callable[[], Awaitable[PoolMember]]
 class WarmPool:
     """``size`` ready members of ``key`` (see the module)."""
 
-    def __init__(self, key: PoolKey, size: int, make: MemberMaker, *, name: str = "") -> None:
+    def __init__(self, key: PoolKey, size: int, make: MemberMaker, *, name: str = "",
+                 refill_delay: float = 0.0) -> None:  # fmt: skip
         if size < 0:
             raise ValueError(f"pool size {size}: want 0 or more")
         self.key = key
         self.size = size
+        # After a claim, wait this long before making its replacement: the claimed member's
+        # first moments (a kernel's first cells) should not compete with a resume for CPU.
+        self.refill_delay = refill_delay
         self.name = name or key.digest
         self._make = make
         self._ready: list[PoolMember] = []
@@ -102,10 +106,13 @@ class WarmPool:
 
     def start(self) -> None:
         """Begin filling (idempotent); call on the loop the pool lives on."""
+        self._start_after(0.0)
+
+    def _start_after(self, delay: float) -> None:
         if self._closed:
             raise VmruntimeError(f"pool {self.name} is closed")
         if self._refill is None or self._refill.done():
-            self._refill = asyncio.ensure_future(self._fill())
+            self._refill = asyncio.ensure_future(self._fill(delay))
         self._publish()
 
     async def claim(self) -> PoolMember:
@@ -116,7 +123,7 @@ class WarmPool:
         while self._ready:
             member = self._ready.pop(0)  # no await between the check and the pop
             if member.sandbox.running:
-                self.start()
+                self._start_after(self.refill_delay)
                 self._publish()
                 return member
             log.warning("pool %s: member %s died while it waited", self.name, member.sandbox.id)
@@ -139,7 +146,9 @@ class WarmPool:
             await _end(member)
         self._listing.remove()
 
-    async def _fill(self) -> None:
+    async def _fill(self, delay_first: float = 0.0) -> None:
+        if delay_first > 0:
+            await asyncio.sleep(delay_first)
         delay = _RETRY_FIRST
         while not self._closed and len(self._ready) + self._making < self.size:
             self._making += 1
