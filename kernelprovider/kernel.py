@@ -152,7 +152,7 @@ class KernelSandbox:
         (a restart) keeps its files, and only the new kernel process is ended.
         """
         if self.sandbox is None and self._warm is not None:
-            return await self._launch_warm(self._warm, request)
+            return await self._launch_warm(self._warm, request, deadline)
         booting = self.sandbox is None or not self.sandbox.running
         try:
             await self._ensure_sandbox(deadline)
@@ -170,10 +170,17 @@ class KernelSandbox:
                 "signature_scheme": request.signature_scheme,
                 "kernel_name": request.kernel_name}  # fmt: skip
 
-    async def _launch_warm(self, warm: WarmSource, request: KernelRequest) -> dict[str, object]:
+    async def _launch_warm(self, warm: WarmSource, request: KernelRequest,
+                           deadline: float) -> dict[str, object]:  # fmt: skip
         """The first launch: a warm kernel from the pool, claimed with the request's key,
         environment and working directory (its argv is the pool's: the same kernelspec)."""
-        member = await warm.pools.pool(warm.spec, warm.size).claim()
+        claim = warm.pools.pool(warm.spec, warm.size).claim()
+        try:
+            member = await asyncio.wait_for(claim, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise KernelLaunchError("-", "no warm kernel was ready within the startup timeout "
+                                    f"({self.config.boot_timeout:g} s): the first kernel of a "
+                                    "kernelspec also makes its template") from None  # fmt: skip
         kernel: WarmKernel = member.payload
         try:
             await claim_kernel(member, key=request.key, env=request.env, cwd=request.cwd)
