@@ -9,6 +9,7 @@ refused before any VM starts, and what cannot be saved is refused with the reaso
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def test_resumed_sandboxes_go_on_from_the_saved_machine(saved: tuple[Snapshot, f
         sh(first, "echo first > /dev/shm/marker && echo first > /root/f")
         assert sh(second, "cat /dev/shm/marker /root/f") == "only-in-ram\non-disk\n"
         assert first.id != second.id
+
+
+def test_each_resumed_sandbox_gets_a_fresh_identity(saved: tuple[Snapshot, float]) -> None:
+    script = ("hostname; cat /etc/machine-id; date +%s; "
+              "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")  # fmt: skip
+    with Sandbox.create(from_snapshot=SAVED) as first, \
+            Sandbox.create(from_snapshot=SAVED) as second:  # fmt: skip
+        seen = []
+        for resumed in (first, second):
+            host_now = time.time()
+            hostname, machine_id, clock, random_bytes = sh(resumed, script).split("\n")[:4]
+            assert hostname == f"vmr-{resumed.id}"
+            assert abs(int(clock) - host_now) <= 1.5  # under TCG it would lag by the age
+            seen.append((machine_id, random_bytes))
+        assert seen[0][0] != seen[1][0] and len(seen[0][0]) == 32
+        assert seen[0][1] != seen[1][1] and len(seen[0][1]) == 32
 
 
 def test_a_resumed_sandbox_keeps_the_saved_shape(saved: tuple[Snapshot, float]) -> None:
