@@ -87,6 +87,18 @@ def _saved_dict(saved: SavedFile) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """One data file of a snapshot (:attr:`SnapshotManifest.data_files`): its role
+    ("layer", "ram", "state"), name beside the manifest, apparent size, and the
+    :func:`vmruntime.snapshots.seal.content_digest` it must have (None: not recorded)."""
+
+    role: str
+    file: str
+    size: int
+    digest: str | None
+
+
+@dataclass(frozen=True)
 class Seal:
     """A digest over the layer's content (:func:`vmruntime.snapshots.seal.content_digest`)."""
 
@@ -122,6 +134,19 @@ class SnapshotManifest:
         if self.memory is None:
             return (self.layer.file,)
         return (self.layer.file, self.memory.ram.file, self.memory.state.file)
+
+    @property
+    def data_files(self) -> tuple[DataFile, ...]:
+        """:attr:`files` with what export and the shared store need to carry and check
+        each one: its apparent size and the content digest it must have (the layer's is
+        its seal, None when unsealed)."""
+        layer = DataFile("layer", self.layer.file, self.layer.apparent_size,
+                         self.seal.digest if self.seal is not None else None)  # fmt: skip
+        if self.memory is None:
+            return (layer,)
+        ram, state = self.memory.ram, self.memory.state
+        return (layer, DataFile("ram", ram.file, ram.size, ram.digest),
+                DataFile("state", state.file, state.size, state.digest))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         document = self._disk_dict()
