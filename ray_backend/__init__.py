@@ -2,7 +2,8 @@
 
 ``SandboxActor`` owns one sandbox (``run(fn, ...)``, ``exec``, files, ``snapshot``);
 ``create`` makes one as ``ray.experimental.sandbox.create`` does (a job moves from
-gVisor to microVMs by changing one import); ``SandboxPool`` spreads calls over several.
+gVisor to microVMs by changing one import); ``SandboxPool`` spreads calls over several;
+``WarmActorPool`` keeps actors started ahead, each claimed once.
 Results come back as plain data only (see :mod:`ray_backend.results`).
 """
 
@@ -18,6 +19,7 @@ _EXPORTS = {
     "create": "ray_backend.actor",
     "DEFAULT_IMAGE": "ray_backend.actor",
     "SandboxPool": "ray_backend.pool",
+    "WarmActorPool": "ray_backend.warm_pool",
     "RaySandboxError": "ray_backend.errors",
     "SandboxTaskError": "ray_backend.errors",
     "UntrustedResultError": "ray_backend.errors",
@@ -42,6 +44,7 @@ __all__ = [
     "SandboxTimeoutError",
     "UnsupportedOptionError",
     "UntrustedResultError",
+    "WarmActorPool",
     "WorkerDiedError",
     "WorkerProtocolError",
     "create",
@@ -64,3 +67,4 @@ if TYPE_CHECKING:
         WorkerProtocolError,
     )
     from ray_backend.pool import SandboxPool
+    from ray_backend.warm_pool import WarmActorPool

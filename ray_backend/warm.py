@@ -77,6 +77,9 @@ async def resume_warm(image: str, cpus: int, memory_mib: int, *, env: Mapping[st
         labels = template.manifest.labels
         await worker.adopt(int(labels["pid"]), json.loads(labels["hello"]))
         await call(worker, claim_worker, os.urandom(32), dict(env), workdir)
+        # A resumed VM translates its code anew under TCG: one command now, so that the
+        # actor's first exec is as quick as its later ones.
+        await sandbox.exec(["true"], timeout=60)
     except BaseException:
         with contextlib.suppress(SandboxError):
             await sandbox.kill()
