@@ -23,7 +23,8 @@ from vmruntime.errors import (
     SnapshotCorruptError,
     SnapshotManifestError,
 )
-from vmruntime.snapshots import Snapshot, SnapshotStore
+from vmruntime.snapshots import Snapshot, SnapshotStore, content_digest
+from vmruntime.snapshots.manifest import SnapshotManifest
 from vmruntime.vm import state
 
 pytestmark = pytest.mark.slow
@@ -153,6 +154,46 @@ def test_a_tampered_memory_snapshot_is_refused(saved: tuple[Snapshot, float], tm
     SnapshotStore().remove(snapshot.name)
 
 
+def test_a_sealed_snapshot_checks_its_ram_on_every_resume(saved: tuple[Snapshot, float],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    snapshot = copy_of(saved[0], "sealed-ram", tmp_path)
+    document = snapshot.manifest.to_dict()
+    document["seal"] = {"algorithm": "sha256-chunks-v1",
+                        "digest": content_digest(snapshot.layer_path)}  # fmt: skip
+    (snapshot.path / "manifest.json").write_bytes(SnapshotManifest.from_dict(document).to_json())
+    memory = snapshot.manifest.memory
+    assert memory is not None
+    with open(snapshot.path / memory.ram.file, "r+b") as ram:
+        ram.seek(2 << 20)
+        byte = ram.read(1)
+        ram.seek(2 << 20)
+        ram.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(SnapshotCorruptError, match=r"memory\.ram was changed"):
+        Sandbox.create(from_snapshot="sealed-ram")
+    SnapshotStore().remove("sealed-ram")
+
+
+def test_a_resumed_sandbox_continues_a_computation(vm_session: VmSession) -> None:
+    with Sandbox.create(vm_session.image, memory_mib=MEMORY) as original:
+        counter = original.exec_stream(
+            ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.1; done"],
+            stdin=False, detached=True)  # fmt: skip
+        time.sleep(1.5)
+        snapshot = original.snapshot("counting", memory=True)
+        at_capture = int(sh(original, "cat /dev/shm/count"))
+    with Sandbox.create(from_snapshot="counting") as resumed:
+        time.sleep(1.5)
+        first = int(sh(resumed, "cat /dev/shm/count"))
+        time.sleep(1)
+        second = int(sh(resumed, "cat /dev/shm/count"))
+        # The loop went on from where it was: past the capture's count, still counting.
+        assert first >= at_capture - 2 and second > first, (at_capture, first, second)
+        adopted = resumed.adopt(counter.pid)  # and the new connection can take it over
+        adopted.signal(9, group=True)
+        assert adopted.wait().returncode == -9
+    SnapshotStore().remove(snapshot.name)
+
+
 def test_a_changed_ram_byte_fails_verify(saved: tuple[Snapshot, float], tmp_path: Path) -> None:
     snapshot = copy_of(saved[0], "tampered-ram-byte", tmp_path)
     memory = snapshot.manifest.memory
@@ -171,8 +212,6 @@ def test_a_manifest_whose_ram_size_disagrees_with_its_memory_is_refused(
         saved: tuple[Snapshot, float]) -> None:  # fmt: skip
     document = saved[0].manifest.to_dict()
     document["memory"]["memory_mib"] = MEMORY * 2
-    from vmruntime.snapshots.manifest import SnapshotManifest
-
     with pytest.raises(SnapshotManifestError, match="ram size"):
         SnapshotManifest.from_dict(document)
 
