@@ -707,12 +707,12 @@ class AsyncSandbox:
         caller copies the writable layer there: QEMU flushed it at the pause).
 
         The agent's session is renewed first, as a resumed copy's will be: commands this
-        connection runs end (their process groups are killed), detached ones go on. The
-        VM runs on afterwards. Refused for a sandbox with shares or disks: vhost-user-fs
+        connection runs end (their process groups are killed), detached ones go on, and
+        so do port forwards (connections open through them end). The VM runs on
+        afterwards. Refused for a sandbox with shares or disks: vhost-user-fs
         cannot migrate, and a resumed copy cannot share a disk its original writes.
         """
         self._check_machine_saveable()
-        await self._forwards.close()
         await self._renew_session()
         vm = self._vm
         await self._guard(vm.pause())
