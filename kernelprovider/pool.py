@@ -115,7 +115,8 @@ class KernelPools:
                           purpose="jupyter:" + " ".join(spec.argv))  # fmt: skip
             name = f"jupyter-{key.digest}"
             pool = WarmPool(key, size, lambda: self._make_member(spec), name=name,
-                            refill_delay=REFILL_DELAY)  # fmt: skip
+                            refill_delay=REFILL_DELAY,
+                            make_now=lambda: self._make_member(spec, warm=False))  # fmt: skip
             self._pools[spec] = pool
         pool.size = max(pool.size, size)
         pool.start()
@@ -126,7 +127,9 @@ class KernelPools:
         for pool in pools:
             await pool.close()
 
-    async def _make_member(self, spec: WarmKernelSpec) -> PoolMember:
+    async def _make_member(self, spec: WarmKernelSpec, warm: bool = True) -> PoolMember:
+        """A resumed copy of the spec's template, its kernel adopted and its ports
+        forwarded; ``warm``: also run a cell (worth it only ahead of a claim)."""
         started = time.monotonic()
         template = await self._template(spec)
         sandbox = await SnapshotSandbox.create(from_snapshot=template.name)
@@ -135,7 +138,8 @@ class KernelPools:
             process = await sandbox.adopt(int(labels["pid"]))
             await sandbox.personalize(ports={port: 0 for port in KERNEL_PORTS.values()})
             host_ports = {name: sandbox.ports[port] for name, port in KERNEL_PORTS.items()}
-            await warm_up(host_ports, labels["key"])
+            if warm:
+                await warm_up(host_ports, labels["key"])
         except BaseException:
             with contextlib.suppress(SandboxError):
                 await sandbox.kill()

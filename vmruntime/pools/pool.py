@@ -81,7 +81,8 @@ class WarmPool:
     """``size`` ready members of ``key`` (see the module)."""
 
     def __init__(self, key: PoolKey, size: int, make: MemberMaker, *, name: str = "",
-                 refill_delay: float = 0.0) -> None:  # fmt: skip
+                 refill_delay: float = 0.0,
+                 make_now: MemberMaker | None = None) -> None:  # fmt: skip
         if size < 0:
             raise ValueError(f"pool size {size}: want 0 or more")
         self.key = key
@@ -91,6 +92,9 @@ class WarmPool:
         self.refill_delay = refill_delay
         self.name = name or key.digest
         self._make = make
+        # A miss makes its member while the claimer waits: the front door may skip there
+        # what only pays off ahead of time (a warm-up the claimer's first use would repeat).
+        self._make_now = make_now or make
         self._ready: list[PoolMember] = []
         self._making = 0
         self._refill: asyncio.Task[None] | None = None
@@ -130,7 +134,7 @@ class WarmPool:
             await _end(member)
         self.misses += 1
         self.start()
-        member = await self._make()
+        member = await self._make_now()
         self._publish()
         return member
 
