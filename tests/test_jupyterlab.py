@@ -257,8 +257,10 @@ def qemu_left_after(vm_runtime: Path, grace: float) -> list[int]:
 
 @pytest.fixture
 def kernel_config() -> dict[str, Any]:
-    """The provisioner's settings in the kernelspec (a test parametrizes it to change them)."""
-    return {}
+    """The provisioner's settings in the kernelspec (a test parametrizes it to change them).
+    Kernels start warm, resumed when asked for (``pool_size`` 0): the VMs counted here are
+    then exactly the kernels' (a pool's ready members: tests/test_warm_kernels.py)."""
+    return {"pool_size": 0}
 
 
 @pytest.fixture
@@ -486,7 +488,7 @@ def test_sandboxed_kernel_in_jupyterlab(
     print(f"JupyterLab test body: {time.monotonic() - started:.1f} s; screenshot: {screenshot}")
 
 
-@pytest.mark.parametrize("kernel_config", [{"rotate_key_on_restart": False}])
+@pytest.mark.parametrize("kernel_config", [{"rotate_key_on_restart": False, "pool_size": 0}])
 def test_a_connected_page_survives_a_rest_restart(
     lab_server: LabServer, browser: WebDriver, artifacts: Path
 ) -> None:
