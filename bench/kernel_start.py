@@ -614,10 +614,7 @@ async def bench_main(args: argparse.Namespace) -> int:
 
 
 def parse_kernels(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    if not names or any(name not in KERNELS for name in names):
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {KERNELS}")
-    return tuple(name for name in KERNELS if name in names)
+    return samples.parse_subset(text, KERNELS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -659,10 +659,7 @@ def measure(args: argparse.Namespace, work: Path) -> Context:
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
-    names = {part.strip() for part in text.split(",") if part.strip()}
-    if not names or names - set(PARTS):
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {PARTS}")
-    return tuple(name for name in PARTS if name in names)
+    return samples.parse_subset(text, PARTS)
 
 
 QUICK = {"runs": 1, "calls": 200, "pool_calls": 200, "execs": 10, "at_once": 4, "warmup": 5}

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -40,6 +41,15 @@ class Samples:
     def line(self) -> str:
         spread = f"min {seconds_text(self.low)}, max {seconds_text(self.high)}"
         return f"{self.label}: median {seconds_text(self.median)} ({spread})"
+
+
+def parse_subset(text: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A command line's comma-separated subset of ``choices``, in the order of ``choices``
+    (for ``type=`` of an argparse option)."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    if not names or names - set(choices):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {choices}")
+    return tuple(name for name in choices if name in names)
 
 
 def seconds_text(seconds: float) -> str:
