@@ -8,6 +8,7 @@ refused before any VM starts, and what cannot be saved is refused with the reaso
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import VmSession
 
-from vmruntime import Sandbox
+from vmruntime import AsyncSandbox, Sandbox
 from vmruntime.errors import (
     MemorySnapshotError,
     SandboxConfigError,
@@ -26,6 +27,7 @@ from vmruntime.errors import (
 from vmruntime.snapshots import Snapshot, SnapshotStore, content_digest
 from vmruntime.snapshots.manifest import SnapshotManifest
 from vmruntime.vm import state
+from vmruntime.vm.sync import run
 
 pytestmark = pytest.mark.slow
 MEMORY = 256
@@ -98,6 +100,18 @@ def test_each_resumed_sandbox_gets_a_fresh_identity(saved: tuple[Snapshot, float
             seen.append((machine_id, random_bytes))
         assert seen[0][0] != seen[1][0] and len(seen[0][0]) == 32
         assert seen[0][1] != seen[1][1] and len(seen[0][1]) == 32
+
+
+def test_many_sandboxes_resume_at_once(saved: tuple[Snapshot, float]) -> None:
+    async def resume_six() -> list[str]:
+        boxes = await asyncio.gather(*[AsyncSandbox.create(from_snapshot=SAVED) for _ in range(6)])
+        try:
+            return [(await box.exec(["cat", "/dev/shm/marker"])).stdout.decode() for box in boxes]
+        finally:
+            for box in boxes:
+                await box.kill()
+
+    assert run(resume_six()) == ["only-in-ram\n"] * 6  # each QEMU's socket raced its listen
 
 
 def test_a_resumed_sandbox_keeps_the_saved_shape(saved: tuple[Snapshot, float]) -> None:

@@ -176,7 +176,25 @@ class QemuVm(ProcessVm):
             await _execute(client, command)
 
     @contextlib.asynccontextmanager
-    async def _qmp(self) -> AsyncIterator[QMPClient]:
+    async def _qmp(self, wait: float = 0.0) -> AsyncIterator[QMPClient]:
+        """A QMP connection; ``wait``: seconds to keep trying while QEMU, starting, has
+        made its socket but does not listen on it yet."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                client = await self._connect_qmp()
+                break
+            except VmmError:
+                if time.monotonic() > deadline or not self.running():
+                    raise
+                await asyncio.sleep(0.005)
+        try:
+            yield client
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    async def _connect_qmp(self) -> QMPClient:
         from qemu.qmp import QMPClient
 
         client = QMPClient(f"vmruntime-{self.pid}")
@@ -186,11 +204,7 @@ class QemuVm(ProcessVm):
             with contextlib.suppress(Exception):
                 await client.disconnect()
             raise VmmError(f"cannot reach QEMU's control socket: {exc}") from exc
-        try:
-            yield client
-        finally:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        return client
 
 
 _MEMFD_NAME = "/memfd:memory-backend-memfd"
@@ -304,7 +318,7 @@ async def _load_state(vm: QemuVm, spec: MachineSpec, image: MemoryImage) -> None
         if not vm.running() or time.monotonic() > deadline:
             raise MemorySnapshotError(f"QEMU exited before it listened: {_log_tail(spec)}")
         await asyncio.sleep(0.002)
-    async with vm._qmp() as client:
+    async with vm._qmp(wait=max(0.0, deadline - time.monotonic())) as client:
         await _execute(client, "migrate-set-capabilities", capabilities=_IGNORE_SHARED)
         await _execute(client, "migrate-incoming", uri=f"exec:cat {shlex.quote(str(image.state))}")
         try:
