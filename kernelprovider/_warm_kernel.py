@@ -9,12 +9,14 @@ whose key is a random one no user holds), imports the modules named in
 ``VMR_WARM_IMPORTS`` (so that a user's ``import`` of them is instant), then serves the
 kernel. The template is saved with it in memory; each copy resumed from it is claimed
 once, on ``127.0.0.1:CLAIM_PORT``, with one JSON line:
-``{"key", "session", "seed", "env", "cwd"}``. The claim gives the kernel the user's key
-and a new session id, reseeds ``random`` and numpy's global generator (their state was
-copied with the memory), applies the environment and working directory, rewrites the
-connection file with the new key, forgets the host's warm-up executions (history and
-execution count start afresh), answers ``{"ok": true, "pid"}`` and stops listening:
-nothing else in the guest can claim it again. The claim runs on the kernel's thread.
+``{"key", "session", "seed", "env", "cwd"}`` (and ``"dry_run": true`` for the pool's
+rehearsal with the template's own key, which leaves it listening). The claim gives the
+kernel the user's key and a new session id at once, answers ``{"ok": true, "pid"}``
+and stops listening: nothing else in the guest can claim it again. Right after, on the
+kernel's loop and before any message a client can send, it reseeds ``random`` and
+numpy's global generator (their state was copied with the memory), applies the
+environment and working directory, forgets the host's warm-up executions (history and
+execution count start afresh) and rewrites the connection file with the new key.
 Version 1.
 """
 
@@ -49,12 +51,15 @@ def _serve_claim(listener: socket.socket, app: object) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
+            claim: dict = {}
             try:
-                reply = _on_kernel_thread(app, json.loads(_read_line(conn)))
+                claim = json.loads(_read_line(conn))
+                reply = _on_kernel_thread(app, claim)
             except Exception as exc:  # the host reads the reason
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        if reply.get("ok"):
+            with contextlib.suppress(OSError):  # a host that gave up: the next one asks
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+        if reply.get("ok") and not claim.get("dry_run"):
             listener.close()
             return
 
@@ -82,24 +87,41 @@ def _on_kernel_thread(app: object, claim: dict) -> dict:
         finally:
             done.set()
 
-    loop = getattr(app, "io_loop", None) or app.kernel.io_loop  # type: ignore[attr-defined]
-    loop.add_callback(run)
+    _kernel_loop(app).add_callback(run)  # type: ignore[attr-defined]
     if not done.wait(60):
         return {"ok": False, "error": "the kernel's thread did not run the claim in 60 s"}
     return result["reply"]
 
 
 def _claim(app: object, claim: dict) -> dict:
+    """The session's key and id change at once; the rest settles on the kernel's loop
+    right after (before any message a client sends with the new key: none can come
+    before this reply). A dry run (the pool's, with the template's key, to have this code
+    loaded and translated before the real claim) settles at once and keeps listening."""
     session = app.session  # type: ignore[attr-defined]
     session.key = claim["key"].encode("ascii")
     session.session = claim["session"] or str(uuid.uuid4())
-    _reseed(bytes.fromhex(claim["seed"]))
-    os.environ.update(claim["env"])
-    if claim.get("cwd"):
-        os.chdir(claim["cwd"])
-    _rewrite_connection_file(app, claim["key"])
-    _forget_warm_up(app.shell)  # type: ignore[attr-defined]
+    if claim.get("dry_run"):
+        _settle(app, claim)
+    else:
+        _kernel_loop(app).add_callback(_settle, app, claim)
     return {"ok": True, "pid": os.getpid(), "version": VERSION}
+
+
+def _settle(app: object, claim: dict) -> None:
+    try:
+        _reseed(bytes.fromhex(claim["seed"]))
+        os.environ.update(claim["env"])
+        if claim.get("cwd"):
+            os.chdir(claim["cwd"])
+        _forget_warm_up(app.shell)  # type: ignore[attr-defined]
+        _rewrite_connection_file(app, claim["key"])
+    except Exception as exc:  # after the reply: the kernel's output tail shows it
+        print(f"vmruntime warm kernel: settling the claim failed: {exc!r}", file=sys.stderr)
+
+
+def _kernel_loop(app: object) -> object:
+    return getattr(app, "io_loop", None) or app.kernel.io_loop  # type: ignore[attr-defined]
 
 
 def _forget_warm_up(shell: object) -> None:

@@ -140,6 +140,10 @@ class KernelPools:
             host_ports = {name: sandbox.ports[port] for name, port in KERNEL_PORTS.items()}
             if warm:
                 await warm_up(host_ports, labels["key"])
+                # A rehearsal of the claim with the template's key: its code is then
+                # translated (TCG), and the real claim answers in a few milliseconds.
+                member = PoolMember(sandbox, None)
+                await claim_kernel(member, key=labels["key"], env={}, cwd=None, dry_run=True)
         except BaseException:
             with contextlib.suppress(SandboxError):
                 await sandbox.kill()
@@ -248,10 +252,11 @@ async def warm_up(host_ports: Mapping[str, int], key: str) -> None:
 
 
 async def claim_kernel(member: PoolMember, *, key: str, env: Mapping[str, str],
-                       cwd: str | None) -> dict[str, Any]:  # fmt: skip
-    """Make ``member``'s kernel the user's (see the module); its answer."""
+                       cwd: str | None, dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Make ``member``'s kernel the user's (see the module); its answer. ``dry_run``:
+    the pool's rehearsal with the template's key (the kernel stays claimable)."""
     message = {"key": key, "session": str(uuid.uuid4()), "seed": os.urandom(32).hex(),
-               "env": dict(env), "cwd": cwd or ""}  # fmt: skip
+               "env": dict(env), "cwd": cwd or "", "dry_run": dry_run}  # fmt: skip
     answer = await member.sandbox.request(CLAIM_PORT, json.dumps(message).encode() + b"\n",
                                           limit=65536)  # fmt: skip
     try:
