@@ -141,6 +141,16 @@ def copy_of(snapshot: Snapshot, name: str, tmp_path: Path) -> Snapshot:
     return store.get(name)
 
 
+def flip_ram_byte(snapshot: Snapshot, offset: int) -> None:
+    memory = snapshot.manifest.memory
+    assert memory is not None
+    with open(snapshot.path / memory.ram.file, "r+b") as ram:
+        ram.seek(offset)
+        byte = ram.read(1)
+        ram.seek(offset)
+        ram.write(bytes([byte[0] ^ 1]))
+
+
 @pytest.mark.parametrize("tamper", ["state-byte", "state-truncated", "ram-size", "ram-missing"])
 def test_a_tampered_memory_snapshot_is_refused(saved: tuple[Snapshot, float], tmp_path: Path,
                                                tamper: str) -> None:  # fmt: skip
@@ -175,13 +185,7 @@ def test_a_sealed_snapshot_checks_its_ram_on_every_resume(saved: tuple[Snapshot,
     document["seal"] = {"algorithm": "sha256-chunks-v1",
                         "digest": content_digest(snapshot.layer_path)}  # fmt: skip
     (snapshot.path / "manifest.json").write_bytes(SnapshotManifest.from_dict(document).to_json())
-    memory = snapshot.manifest.memory
-    assert memory is not None
-    with open(snapshot.path / memory.ram.file, "r+b") as ram:
-        ram.seek(2 << 20)
-        byte = ram.read(1)
-        ram.seek(2 << 20)
-        ram.write(bytes([byte[0] ^ 1]))
+    flip_ram_byte(snapshot, 2 << 20)
     with pytest.raises(SnapshotCorruptError, match=r"memory\.ram was changed"):
         Sandbox.create(from_snapshot="sealed-ram")
     SnapshotStore().remove("sealed-ram")
@@ -210,13 +214,7 @@ def test_a_resumed_sandbox_continues_a_computation(vm_session: VmSession) -> Non
 
 def test_a_changed_ram_byte_fails_verify(saved: tuple[Snapshot, float], tmp_path: Path) -> None:
     snapshot = copy_of(saved[0], "tampered-ram-byte", tmp_path)
-    memory = snapshot.manifest.memory
-    assert memory is not None
-    with open(snapshot.path / memory.ram.file, "r+b") as ram:
-        ram.seek(1 << 20)
-        byte = ram.read(1)
-        ram.seek(1 << 20)
-        ram.write(bytes([byte[0] ^ 1]))
+    flip_ram_byte(snapshot, 1 << 20)
     with pytest.raises(SnapshotCorruptError, match=r"memory\.ram is not the file"):
         snapshot.verify()
     SnapshotStore().remove(snapshot.name)

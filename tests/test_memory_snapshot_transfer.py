@@ -493,7 +493,8 @@ def test_a_memory_snapshot_whose_state_changed_is_not_pushed(
 ) -> None:
     with open(saved.path / "machine.state", "r+b") as state:
         state.write(b"tampered")
-    with pytest.raises(SnapshotCorruptError, match=r"machine\.state is sha256:.*not pushed"):
+    refused = r"for machine\.state, the file is sha256:.*not pushed"
+    with pytest.raises(SnapshotCorruptError, match=refused):
         push(saved, memory_store.url)
     memory_store.fs.invalidate_cache()
     assert not memory_store.fs.exists(memory_store.object("names/machine"))

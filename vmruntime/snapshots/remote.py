@@ -301,14 +301,9 @@ def _check_digests_before_push(
         if data_file.digest is None:
             continue
         actual = seal_of_chunk_digests(digests[data_file.role], data_file.size)
-        if actual == data_file.digest:
-            continue
-        if data_file.role == "layer":
-            reason = f"seal mismatch: sealed {data_file.digest}, the layer is {actual}"
-        else:
-            reason = (f"{data_file.file} is {actual}, the manifest records "
-                      f"{data_file.digest}")  # fmt: skip
-        raise SnapshotCorruptError(snapshot.name, f"{reason}; not pushed")
+        if actual != data_file.digest:
+            reason = digest_mismatch(data_file, actual, "the")
+            raise SnapshotCorruptError(snapshot.name, f"{reason}; not pushed")
 
 
 def seal_from_digests(digests: Mapping[int, str], size: int) -> str:
@@ -592,14 +587,18 @@ def _check_file_after_pull(
     if data_file.digest is None:
         return
     actual = content_digest(path, data_file.size)
-    if actual == data_file.digest:
-        return
+    if actual != data_file.digest:
+        reason = digest_mismatch(data_file, actual, "the pulled")
+        raise SnapshotStoreError(remote.url, f"snapshot {manifest.name!r}: {reason}")
+
+
+def digest_mismatch(data_file: DataFile, actual: str, which: str) -> str:
+    """Why ``data_file`` is refused: its content is ``actual``, not the recorded digest
+    (``which``: whose copy, e.g. "the pulled")."""
     if data_file.role == "layer":
-        reason = f"seal mismatch: sealed {data_file.digest}, the pulled layer is {actual}"
-    else:
-        reason = (f"digest mismatch: the manifest records {data_file.digest} for "
-                  f"{data_file.file}, the pulled file is {actual}")  # fmt: skip
-    raise SnapshotStoreError(remote.url, f"snapshot {manifest.name!r}: {reason}")
+        return f"seal mismatch: sealed {data_file.digest}, {which} layer is {actual}"
+    return (f"digest mismatch: the manifest records {data_file.digest} for "
+            f"{data_file.file}, {which} file is {actual}")  # fmt: skip
 
 
 def _chunk_length(index: int, size: int) -> int:
