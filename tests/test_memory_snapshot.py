@@ -18,6 +18,7 @@ import pytest
 from conftest import VmSession
 
 from vmruntime import AsyncSandbox, Sandbox
+from vmruntime.cli import main
 from vmruntime.errors import (
     MemorySnapshotError,
     SandboxConfigError,
@@ -235,3 +236,23 @@ def test_a_sandbox_with_a_share_is_not_saved(vm_session: VmSession, tmp_path: Pa
             shared.snapshot("with-share", memory=True)
         assert sh(shared, "echo still-running") == "still-running\n"
     assert not SnapshotStore().exists("with-share")
+
+
+def test_the_cli_saves_a_detached_sandbox_and_runs_on_it(
+        vm_session: VmSession, capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["run", "-d", "--memory", str(MEMORY), vm_session.image]) == 0
+    sandbox_id = capfd.readouterr().out.strip()
+    try:
+        assert main(["sandbox", "exec", sandbox_id, "--", "sh", "-c",
+                     "echo from-cli > /dev/shm/cli"]) == 0  # fmt: skip
+        assert main(["snapshot", "create", sandbox_id, "cli-memory", "--memory"]) == 0
+    finally:
+        assert main(["sandbox", "stop", sandbox_id]) == 0
+        main(["sandbox", "rm", "-f", sandbox_id])
+    capfd.readouterr()
+    assert main(["run", "--snapshot", "cli-memory", "cat", "/dev/shm/cli"]) == 0
+    assert capfd.readouterr().out == "from-cli\n"
+    # The saved machine has its own memory size: asking for another is refused.
+    assert main(["run", "--snapshot", "cli-memory", "--memory", str(MEMORY * 2), "true"]) == 1
+    assert "memory_mib=256" in capfd.readouterr().err
+    SnapshotStore().remove("cli-memory")
