@@ -57,6 +57,10 @@ class BrokerOptions:
     max_write: int = 1 << 20
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
+    # The guest's FUSE session began with an earlier broker (a memory snapshot restored,
+    # a broker restarted): INIT is done, and node ids and handles that broker gave out
+    # are unknown here (ESTALE for node ids, so the guest looks them up again).
+    resumed: bool = False
 
 
 class FuseHandler:
@@ -74,7 +78,7 @@ class FuseHandler:
             self._passthrough = Passthrough(
                 root_fd, resolver, identity_mode=self.options.identity, uid=self.options.uid,
                 gid=self.options.gid, max_inodes=self.options.max_inodes,
-                max_handles=self.options.max_handles,
+                max_handles=self.options.max_handles, resumed=self.options.resumed,
             )  # fmt: skip
         except (ValueError, OSError) as exc:
             os.close(root_fd)
@@ -85,7 +89,7 @@ class FuseHandler:
         )
         self._lock = threading.Lock()
         self.counts: Counter[int] = Counter()  # requests by opcode, for the broker's log
-        self._initialized = False
+        self._initialized = self.options.resumed
         self._entry_ns = int(self.options.entry_timeout * 1e9)
         self._attr_ns = int(self.options.attr_timeout * 1e9)
         self._max_request = self.options.max_write + 4096

@@ -292,12 +292,13 @@ def thaw(channel: int) -> bytes:
     return encode_frame(MsgType.THAW, channel)
 
 
-MOUNT_FSTYPES = ("virtiofs", "ext4", "bind")
+MOUNT_FSTYPES = ("virtiofs", "ext4", "bind", "fuse-console")
 
 
 @dataclass(frozen=True)
 class MountRequest:
-    """Mount a share (``virtiofs``, by its device tag), a disk (``ext4``, by its serial), or
+    """Mount a share (``virtiofs``, by its device tag; ``fuse-console``, by its console port's
+    name, relayed by the agent), a disk (``ext4``, by its serial), or
     a directory of the root again (``bind``, by its path; ``/`` on ``/`` read-only makes
     the root read-only while the mounts under it keep their flags)."""
 

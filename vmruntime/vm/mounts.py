@@ -47,6 +47,13 @@ if TYPE_CHECKING:
     from vmruntime.volumes.attach import Attachment
 
 MountKind = Literal["bind", "volume", "disk", "external"]
+# How a share's FUSE requests reach its broker: a vhost-user-fs device (the fastest; QEMU
+# 7.2 cannot migrate it), or a virtio-console port the agent relays /dev/fuse over
+# (migrates with the VM: the transport of sandboxes that are memory-snapshotted).
+ShareTransport = Literal["vhost-user", "console"]
+SHARE_TRANSPORTS: tuple[ShareTransport, ...] = ("vhost-user", "console")
+# The virtio-console port of share N (the agent's own port is org.vmruntime.agent).
+SHARE_PORT_PREFIX = "org.vmruntime.fs."
 # The guest's own pseudo-filesystems: a mount there would hide or shadow the kernel's.
 _RESERVED = ("/proc", "/sys", "/dev")
 _EXT_MAGIC_OFFSET = 1080  # s_magic of the ext2/3/4 superblock (which starts at 1024)
@@ -64,17 +71,25 @@ class Mount:
 
     ``Mount(host, guest)`` shares the host directory ``host`` through a broker;
     :meth:`volume`, :meth:`disk` and :meth:`external` make the other kinds. For a
-    volume, ``host`` holds its name.
+    volume, ``host`` holds its name. ``transport`` says how a share (a folder or a
+    directory volume) reaches the broker: ``"vhost-user"`` (a vhost-user-fs device, the
+    default) or ``"console"`` (a virtio-console port, which a memory snapshot can carry);
+    a disk volume ignores it, an external share must be ``"vhost-user"``.
     """
 
     host: Path | str
     guest: str
     readonly: bool = False
     kind: MountKind = "bind"
+    transport: ShareTransport = "vhost-user"
 
     def __post_init__(self) -> None:
         if self.kind not in _OPTION_NAMES:
             raise ValueError(f"mount kind {self.kind!r}: want one of {sorted(_OPTION_NAMES)}")
+        if self.transport not in SHARE_TRANSPORTS:
+            raise ValueError(f"share transport {self.transport!r}: want one of {SHARE_TRANSPORTS}")
+        if self.transport != "vhost-user" and self.kind in ("disk", "external"):
+            raise ValueError(f"a {self.kind} mount has no {self.transport!r} transport")
         if self.kind != "volume" and not isinstance(self.host, Path):
             object.__setattr__(self, "host", Path(self.host))  # frozen: set once, here
 
@@ -115,7 +130,8 @@ class Mount:
 
     def __str__(self) -> str:
         mode = ":ro" if self.readonly else ""
-        return f"{_OPTION_NAMES[self.kind]} {self.host}:{self.guest}{mode}"
+        via = f" (via {self.transport})" if self.transport != "vhost-user" else ""
+        return f"{_OPTION_NAMES[self.kind]} {self.host}:{self.guest}{mode}{via}"
 
 
 @dataclass(frozen=True)
@@ -230,9 +246,18 @@ def guest_owner(user: str) -> tuple[int, int]:
 @dataclass
 class _Share:
     resolved: ResolvedMount
-    tag: str
+    tag: str  # the virtio-fs tag, or the console port's name
     socket: Path
     broker: BrokerProcess | None = None
+
+    @property
+    def transport(self) -> ShareTransport:
+        return self.resolved.mount.transport
+
+    @property
+    def fstype(self) -> str:
+        """What the agent mounts (docs/agent-protocol.md, MOUNT)."""
+        return "fuse-console" if self.transport == "console" else "virtiofs"
 
 
 @dataclass
@@ -287,14 +312,19 @@ class SandboxMounts:
         if item.share:
             index = len(self.shares)
             socket = item.source if mount.kind == "external" else paths.share_socket(index)
-            self.shares.append(_Share(item, f"vmr{index}", socket))
+            tag = f"{SHARE_PORT_PREFIX}{index}" if mount.transport == "console" else f"vmr{index}"
+            self.shares.append(_Share(item, tag, socket))
         else:
             self.disks.append(_Disk(item, f"D{len(self.disks)}"))
 
     def attach(self, spec: MachineSpec) -> None:
-        """Add the virtio-fs devices, the disks and the lock descriptors to the machine."""
+        """Add the virtio-fs devices or console ports, the disks and the lock descriptors to
+        the machine. QEMU listens on a console share's socket and its broker connects."""
         for share in self.shares:
-            spec.attach_vhost_user_fs(share.socket, share.tag)
+            if share.transport == "console":
+                spec.attach_console_port(share.tag, share.socket)
+            else:
+                spec.attach_vhost_user_fs(share.socket, share.tag)
         for disk in self.disks:
             readonly = disk.resolved.mount.readonly
             # QEMU's own image lock would refuse a reader next to another VM writing the
@@ -306,7 +336,7 @@ class SandboxMounts:
 
     def requests(self) -> list[tuple[Mount, p.MountRequest]]:
         """The agent's MOUNT requests, parents before children (``/a`` before ``/a/b``)."""
-        devices = [(s.resolved.mount, s.tag, "virtiofs") for s in self.shares]
+        devices = [(s.resolved.mount, s.tag, s.fstype) for s in self.shares]
         devices += [(d.resolved.mount, d.serial, "ext4") for d in self.disks]
         items = [
             (mount, p.MountRequest(source, fstype, mount.guest, mount.readonly))
@@ -344,7 +374,7 @@ class SandboxMounts:
 def _spell(resolved: ResolvedMount) -> str:
     mount = resolved.mount
     host = mount.host if mount.kind == "volume" else resolved.source
-    return str(Mount(host, mount.guest, mount.readonly, mount.kind))
+    return str(Mount(host, mount.guest, mount.readonly, mount.kind, mount.transport))
 
 
 def _start_broker(share: _Share, paths: state.SandboxPaths, index: int, owner: tuple[int, int],
@@ -355,7 +385,7 @@ def _start_broker(share: _Share, paths: state.SandboxPaths, index: int, owner: t
     config = ShareConfig(share.resolved.source, readonly=mount.readonly, uid=owner[0],
                          gid=owner[1], max_handles=max_handles)  # fmt: skip
     return BrokerProcess.start(config, share.socket, log=paths.broker_log(index),
-                               detached=detached)  # fmt: skip
+                               detached=detached, transport=share.transport)  # fmt: skip
 
 
 def _end_broker(broker: BrokerProcess) -> None:
