@@ -7,6 +7,7 @@ port: the broker must refuse it on the host.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -124,6 +125,41 @@ def test_nothing_beside_the_share_is_reachable(console: Console) -> None:
         result = box.exec(["sh", "-c", script])
         assert SECRET.encode() not in result.stdout, script
     assert sh(box, "readlink /mnt/rw/up") == "../secret.txt\n"
+
+
+async def _migrate_to_file(control: Path, state_file: Path) -> dict[str, object]:
+    """What a memory snapshot does (DESIGN.md): stop, x-ignore-shared, migrate, cont."""
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("console-share-test")
+    await client.connect(str(control))
+    try:
+        await client.execute("stop")
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        await client.execute("migrate-set-capabilities", {"capabilities": caps})
+        await client.execute("migrate", {"uri": f"exec:cat > {state_file}"})
+        for _ in range(500):
+            status = await client.execute("query-migrate")
+            assert isinstance(status, dict)
+            if status.get("status") in ("completed", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.02)
+        await client.execute("cont")
+        return status
+    finally:
+        await client.disconnect()
+
+
+def test_a_sandbox_with_console_shares_migrates_to_a_file(console: Console, tmp_path: Path) -> None:
+    box = console.box
+    paths = state.SandboxPaths(box.id)
+    state_file = tmp_path / "device-state"
+    status = asyncio.run(_migrate_to_file(paths.control_socket, state_file))
+    assert status.get("status") == "completed", status  # no "non-migratable device"
+    assert 0 < state_file.stat().st_size < 4 << 20  # devices only: the RAM is shared
+    assert sh(box, "cat /mnt/rw/from-host.txt") == "written on the host\n"
+    sh(box, "echo after the capture > /mnt/rw/captured.txt")
+    assert (console.rw / "captured.txt").read_text() == "after the capture\n"
 
 
 def test_a_forged_frame_is_refused_by_the_broker(console: Console) -> None:

@@ -9,27 +9,30 @@
  * The broker checks and bounds every length it reads (the guest is hostile to it); this
  * side bounds what it reads from the host too.
  *
- * The relay is a pair of processes per share, forked off the agent at MOUNT and never
- * restarted: A reads /dev/fuse and writes requests to the port, B reads the port and
- * writes replies to /dev/fuse. Two processes, so that neither direction waits on the
- * other (a request blocked on a full port must not stop the replies that would drain it).
- * They are their own session (the host's exec kills never reach them) and survive the
- * host's reconnects: while no broker is connected, writes to the port block and reads
- * return 0, and B waits and goes on with the next broker, dropping a reply the old one
- * left half-sent. They end when the mount goes (read on /dev/fuse: ENODEV), at shutdown
- * (SIGTERM to everyone), or if the other half dies; then the mount fails with ENOTCONN. */
+ * The relay is one process per share, forked off the agent at MOUNT and never
+ * restarted, with two threads: A reads /dev/fuse and writes requests to the port, B
+ * reads the port and writes replies to /dev/fuse. Two, so that neither direction waits
+ * on the other (a request blocked on a full port must not stop the replies that would
+ * drain it); threads, not processes, because under TCG every switch between address
+ * spaces flushes the emulated TLB and the translated-code jump cache, which measured as
+ * the main cost of this transport (bench/broker.py; perf on QEMU). The process is its
+ * own session (the host's exec kills never reach it) and survives the host's
+ * reconnects: while no broker is connected, writes to the port block and reads return
+ * 0, and B waits and goes on with the next broker, dropping a reply the old one left
+ * half-sent. It ends when the mount goes (read on /dev/fuse: ENODEV), at shutdown
+ * (SIGTERM to everyone), or when either thread fails; then the mount fails with
+ * ENOTCONN. */
 #define _GNU_SOURCE
 #include "agent.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -90,9 +93,15 @@ static _Noreturn void requests_to_port(int fuse_fd, int port_fd)
     }
 }
 
+struct relay_fds {
+    int fuse_fd, port_fd;
+};
+
 /* B: replies from the port to /dev/fuse, reassembled from the byte stream. */
-static _Noreturn void replies_to_fuse(int fuse_fd, int port_fd)
+static void *replies_to_fuse(void *arg)
 {
+    int fuse_fd = ((struct relay_fds *)arg)->fuse_fd;
+    int port_fd = ((struct relay_fds *)arg)->port_fd;
     uint8_t *buf = xmalloc(RELAY_BUFFER);
     size_t have = 0;
     for (;;) {
@@ -131,12 +140,6 @@ static _Noreturn void replies_to_fuse(int fuse_fd, int port_fd)
     }
 }
 
-static void die_on_sigchld(int sig)
-{
-    (void)sig;
-    _exit(1);
-}
-
 /* The relay pair, in a new session; returns in the agent only. */
 static int start_relay(int fuse_fd, int port_fd, char *why, size_t whylen)
 {
@@ -158,18 +161,14 @@ static int start_relay(int fuse_fd, int port_fd, char *why, size_t whylen)
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL); /* the agent blocks SIGCHLD for its signalfd */
     signal(SIGPIPE, SIG_IGN);
-    signal(SIGCHLD, die_on_sigchld); /* B died: A alone would only feed a dead end */
-    pid_t parent = getpid();
-    pid_t b = fork();
-    if (b < 0)
+    /* Either thread ends the whole process (_exit is exit_group): half a relay would
+     * only feed a dead end. */
+    static struct relay_fds fds;
+    fds.fuse_fd = fuse_fd;
+    fds.port_fd = port_fd;
+    pthread_t b;
+    if (pthread_create(&b, NULL, replies_to_fuse, &fds) != 0)
         _exit(1);
-    if (b == 0) {
-        signal(SIGCHLD, SIG_DFL);
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() != parent)
-            _exit(1);
-        replies_to_fuse(fuse_fd, port_fd);
-    }
     requests_to_port(fuse_fd, port_fd);
 }
 
