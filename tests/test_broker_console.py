@@ -136,9 +136,7 @@ def test_a_share_works_over_the_stream(client: Client, served: Served, share: Pa
 def test_requests_split_anywhere_or_run_together_are_all_answered(
     client: Client, served: Served
 ) -> None:
-    stream = b"".join(
-        request(Op.GETATTR, 1, getattr_in(), unique=0x9000 + i) for i in range(200)
-    )
+    stream = b"".join(request(Op.GETATTR, 1, getattr_in(), unique=0x9000 + i) for i in range(200))
     for i in range(0, len(stream), 7):  # in 7-byte pieces: no read ends at a boundary
         served.guest.sendall(stream[i : i + 7])
     replies = [parse_reply(served.read_reply()) for _ in range(200)]
@@ -157,9 +155,7 @@ def test_a_length_shorter_than_a_header_ends_the_stream(served: Served, length: 
 
 
 @pytest.mark.parametrize("length", [MAX_REQUEST + 1, 1 << 31, 0xFFFFFFFF])
-def test_a_giant_length_is_refused_before_anything_is_buffered(
-    served: Served, length: int
-) -> None:
+def test_a_giant_length_is_refused_before_anything_is_buffered(served: Served, length: int) -> None:
     # Only the header is sent: waiting for the claimed bytes would be the bug.
     served.guest.sendall(request(Op.WRITE, 1, b"", unique=7, length=length))
     error = served.ended()
