@@ -7,6 +7,7 @@ Replies are parsed with the independent wire module (``broker_wire``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,3 +289,20 @@ def test_the_broker_process_ends_a_stream_that_breaks_the_framing(
             proc.kill()
             proc.wait()
         listener.close()
+
+
+def test_stop_ends_a_transport_blocked_on_a_guest_that_reads_no_replies(share: Path) -> None:
+    served = Served(share, BrokerOptions(max_write=MAX_WRITE))
+    try:
+        Client(served.handle).init()
+        # GETATTR replies pile up unread until the broker's sendall blocks.
+        many = request(Op.GETATTR, 1, getattr_in(), unique=9) * 20000
+        served.guest.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            served.guest.send(many)
+        time.sleep(0.5)  # the broker fills the socket's buffer and blocks in sendall
+        assert served.thread.is_alive()
+        served.transport.stop()
+        assert served.ended() is None
+    finally:
+        served.close()

@@ -152,8 +152,15 @@ class ConsoleTransport:
                         log.warning("the guest's last request was cut short (%d bytes)",
                                     self.framer.pending)  # fmt: skip
                     return
-                for request in self.framer.requests():
-                    self._answer(sock, request)
+                try:
+                    for request in self.framer.requests():
+                        self._answer(sock, request)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # QEMU went away while we answered
+                except OSError:
+                    if self._stopping:  # stop() shut the socket under a blocked sendall
+                        return
+                    raise
         finally:
             self._sock = None
 
