@@ -357,7 +357,7 @@ def measure_restore(ctx: Context, snapshot: Any, results: SizeResults, cells: li
     dest = ctx.work / "restored-layer"
 
     def restore() -> None:
-        _, source = restore_source(snapshot.name)
+        source = restore_source(snapshot.name).layer
         source.make(dest, SandboxConfig(DEFAULT_IMAGE), _paths.cache_root())
 
     seconds, _ = timed(restore)

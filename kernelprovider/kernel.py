@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kernelprovider.pool import KERNEL_PORTS, KernelPools, WarmKernel, WarmKernelSpec, claim_kernel
 from vmruntime.errors import SandboxError, VmruntimeError
 from vmruntime.vm import AsyncProcess, AsyncSandbox, CreationPlan, SandboxConfig
 from vmruntime.vm.sandbox import console_tail
@@ -113,13 +114,25 @@ class _KernelProcess:
                 await self.process.signal(signum, group=True)
 
 
+@dataclass(frozen=True)
+class WarmSource:
+    """Where a kernel's first launch takes a warm kernel from: ``pools``' pool for ``spec``
+    (of ``size`` members)."""
+
+    pools: KernelPools
+    spec: WarmKernelSpec
+    size: int
+
+
 class KernelSandbox:
     """A sandbox that runs one kernel process at a time (see the module's docstring)."""
 
     def __init__(self, config: SandboxConfig, log: logging.Logger,
-                 plan: CreationPlan | None = None) -> None:  # fmt: skip
+                 plan: CreationPlan | None = None,
+                 warm: WarmSource | None = None) -> None:  # fmt: skip
         self.config = config
         self._plan = plan
+        self._warm = warm
         self.sandbox: AsyncSandbox | None = None
         self.kernel: _KernelProcess | None = None
         self.generation = 0
@@ -138,6 +151,8 @@ class KernelSandbox:
         If it fails, a sandbox it booted is ended; a sandbox that was already running
         (a restart) keeps its files, and only the new kernel process is ended.
         """
+        if self.sandbox is None and self._warm is not None:
+            return await self._launch_warm(self._warm, request, deadline)
         booting = self.sandbox is None or not self.sandbox.running
         try:
             await self._ensure_sandbox(deadline)
@@ -151,6 +166,37 @@ class KernelSandbox:
             raise
         assert self.sandbox is not None
         host = {f"{name}_port": self.sandbox.ports[port] for name, port in ports.items()}
+        return {**host, "ip": "127.0.0.1", "transport": "tcp", "key": request.key.encode(),
+                "signature_scheme": request.signature_scheme,
+                "kernel_name": request.kernel_name}  # fmt: skip
+
+    async def _launch_warm(self, warm: WarmSource, request: KernelRequest,
+                           deadline: float) -> dict[str, object]:  # fmt: skip
+        """The first launch: a warm kernel from the pool, claimed with the request's key,
+        environment and working directory (its argv is the pool's: the same kernelspec)."""
+        claim = warm.pools.pool(warm.spec, warm.size).claim()
+        try:
+            member = await asyncio.wait_for(claim, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise KernelLaunchError("-", "no warm kernel was ready within the startup timeout "
+                                    f"({self.config.boot_timeout:g} s): the first kernel of a "
+                                    "kernelspec also makes its template") from None  # fmt: skip
+        kernel: WarmKernel = member.payload
+        try:
+            await claim_kernel(member, key=request.key, env=request.env, cwd=request.cwd)
+        except BaseException:
+            with contextlib.suppress(SandboxError):
+                await member.sandbox.kill()
+            raise
+        self.sandbox = member.sandbox
+        self.kernel = _KernelProcess(kernel.process, self._log)
+        self._guest_ports = dict(KERNEL_PORTS)
+        self._next_candidate = len(KERNEL_PORTS) + 1  # a restart's ports come after the claim's
+        self.generation += 1
+        self._log.info("kernel sandbox %s from the warm pool (made in %.1f s, %s)",
+                       member.sandbox.id, member.made_seconds,
+                       member.sandbox.accelerator)  # fmt: skip
+        host = {f"{name}_port": port for name, port in kernel.host_ports.items()}
         return {**host, "ip": "127.0.0.1", "transport": "tcp", "key": request.key.encode(),
                 "signature_scheme": request.signature_scheme,
                 "kernel_name": request.kernel_name}  # fmt: skip

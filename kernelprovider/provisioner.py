@@ -43,7 +43,8 @@ from kernelprovider.defaults import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_STARTUP_TIMEOUT,
 )
-from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox
+from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox, WarmSource
+from kernelprovider.pool import KernelPools, warm_spec
 from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
 from vmruntime.vm.sync import submit
 
@@ -59,6 +60,16 @@ def guest_environment(server_env: Mapping[str, str], spec_env: Mapping[str, str]
     wanted = set(spec_env) | set(pass_env)
     return {name: value for name, value in server_env.items()
             if name in wanted or name.startswith("JPY_")}  # fmt: skip
+
+
+_pools: KernelPools | None = None  # this process's warm pools, made at first use
+
+
+def _warm_pools() -> KernelPools:
+    global _pools
+    if _pools is None:
+        _pools = KernelPools()
+    return _pools
 
 
 async def _on_runtime_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -81,6 +92,18 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     startup_timeout = Float(DEFAULT_STARTUP_TIMEOUT, config=True,
                             help="seconds for boot + kernel listening")  # fmt: skip
     pass_env = List(Unicode(), config=True, help="server environment variables passed in")
+    warm = Bool(
+        True, config=True,
+        help="start kernels from a memory snapshot of a started kernel (made once per "
+        "kernelspec and image, kept in the snapshot store) instead of booting them; only "
+        "for an ipykernel without mounts",
+    )  # fmt: skip
+    pool_size = Int(
+        1, config=True,
+        help="warm kernels kept ready for this kernelspec (0: each is resumed when asked for)",
+    )  # fmt: skip
+    warm_imports = List(Unicode(), ["numpy"], config=True,
+                        help="modules a warm kernel imported before it is handed out")  # fmt: skip
     rotate_key_on_restart = Bool(
         True, config=True,
         help="a restart gets a fresh session key and fresh ports (clients must reconnect, "
@@ -121,7 +144,9 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._box is None:
             factory = type(self).creation_plan  # through the class: a plain function, unbound
             plan = factory() if factory is not None else None
-            self._box = KernelSandbox(self._sandbox_config(kwargs.get("cwd")), self.log, plan)
+            config = self._sandbox_config(kwargs.get("cwd"))
+            warm = self._warm_source(cmd, config) if plan is None else None
+            self._box = KernelSandbox(config, self.log, plan, warm)
         keep = bool(self._key) and not self.rotate_key_on_restart
         self._key = self._key if keep else secrets.token_hex(32)
         request = KernelRequest(
@@ -149,6 +174,25 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             mounts.append(Mount(folder, folder, readonly=self.share_notebook_dir == "ro"))
         return SandboxConfig(self.image, cpus=self.cpus, memory_mib=self.memory,
                              mounts=mounts, boot_timeout=self.startup_timeout)  # fmt: skip
+
+    def _warm_source(self, cmd: list[str], config: SandboxConfig) -> WarmSource | None:
+        """The warm pool a first launch claims from, when this kernelspec can have one:
+        ``warm``, an ipykernel, and no mounts (a memory snapshot has none)."""
+        if not self.warm or config.mounts:
+            return None
+        spec = warm_spec(cmd, self.image, self.cpus, self.memory, self.warm_imports)
+        if spec is None:
+            return None
+        return WarmSource(_warm_pools(), spec, max(0, self.pool_size))
+
+    @classmethod
+    def close_pools(cls) -> None:
+        """End every warm kernel of this process not handed out (they end with the
+        process anyway)."""
+        global _pools
+        pools, _pools = _pools, None
+        if pools is not None:
+            submit(pools.close()).result()
 
     def _kernel_cwd(self, cwd: str | None) -> str | None:
         """The notebook's folder when it is shared; else the image's working directory."""

@@ -5,9 +5,11 @@ Who calls it: Ray jobs, as ``SandboxActor.options(...).remote(...)`` or through
 :func:`ray_backend.create` (the drop-in for ``ray.experimental.sandbox.create``). What it
 promises:
 
-* the sandbox boots (or is restored from ``snapshot``) when the actor starts, sized from
-  what Ray assigned to the actor, and ends with the actor: a killed actor's QEMU and
-  brokers die with its process;
+* the sandbox starts with the actor, sized from what Ray assigned to it: resumed from a
+  memory snapshot of a sandbox whose worker is started and warm (``warm=True``, the
+  default, without mounts: :mod:`ray_backend.warm`), booted (``warm=False``), or
+  restored from ``snapshot``; it ends with the actor: a killed actor's QEMU and brokers
+  die with its process;
 * ``run(fn, *args, **kwargs)`` runs ``fn`` in a warm Python worker in the guest and
   returns its result as plain data (see :mod:`ray_backend.results`); a timeout or a dying
   worker costs that worker, never the actor;
@@ -41,6 +43,7 @@ from ray_backend.errors import (
     WorkerProtocolError,
 )
 from ray_backend.results import interpret, printable
+from ray_backend.warm import resume_warm
 from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_function
 from vmruntime.errors import ExecStartError, ExecTimeoutError
 from vmruntime.snapshots import AsyncSandbox
@@ -120,6 +123,7 @@ class SandboxActorBody:
         rootless: bool = True,
         dns: Sequence[str] | None = None,
         capabilities: Sequence[str] | None = None,
+        warm: bool = True,
     ) -> None:
         check_options(network, dns, capabilities, rootless)
         if snapshot is not None and image is not None:
@@ -133,15 +137,22 @@ class SandboxActorBody:
         self._lock = threading.RLock()
         self._snapshot_source = actor_snapshots.restart_source(snapshot)
         sync.run(end_abandoned_sandboxes())  # what actors killed on this node left
-        self._sandbox = sync.run(self._create(
-            env=env, mounts=mounts, cpus=vcpus(cpu, assigned),
-            memory_mib=memory_mib(memory, assigned), boot_timeout=timeout_seconds,
-        ))  # fmt: skip
+        shape = {"cpus": vcpus(cpu, assigned), "memory_mib": memory_mib(memory, assigned)}
+        if warm and not mounts and self._snapshot_source is None:
+            self._sandbox, self._worker = sync.run(resume_warm(
+                self._image, **shape, env=env or {}, workdir=workdir,
+                on_output=_show_guest_output, boot_timeout=timeout_seconds,
+            ))  # fmt: skip
+            self._warm = True
+        else:
+            self._sandbox = sync.run(self._create(env=env, mounts=mounts, **shape,
+                                                  boot_timeout=timeout_seconds))  # fmt: skip
+            self._worker = GuestWorker(self._sandbox, self._image, on_output=_show_guest_output,
+                                       cwd=workdir)  # fmt: skip
+            self._warm = False
         self._image = self._sandbox.record.image or self._image
         try:
             sync.run(self._prepare(readonly))
-            self._worker = GuestWorker(self._sandbox, self._image, on_output=_show_guest_output,
-                                       cwd=workdir)  # fmt: skip
             if check_python:
                 sync.run(self._worker.start())
         except BaseException:

@@ -212,14 +212,23 @@ class GuestWorker:
     def running(self) -> bool:
         return self._process is not None
 
-    async def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> dict[str, Any]:
-        """Start the worker (if it is not running) and check its Python; its hello."""
+    @property
+    def pid(self) -> int | None:
+        """The running worker's pid in the guest."""
+        return self._process.pid if self._process is not None else None
+
+    async def start(self, timeout: float = DEFAULT_START_TIMEOUT, *,
+                    detached: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Start the worker (if it is not running) and check its Python; its hello.
+        ``detached``: the worker outlives this agent connection (a warm template's, which
+        a resumed copy :meth:`adopt` s)."""
         if self._process is not None:
             return self.hello
         if not self._shipped:
             await self._sandbox.fs.write(BUNDLE_PATH, worker_bundle())
             self._shipped = True
-        process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd)
+        process = await self._sandbox.exec_stream(["python3", "-c", _BOOT], cwd=self._cwd,
+                                                  detached=detached)  # fmt: skip
         self._process = process
         self._inbox = _Inbox(process, self._on_output)
         try:
@@ -236,10 +245,24 @@ class GuestWorker:
             raise
         return self.hello
 
+    async def adopt(self, pid: int, hello: dict[str, Any]) -> None:
+        """Take over the worker ``pid`` that a template started detached (its bundle is
+        in place and its ``hello``, read by the template, is checked again here)."""
+        process = await self._sandbox.adopt(pid)
+        self._process, self._inbox = process, _Inbox(process, self._on_output)
+        self._shipped = True
+        try:
+            self.hello = self._check_hello_document(hello)
+        except BaseException:
+            await self.stop()
+            raise
+
     def _check_hello(self, reply: Reply) -> dict[str, Any]:
         if reply.kind != _wire.Kind.HELLO:
             raise self._protocol_error(f"expected a hello, got message kind {reply.kind}")
-        hello = self.decode(reply)
+        return self._check_hello_document(self.decode(reply))
+
+    def _check_hello_document(self, hello: Any) -> dict[str, Any]:
         python = hello.get("python") if isinstance(hello, dict) else None
         if not (isinstance(python, list) and len(python) >= 2
                 and all(type(part) is int for part in python)):  # fmt: skip

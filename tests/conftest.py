@@ -209,7 +209,14 @@ def default_image_session(tmp_path_factory: pytest.TempPathFactory
         patch.setenv("VMRUNTIME_STATE", str(root / "state"))
         patch.setenv("XDG_RUNTIME_DIR", str(runtime))
         yield DefaultImageSession(USER_CACHE, root / "state", runtime)
+        close_warm_kernels()  # a pool's ready kernels would otherwise outlive the session
     end_session_runtime(runtime)
+
+
+def close_warm_kernels() -> None:
+    from kernelprovider.provisioner import MicroVMProvisioner
+
+    MicroVMProvisioner.close_pools()
 
 
 @pytest.fixture(scope="session")

@@ -151,6 +151,9 @@ HOSTILE_FRAMES: dict[str, Callable[[int], bytes]] = {
     "pid out of range": lambda ch: p.encode_frame(
         Msg.STARTED, ch, p.encode_fields([(Tag.PID, 1 << 40)])
     ),
+    "absurd dropped byte count": lambda ch: p.encode_frame(
+        Msg.STARTED, ch, p.encode_fields([(Tag.PID, 5), (Tag.DROPPED, 1 << 63)])
+    ),
     "second HELLO": lambda ch: guest_hello(),
 }
 

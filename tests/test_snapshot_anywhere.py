@@ -40,7 +40,7 @@ from vmruntime.snapshots import CHUNK_SIZE, LayerInfo, SnapshotManifest, Snapsho
 from vmruntime.snapshots.ensure import ensure_local, fetched_name
 from vmruntime.snapshots.remote import push
 from vmruntime.snapshots.remote_images import record_path
-from vmruntime.snapshots.restore import restore_source
+from vmruntime.snapshots.restore import SnapshotLayer, restore_source
 from vmruntime.snapshots.store import Snapshot
 
 LOCAL_IMAGE = "localhost/vmruntime/anywhere-test:latest"  # a name no registry serves
@@ -133,8 +133,10 @@ def store_objects(s3_server: S3Server, url: str, directory: str) -> list[str]:
 
 def assert_restorable(there: Machine, name: str, original: Snapshot, info: ImageInfo) -> None:
     """What ``Sandbox.create(from_snapshot=name)`` checks before booting, and the layer."""
-    image, layer = restore_source(name, store=there.snapshots, image_store=there.images)
-    assert image in (original.manifest.image, info.manifest_digest)
+    restored = restore_source(name, store=there.snapshots, image_store=there.images)
+    assert restored.image in (original.manifest.image, info.manifest_digest)
+    layer = restored.layer
+    assert isinstance(layer, SnapshotLayer)
     assert layer.snapshot.layer_path.read_bytes() == original.layer_path.read_bytes()
     erofs = ErofsLayers(there.images)
     assert all(erofs.ready(diff_id) for diff_id in info.diff_ids)

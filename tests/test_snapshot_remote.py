@@ -450,7 +450,7 @@ def _index(remote: Remote, index_hex: str) -> dict[str, Any]:
         (lambda i: i.update(chunks=i["chunks"][::-1]), "out of order"),
         (lambda i: i["chunks"].append([10, "00" * 32]), "past the layer's end"),
         (lambda i: i.update(extra=1), "want an object with keys"),
-        (lambda i: i["manifest"].update(schema=2), "schema 2"),
+        (lambda i: i["manifest"].update(schema=3), "schema 3 is not one of"),
         (lambda i: i["manifest"]["layer"].update(file="../../x"), "plain file name"),
     ],
 )

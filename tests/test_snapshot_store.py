@@ -71,7 +71,8 @@ def test_the_manifest_round_trips_canonically_and_its_digest_is_stable() -> None
 
 
 @pytest.mark.parametrize(("edit", "words"), [
-    (lambda d: d.update(schema=2), "schema 2"),
+    (lambda d: d.update(schema=3), "schema 3"),
+    (lambda d: d.update(schema=2), r"missing \['memory'\]"),
     (lambda d: d.update(schema=True), "schema True"),
     (lambda d: d.pop("image"), "missing"),
     (lambda d: d.update(extra=1), "unknown"),

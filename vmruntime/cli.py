@@ -1,7 +1,8 @@
 """The ``vmr`` command line (also ``python -m vmruntime``).
 
 Each package declares its own commands (``images/commands.py``, ``vm/commands.py``,
-``snapshots/commands.py``, ``volumes/commands.py``, ``doctor/commands.py``); this module
+``snapshots/commands.py``, ``pools/commands.py``, ``volumes/commands.py``,
+``doctor/commands.py``); this module
 puts them together and hands the image commands what the images package must not know
 itself: how a layer becomes a filesystem, what else a prune may delete, and which images
 snapshots pin; and ``vmr run`` how a snapshot is restored (``--snapshot``), which vm must
@@ -20,6 +21,7 @@ from vmruntime.guest.assets import prune_guest_assets
 from vmruntime.images.catalog import Referenced
 from vmruntime.images.commands import add_commands as add_image_commands
 from vmruntime.images.store import ImageStore, PruneResult
+from vmruntime.pools.commands import add_commands as add_pool_commands
 from vmruntime.rootfs.layers import ErofsLayers
 from vmruntime.rootfs.writable import prune_templates
 from vmruntime.snapshots.commands import add_commands as add_snapshot_commands
@@ -56,6 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_sandbox_commands(commands, restore=restore_source)
     add_volume_commands(commands)
     add_snapshot_commands(commands)
+    add_pool_commands(commands)
     add_doctor_commands(commands)
     return parser
 

@@ -291,6 +291,25 @@ class FreezeError(SandboxError):
         self.errno = errno
 
 
+class AdoptError(SandboxError):
+    """The agent has no parked detached exec with this pid (``errno`` ``ESRCH``), or it
+    is attached to this connection already (``EBUSY``)."""
+
+    def __init__(self, sandbox_id: str, pid: int, errno: int, message: str) -> None:
+        super().__init__(sandbox_id, f"cannot adopt pid {pid}: {message}")
+        self.pid = pid
+        self.errno = errno
+
+
+class IdentityError(SandboxError):
+    """The guest could not take a fresh identity (RNG seed, clock, hostname or
+    machine-id); ``errno`` is the guest's."""
+
+    def __init__(self, sandbox_id: str, errno: int, message: str) -> None:
+        super().__init__(sandbox_id, message)
+        self.errno = errno
+
+
 class VmmError(VmruntimeError):
     """The virtual machine monitor (QEMU) could not be started or controlled."""
 
@@ -298,6 +317,11 @@ class VmmError(VmruntimeError):
         super().__init__(reason)
         self.reason = reason
         self.argv = argv or []
+
+
+class MemorySnapshotError(VmmError):
+    """A VM's memory could not be saved or resumed (the message says why: a device that
+    cannot migrate, a driver without the feature, a VMM that refused)."""
 
 
 # --- shares: the virtio-fs broker, bind mounts, volumes, disk images --------

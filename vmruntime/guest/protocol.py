@@ -48,6 +48,8 @@ class MsgType(IntEnum):
     ABORT = 18
     FREEZE = 19
     THAW = 20
+    ADOPT = 21
+    IDENTITY = 22
 
 
 class Tag(IntEnum):
@@ -83,11 +85,17 @@ class Tag(IntEnum):
     SOURCE = 33
     FSTYPE = 34
     READONLY = 35
+    DETACHED = 36
+    DROPPED = 37
+    ENTROPY = 38
+    TIME_NS = 39
+    HOSTNAME = 40
+    MACHINE_ID = 41
 
 
 _STRING_TAGS = frozenset(
     {Tag.AGENT, Tag.KERNEL, Tag.ARG, Tag.ENV, Tag.CWD, Tag.USER, Tag.MESSAGE, Tag.PATH,
-     Tag.SOURCE, Tag.FSTYPE}
+     Tag.SOURCE, Tag.FSTYPE, Tag.HOSTNAME, Tag.MACHINE_ID}
 )  # fmt: skip
 _DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR})
 FieldValue = int | bytes | str
@@ -240,6 +248,7 @@ class ExecRequest:
     rlimits: tuple[tuple[int, int, int], ...] = ()
     timeout_ms: int = 0
     stdin: bool = False
+    detached: bool = False  # outlives the connection: parked for a later ADOPT
 
     def encode(self, channel: int) -> bytes:
         if not self.argv:
@@ -252,6 +261,8 @@ class ExecRequest:
         fields += [(Tag.TTY, int(self.tty)), (Tag.ROWS, self.rows), (Tag.COLS, self.cols)]
         fields += [(Tag.RLIMIT, RLIMIT.pack(*limit)) for limit in self.rlimits]
         fields += [(Tag.TIMEOUT_MS, self.timeout_ms), (Tag.STDIN, int(self.stdin))]
+        if self.detached:  # only when asked: an agent older than DETACHED refuses the tag
+            fields.append((Tag.DETACHED, 1))
         return encode_frame(MsgType.EXEC, channel, encode_fields(fields))
 
 
@@ -290,6 +301,61 @@ def freeze(channel: int, timeout_ms: int = 0) -> bytes:
 
 def thaw(channel: int) -> bytes:
     return encode_frame(MsgType.THAW, channel)
+
+
+MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
+
+
+def adopt(channel: int, pid: int) -> bytes:
+    """Take over the parked detached exec ``pid`` on ``channel``."""
+    if not 0 < pid <= MAX_PID:
+        raise ValueError(f"pid {pid} out of range")
+    return encode_frame(MsgType.ADOPT, channel, encode_fields([(Tag.PID, pid)]))
+
+
+ENTROPY_MIN, ENTROPY_MAX = 32, 4096
+HOSTNAME_MAX = 64
+
+
+@dataclass(frozen=True)
+class IdentityRequest:
+    """A fresh identity for a clone: RNG seed bytes, realtime clock (ns since the epoch),
+    hostname, machine-id (32 lowercase hex digits); None leaves that part alone."""
+
+    entropy: bytes | None = None
+    time_ns: int | None = None
+    hostname: str | None = None
+    machine_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.entropy is not None and not ENTROPY_MIN <= len(self.entropy) <= ENTROPY_MAX:
+            raise ValueError(f"entropy of {len(self.entropy)} bytes: want "
+                             f"{ENTROPY_MIN} to {ENTROPY_MAX}")  # fmt: skip
+        if self.time_ns is not None and not 0 <= self.time_ns < 1 << 63:
+            raise ValueError(f"time_ns {self.time_ns} out of range")
+        if self.hostname is not None:
+            raw = self.hostname.encode()
+            if not 0 < len(raw) <= HOSTNAME_MAX or any(c in raw for c in b"\0/\n"):
+                raise ValueError(f"hostname {self.hostname!r}: want 1 to {HOSTNAME_MAX} bytes, "
+                                 "no NUL, '/' or newline")  # fmt: skip
+        if self.machine_id is not None and not _is_machine_id(self.machine_id):
+            raise ValueError(f"machine id {self.machine_id!r}: want 32 lowercase hex digits")
+
+    def encode(self, channel: int) -> bytes:
+        fields: list[tuple[int, FieldValue]] = []
+        if self.entropy is not None:
+            fields.append((Tag.ENTROPY, self.entropy))
+        if self.time_ns is not None:
+            fields.append((Tag.TIME_NS, self.time_ns))
+        if self.hostname is not None:
+            fields.append((Tag.HOSTNAME, self.hostname))
+        if self.machine_id is not None:
+            fields.append((Tag.MACHINE_ID, self.machine_id))
+        return encode_frame(MsgType.IDENTITY, channel, encode_fields(fields))
+
+
+def _is_machine_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 MOUNT_FSTYPES = ("virtiofs", "ext4", "bind", "fuse-console")
@@ -362,11 +428,29 @@ def parse_hello(body: bytes) -> Hello:
     )
 
 
-def parse_started(body: bytes) -> int:
-    pid = Fields(body, frozenset({Tag.PID})).u64(Tag.PID)
-    if pid > 1 << 22:
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    dropped: int = 0  # ADOPT: output bytes dropped while the exec was parked
+
+
+# An exec parks at most 1 MiB; anything near 2^62 dropped bytes is a lie, not a count.
+_MAX_DROPPED = 1 << 62
+
+
+def parse_started_info(body: bytes) -> Started:
+    fields = Fields(body, frozenset({Tag.PID, Tag.DROPPED}))
+    pid = fields.u64(Tag.PID)
+    if pid > MAX_PID:
         raise _violation(f"pid {pid} out of range")
-    return pid
+    dropped = fields.u64(Tag.DROPPED, 0)
+    if dropped > _MAX_DROPPED:
+        raise _violation(f"dropped byte count {dropped} is absurd")
+    return Started(pid, dropped)
+
+
+def parse_started(body: bytes) -> int:
+    return parse_started_info(body).pid
 
 
 def _flag(fields: Fields, tag: Tag) -> bool:

@@ -31,15 +31,72 @@ from vmruntime._blocking import in_thread
 from vmruntime.errors import ImageNotFoundError, SandboxError, SnapshotError, VmruntimeError
 from vmruntime.images.store import ImageStore
 from vmruntime.rootfs.writable import sparse_copy
-from vmruntime.snapshots.manifest import LayerInfo, Seal, SnapshotManifest
+from vmruntime.snapshots.manifest import (
+    MEMORY_SCHEMA_VERSION,
+    LayerInfo,
+    MemoryInfo,
+    SavedFile,
+    Seal,
+    SnapshotManifest,
+)
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
-from vmruntime.vm import AsyncSandbox, state
+from vmruntime.vm import AsyncSandbox, MemoryImage, state
 from vmruntime.vm.sandbox import DEFAULT_FREEZE_TIMEOUT
 
 LAYER_FILE = "layer.img"
+RAM_FILE = "memory.ram"
+STATE_FILE = "machine.state"
 READ_ONLY = 0o400
+
+
+async def capture_memory(sandbox: AsyncSandbox, name: str, *, seal: bool = False,
+                         labels: Mapping[str, str] | None = None,
+                         store: SnapshotStore | None = None,
+                         image_store: ImageStore | None = None) -> Snapshot:  # fmt: skip
+    """Snapshot ``sandbox`` (running) as ``name`` with its whole machine: RAM and device
+    state saved and the layer copied during one pause (:meth:`AsyncSandbox.save_machine`),
+    so a sandbox restored from it resumes where this one was. The sandbox goes on running;
+    its commands that were not started detached end (a resumed copy starts with a new
+    agent connection, and so does the original)."""
+    if not sandbox.running:
+        raise SandboxError(sandbox.id, "is not running: a memory snapshot is taken of a "
+                                       "running sandbox")  # fmt: skip
+    check_name(name)
+    store = store or SnapshotStore()
+    record = sandbox.record
+    layer_digests = await in_thread(_image_layer_digests, record, image_store)
+    with store.create(name) as pending:
+        dest = pending.path / LAYER_FILE
+        saved = MemoryImage(pending.path / RAM_FILE, pending.path / STATE_FILE)
+
+        async def copy_layer_while_paused() -> None:
+            await in_thread(copy_layer, sandbox.writable_layer, record.writable_format, dest)
+
+        await sandbox.save_machine(saved, during=copy_layer_while_paused)
+        info = await in_thread(_layer_info, dest)
+        memory = await in_thread(_memory_info, saved, record)
+        sealed = Seal(await in_thread(content_digest, dest)) if seal else None
+        manifest = SnapshotManifest(
+            name=name, image=record.image, image_manifest_digest=record.manifest_digest,
+            image_layer_digests=layer_digests, layer=info,
+            parent=record.layer_origin or None, labels=dict(labels or {}), seal=sealed,
+            memory=memory, schema=MEMORY_SCHEMA_VERSION,
+        )  # fmt: skip
+        snapshot = await in_thread(pending.commit, manifest)
+    os.chmod(snapshot.layer_path, READ_ONLY)  # restored sandboxes will stand on it
+    return snapshot
+
+
+def _memory_info(saved: MemoryImage, record: state.SandboxRecord) -> MemoryInfo:
+    return MemoryInfo(ram=_saved_file(saved.ram), state=_saved_file(saved.state),
+                      cpus=record.cpus, memory_mib=record.memory_mib,
+                      accelerator=record.accelerator)  # fmt: skip
+
+
+def _saved_file(path: Path) -> SavedFile:
+    return SavedFile(path.name, path.stat().st_size, content_digest(path))
 
 
 async def capture_running(sandbox: AsyncSandbox, name: str, *, seal: bool = False,

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from vmruntime.errors import SnapshotError, SnapshotStoreError
+from vmruntime.errors import SandboxError, SnapshotError, SnapshotStoreError
 from vmruntime.images.commands import size_text
 from vmruntime.snapshots.archive import export_snapshot, import_snapshot
-from vmruntime.snapshots.capture import capture_running, capture_stopped
+from vmruntime.snapshots.capture import capture_memory, capture_running, capture_stopped
+from vmruntime.snapshots.manifest import SnapshotManifest
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 from vmruntime.vm import AsyncSandbox, state
 
@@ -48,6 +51,9 @@ def add_create_command(sub: _SubParsers) -> None:
     create.add_argument("sandbox", help="id, id prefix or name")
     create.add_argument("name")
     create.add_argument("--seal", action="store_true", help="record a digest of the content")
+    create.add_argument("--memory", action="store_true",
+                        help="keep the running machine too (RAM and devices): sandboxes made "
+                        "from it resume where it was")  # fmt: skip
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     create.set_defaults(handler=_create)
 
@@ -86,19 +92,22 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 def _create(args: argparse.Namespace) -> int:
     labels = _labels(args.label)
     record = state.find_record(args.sandbox)
-    snapshot = asyncio.run(_capture(record, args.name, args.seal, labels))
+    snapshot = asyncio.run(_capture(record, args.name, args.seal, labels, args.memory))
     print(snapshot.name)
     return 0
 
 
 async def _capture(record: state.SandboxRecord, name: str, seal: bool,
-                   labels: dict[str, str]) -> Snapshot:  # fmt: skip
+                   labels: dict[str, str], memory: bool = False) -> Snapshot:  # fmt: skip
     if not record.vm_running:
+        if memory:
+            raise SandboxError(record.id, f"is {record.status}: --memory needs a running sandbox")
         return await capture_stopped(record, name, seal=seal, labels=labels)
     # Only one host connection at a time: a sandbox whose owner is connected refuses us.
     sandbox = await AsyncSandbox.attach(record.id)
+    capture = capture_memory if memory else capture_running
     try:
-        return await capture_running(sandbox, name, seal=seal, labels=labels)
+        return await capture(sandbox, name, seal=seal, labels=labels)
     finally:
         await sandbox.detach()
 
@@ -106,20 +115,45 @@ async def _capture(record: state.SandboxRecord, name: str, seal: bool,
 def _ls(args: argparse.Namespace) -> int:
     snapshots = SnapshotStore().list()
     if args.json:
-        print(json.dumps([{**s.manifest.to_dict(), "digest": s.digest, "path": str(s.path)}
-                          for s in snapshots], indent=1))  # fmt: skip
+        print(json.dumps([{**s.manifest.to_dict(), "digest": s.digest, "path": str(s.path),
+                           "kind": _kind(s.manifest)} for s in snapshots], indent=1))  # fmt: skip
         return 0
-    print(f"{'NAME':<28} {'CREATED':<21} {'SIZE':>9} {'SEALED':<6}  IMAGE")
+    print(f"{'NAME':<28} {'KIND':<6} {'CREATED':<21} {'SIZE':>9} {'MEMORY':>9} {'SEALED':<6}"
+          "  IMAGE")  # fmt: skip
     for s in snapshots:
         m = s.manifest
-        print(f"{s.name:<28} {m.created_at:<21} {size_text(m.layer.allocated_size):>9} "
+        memory = "-" if m.memory is None else size_text(m.memory.memory_mib << 20)
+        print(f"{s.name:<28} {_kind(m):<6} {m.created_at:<21} "
+              f"{size_text(_allocated(s.path, m.files)):>9} {memory:>9} "
               f"{'yes' if m.seal else 'no':<6}  {m.image}")  # fmt: skip
     return 0
+
+
+def _kind(manifest: SnapshotManifest) -> str:
+    """The kind shown: "disk" (a writable layer) or "memory" (a layer, RAM and devices)."""
+    return "disk" if manifest.memory is None else "memory"
+
+
+def _allocated(directory: Path, files: tuple[str, ...]) -> int:
+    """Bytes on disk of a snapshot's data files (they are sparse: less than their sizes)."""
+    total = 0
+    for file in files:
+        with contextlib.suppress(OSError):  # a damaged snapshot still lists; verify says why
+            total += (directory / file).stat().st_blocks * 512
+    return total
+
+
+def _files_doc(snapshot: Snapshot) -> dict[str, dict[str, int]]:
+    """Each data file's apparent and allocated size, for ``inspect``."""
+    return {data_file.file: {"size": data_file.size,
+                             "allocated": _allocated(snapshot.path, (data_file.file,))}
+            for data_file in snapshot.manifest.data_files}  # fmt: skip
 
 
 def _inspect(args: argparse.Namespace) -> int:
     snapshot = SnapshotStore().get(args.name)
     doc = {**snapshot.manifest.to_dict(), "digest": snapshot.digest, "path": str(snapshot.path),
+           "kind": _kind(snapshot.manifest), "files": _files_doc(snapshot),
            "restored_by": [r.id for r in _standing_on(snapshot)]}  # fmt: skip
     print(json.dumps(doc, indent=2, sort_keys=True))
     return 0
@@ -152,6 +186,8 @@ def _verify(args: argparse.Namespace) -> int:
         started = time.monotonic()
         snapshot.verify()
         what = "sizes and seal" if snapshot.manifest.seal else "sizes (not sealed)"
+        if snapshot.manifest.memory is not None:
+            what += ", RAM and device state digests"
         print(f"{name}: ok ({what}, {time.monotonic() - started:.1f} s)")
     return 0
 

@@ -1,10 +1,11 @@
-"""The snapshot manifest (schema 1): what a snapshot is, in a form that outlives processes.
+"""The snapshot manifest (schemas 1 and 2): what a snapshot is, in a form that outlives processes.
 
 Who uses it: the local store, export/import and the shared store (each checks it with
 :meth:`SnapshotManifest.from_json`), restore (which takes the image from it). What it
 promises: one canonical JSON encoding (sorted keys, no spaces, UTF-8), so
 :meth:`SnapshotManifest.digest` names a manifest wherever it is; parsing refuses any
-document that is not exactly a schema-1 manifest. Spec: docs/snapshots.md.
+document that is not exactly a schema-1 manifest (a disk snapshot) or a schema-2 one (a
+memory snapshot: schema 1 plus ``memory``). Spec: docs/snapshots.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from typing import Any
 from vmruntime.errors import SnapshotManifestError
 from vmruntime.snapshots.names import check_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # a disk snapshot
+MEMORY_SCHEMA_VERSION = 2  # a memory snapshot: schema 1 + "memory"
+SCHEMAS = (SCHEMA_VERSION, MEMORY_SCHEMA_VERSION)
+ACCELERATORS = ("tcg", "kvm")
 CHUNK_SIZE = 4 << 20  # the unit of the seal, the export archive and the shared store
 SEAL_ALGORITHM = "sha256-chunks-v1"
 LAYER_FORMATS = ("raw",)
@@ -40,6 +44,58 @@ class LayerInfo:
     allocated_size: int
     file: str = "layer.img"
     format: str = "raw"
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """A file of a memory snapshot beside the manifest: its name, apparent size and content
+    digest (:func:`vmruntime.snapshots.seal.content_digest`, checked on every restore for the
+    device state and by ``verify``, import and pull for both)."""
+
+    file: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """A memory snapshot's saved machine: its RAM and device state, and the machine shape
+    a resumed copy must have (the device state only loads into the same devices)."""
+
+    ram: SavedFile
+    state: SavedFile
+    cpus: int
+    memory_mib: int
+    accelerator: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ram": _saved_dict(self.ram), "state": _saved_dict(self.state),
+                "cpus": self.cpus, "memory_mib": self.memory_mib,
+                "accelerator": self.accelerator}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, document: object) -> MemoryInfo:
+        top = _fields(document, "memory", {"ram", "state", "cpus", "memory_mib", "accelerator"})
+        saved = {"file", "size", "digest"}
+        ram, state = (_fields(top[key], key, saved) for key in ("ram", "state"))
+        return cls(ram=SavedFile(**ram), state=SavedFile(**state), cpus=top["cpus"],
+                   memory_mib=top["memory_mib"], accelerator=top["accelerator"])  # fmt: skip
+
+
+def _saved_dict(saved: SavedFile) -> dict[str, Any]:
+    return {"file": saved.file, "size": saved.size, "digest": saved.digest}
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file of a snapshot (:attr:`SnapshotManifest.data_files`): its role
+    ("layer", "ram", "state"), name beside the manifest, apparent size, and the
+    :func:`vmruntime.snapshots.seal.content_digest` it must have (None: not recorded)."""
+
+    role: str
+    file: str
+    size: int
+    digest: str | None
 
 
 @dataclass(frozen=True)
@@ -63,6 +119,7 @@ class SnapshotManifest:
     parent: str | None = None  # the parent snapshot's manifest digest
     labels: Mapping[str, str] = field(default_factory=dict)
     seal: Seal | None = None
+    memory: MemoryInfo | None = None
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -70,7 +127,34 @@ class SnapshotManifest:
         object.__setattr__(self, "image_layer_digests", tuple(self.image_layer_digests))
         _check(self)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every data file beside the manifest: the layer, then a memory snapshot's RAM and
+        device state."""
+        if self.memory is None:
+            return (self.layer.file,)
+        return (self.layer.file, self.memory.ram.file, self.memory.state.file)
+
+    @property
+    def data_files(self) -> tuple[DataFile, ...]:
+        """:attr:`files` with what export and the shared store need to carry and check
+        each one: its apparent size and the content digest it must have (the layer's is
+        its seal, None when unsealed)."""
+        layer = DataFile("layer", self.layer.file, self.layer.apparent_size,
+                         self.seal.digest if self.seal is not None else None)  # fmt: skip
+        if self.memory is None:
+            return (layer,)
+        ram, state = self.memory.ram, self.memory.state
+        return (layer, DataFile("ram", ram.file, ram.size, ram.digest),
+                DataFile("state", state.file, state.size, state.digest))  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
+        document = self._disk_dict()
+        if self.memory is not None:
+            document["memory"] = self.memory.to_dict()
+        return document
+
+    def _disk_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
             "name": self.name,
@@ -105,11 +189,12 @@ class SnapshotManifest:
 
     @classmethod
     def from_dict(cls, document: object) -> SnapshotManifest:
-        top = _fields(document, "manifest", {"schema", "name", "image", "image_manifest_digest",
-                                             "image_layer_digests", "layer", "created_at",
-                                             "parent", "labels", "seal"})  # fmt: skip
-        if top["schema"] != SCHEMA_VERSION or isinstance(top["schema"], bool):
-            raise SnapshotManifestError(f"schema {top['schema']!r} is not {SCHEMA_VERSION}")
+        schema = document.get("schema") if isinstance(document, dict) else None
+        if schema not in SCHEMAS or isinstance(schema, bool):
+            raise SnapshotManifestError(f"schema {schema!r} is not one of {SCHEMAS}")
+        keys = {"schema", "name", "image", "image_manifest_digest", "image_layer_digests",
+                "layer", "created_at", "parent", "labels", "seal"}  # fmt: skip
+        top = _fields(document, "manifest", keys | ({"memory"} if schema == 2 else set()))
         layer = _fields(top["layer"], "layer", {"file", "format", "apparent_size",
                                                 "allocated_size"})  # fmt: skip
         seal = None
@@ -130,6 +215,7 @@ class SnapshotManifest:
                                 format=layer["format"]),
                 created_at=top["created_at"], parent=top["parent"], labels=top["labels"],
                 seal=seal, schema=top["schema"],
+                memory=MemoryInfo.from_dict(top["memory"]) if "memory" in top else None,
             )  # fmt: skip
         except TypeError as exc:
             raise SnapshotManifestError(str(exc)) from None
@@ -175,8 +261,43 @@ def _check(manifest: SnapshotManifest) -> None:
         if manifest.seal.algorithm != SEAL_ALGORITHM:
             raise SnapshotManifestError(f"seal algorithm {manifest.seal.algorithm!r} is unknown")
         _want_digest("seal digest", manifest.seal.digest)
-    if manifest.schema != SCHEMA_VERSION:
-        raise SnapshotManifestError(f"schema {manifest.schema!r} is not {SCHEMA_VERSION}")
+    want = SCHEMA_VERSION if manifest.memory is None else MEMORY_SCHEMA_VERSION
+    if manifest.schema != want or isinstance(manifest.schema, bool):
+        kind = "disk" if manifest.memory is None else "memory"
+        reason = f"schema {manifest.schema!r}: want {want} for a {kind} snapshot"
+        raise SnapshotManifestError(reason)
+    if manifest.memory is not None:
+        _check_memory(manifest.memory, manifest.layer.file)
+
+
+def _check_memory(memory: MemoryInfo, layer_file: str) -> None:
+    names = {layer_file, "manifest.json"}
+    for what, saved in (("ram", memory.ram), ("state", memory.state)):
+        if not isinstance(saved.file, str) or not _FILE.fullmatch(saved.file) or (
+                saved.file in names):  # fmt: skip
+            raise SnapshotManifestError(f"memory {what} file {saved.file!r}: want a plain file "
+                                        "name of its own")  # fmt: skip
+        names.add(saved.file)
+        _want_size(f"memory {what} size", saved.size)
+        _want_digest(f"memory {what} digest", saved.digest)
+    _want_int("memory cpus", memory.cpus, 1, 256)
+    _want_int("memory memory_mib", memory.memory_mib, 16, 1 << 20)
+    if memory.ram.size != memory.memory_mib << 20:
+        raise SnapshotManifestError(f"memory ram size {memory.ram.size} is not memory_mib "
+                                    f"{memory.memory_mib} MiB")  # fmt: skip
+    if memory.accelerator not in ACCELERATORS:
+        raise SnapshotManifestError(f"memory accelerator {memory.accelerator!r}: want one of "
+                                    f"{ACCELERATORS}")  # fmt: skip
+
+
+def _want_size(what: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 50:
+        raise SnapshotManifestError(f"{what} {value!r}: want a size in bytes")
+
+
+def _want_int(what: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SnapshotManifestError(f"{what} {value!r}: want an integer in {low}-{high}")
 
 
 def _check_layer(layer: LayerInfo) -> None:
@@ -186,9 +307,7 @@ def _check_layer(layer: LayerInfo) -> None:
     if layer.format not in LAYER_FORMATS:
         raise SnapshotManifestError(f"layer format {layer.format!r}: want one of {LAYER_FORMATS}")
     for what in ("apparent_size", "allocated_size"):
-        value = getattr(layer, what)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 50:
-            raise SnapshotManifestError(f"layer {what} {value!r}: want a size in bytes")
+        _want_size(f"layer {what}", getattr(layer, what))
 
 
 def _check_labels(labels: Mapping[str, str]) -> None:

@@ -6,17 +6,20 @@ docs/snapshots.md, "Shared store layout"):
 
 - the store is content-addressed: ``chunks/sha256/<hex>`` holds one zstd-compressed
   chunk named by the SHA-256 of its *uncompressed* bytes, ``manifests/sha256/<hex>`` one
-  snapshot index (the manifest and the layer's chunk list) named by its own SHA-256, and
+  snapshot index (the manifest and the chunk list of each data file: the layer, and a
+  memory snapshot's RAM and device state) named by its own SHA-256, and
   ``names/<name>`` the index digest; zero chunks are never sent, and a chunk the store
-  already has is not sent again; pushed ``with_image``, the base image's blobs go in
-  chunks too, listed by ``images/sha256/<manifest hex>`` (:mod:`.remote_images`);
+  already has is not sent again (whichever file or snapshot sent it); pushed
+  ``with_image``, the base image's blobs go in chunks too, listed by
+  ``images/sha256/<manifest hex>`` (:mod:`.remote_images`);
 - a push writes the name *last*, after everything it names, so a crash or two machines
   pushing at once never leave a name pointing at missing data (the last name written
   wins, and each names a complete snapshot);
 - a pull checks everything it reads (the index against its digest, every chunk against
-  its digest after a bounded decompression, the manifest, the seal if there is one)
-  and commits into the local store by one rename: on any mismatch nothing is imported
-  and :class:`SnapshotStoreError` names the chunk or digest that failed.
+  its digest after a bounded decompression, the manifest, the seal if there is one, a
+  memory snapshot's RAM and device state against their digests) and commits into the
+  local store by one rename: on any mismatch nothing is imported and
+  :class:`SnapshotStoreError` names the chunk or digest that failed.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ from vmruntime.errors import (
     SnapshotStoreError,
     VmruntimeError,
 )
-from vmruntime.snapshots.manifest import CHUNK_SIZE, SnapshotManifest, canonical_json
+from vmruntime.snapshots.manifest import CHUNK_SIZE, DataFile, SnapshotManifest, canonical_json
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import (
     Chunk,
     chunk_count,
     content_digest,
     iter_chunks,
+    seal_of_chunk_digests,
     write_sparse,
-    zero_digest,
 )
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 
@@ -66,7 +69,12 @@ if TYPE_CHECKING:
 CHUNKS_DIR = "chunks/sha256"
 INDEXES_DIR = "manifests/sha256"
 NAMES_DIR = "names"
-INDEX_KEYS = frozenset({"manifest", "chunks", "apparent_size"})
+INDEX_KEYS = frozenset({"manifest", "chunks", "apparent_size"})  # a disk snapshot's index
+# A memory snapshot's index says its version (a reader that predates it refuses its keys)
+# and adds the chunk lists of the RAM and the device state.
+MEMORY_INDEX_VERSION = 2
+MEMORY_INDEX_KEYS = INDEX_KEYS | {"version", "memory"}
+MEMORY_FILE_KEYS = frozenset({"size", "chunks"})
 MAX_INDEX_BYTES = 64 << 20  # a 1 PiB layer's index is ~20 MB: anything larger is not ours
 ZSTD_LEVEL = 3
 TRANSFERS = 4  # chunks in flight at once: object stores reward concurrency
@@ -80,7 +88,7 @@ class PushResult:
     name: str
     url: str  # pull this URL to get the snapshot back
     index_digest: str  # "sha256:<hex>" of the snapshot index, what names/<name> holds
-    chunks: int  # non-zero chunks of the layer
+    chunks: int  # non-zero chunks of the layer (and of a memory snapshot's RAM and state)
     chunks_sent: int  # of which the store did not have yet
     bytes_sent: int  # compressed bytes of those chunks
     image: ImagePushResult | None = None  # what went of the base image (``with_image``)
@@ -162,21 +170,28 @@ def push(
     ``with_image``: also send its base image's blobs from ``image_store`` (default: this
     machine's cache), so a machine that cannot reach the image's registry, or whose image
     no registry serves, gets it from the store (:func:`.remote_images.push_image`).
-    A sealed snapshot whose layer no longer matches its seal is refused
-    (:class:`SnapshotCorruptError`) before its name is written.
+    A sealed snapshot whose layer no longer matches its seal, or a memory snapshot whose
+    RAM or device state no longer matches its digest, is refused
+    (:class:`SnapshotCorruptError`) before its index and name are written.
     """
     from vmruntime.snapshots.remote_images import push_image  # it builds on this module
 
     remote = url if isinstance(url, RemoteStore) else RemoteStore.open(url, storage_options)
     manifest = snapshot.manifest
     name = check_name(snapshot.name)
-    size = manifest.layer.apparent_size
+    size = sum(data_file.size for data_file in manifest.data_files)
     remote.forget_listings()
     # The image first: its record must exist before a name can point at the snapshot.
     image = push_image(remote, snapshot, image_store, progress) if with_image else None
+    digests: dict[str, dict[int, str]] = {}
+    sent = sent_bytes = 0
     with progress_bar(size, f"push {name}", progress) as bar:
-        digests, sent, sent_bytes = _send_chunks(remote, snapshot.layer_path, size, bar)
-    _check_seal_before_push(snapshot, digests)
+        for data_file in manifest.data_files:
+            path = snapshot.path / data_file.file
+            file_digests, file_sent, file_bytes = _send_chunks(remote, path, data_file, bar)
+            digests[data_file.role] = file_digests
+            sent, sent_bytes = sent + file_sent, sent_bytes + file_bytes
+    _check_digests_before_push(snapshot, digests)
     index = snapshot_index(manifest, digests)
     index_hex = hashlib.sha256(index).hexdigest()
     index_path = f"{INDEXES_DIR}/{index_hex}"
@@ -190,34 +205,47 @@ def push(
         name=name,
         url=remote.where(name),
         index_digest=f"sha256:{index_hex}",
-        chunks=len(digests),
+        chunks=sum(len(file_digests) for file_digests in digests.values()),
         chunks_sent=sent,
         bytes_sent=sent_bytes,
         image=image,
     )
 
 
-def snapshot_index(manifest: SnapshotManifest, digests: Mapping[int, str]) -> bytes:
+def snapshot_index(manifest: SnapshotManifest, digests: Mapping[str, Mapping[int, str]]) -> bytes:
     """The index a store keeps for a snapshot, canonical JSON: its manifest, the hex digest
-    of every non-zero chunk by index, and the layer's size."""
-    return canonical_json(
-        {
-            "manifest": manifest.to_dict(),
-            "chunks": [[index, digests[index]] for index in sorted(digests)],
-            "apparent_size": manifest.layer.apparent_size,
+    of every non-zero chunk of the layer by index, and the layer's size; a memory
+    snapshot's adds ``version`` and the same for its RAM and device state. ``digests``:
+    each data file's chunk digests, by role ("layer", "ram", "state")."""
+    document: dict[str, Any] = {
+        "manifest": manifest.to_dict(),
+        "chunks": _chunk_list(digests["layer"]),
+        "apparent_size": manifest.layer.apparent_size,
+    }
+    if manifest.memory is not None:
+        document["version"] = MEMORY_INDEX_VERSION
+        document["memory"] = {
+            data_file.role: {"size": data_file.size, "chunks": _chunk_list(digests[data_file.role])}
+            for data_file in manifest.data_files
+            if data_file.role != "layer"
         }
-    )
+    return canonical_json(document)
+
+
+def _chunk_list(digests: Mapping[int, str]) -> list[list[int | str]]:
+    return [[index, digests[index]] for index in sorted(digests)]
 
 
 def _send_chunks(
-    remote: RemoteStore, layer: Path, size: int, bar: Any
+    remote: RemoteStore, path: Path, data_file: DataFile, bar: Any
 ) -> tuple[dict[int, str], int, int]:
-    """Send the layer's non-zero chunks the store lacks; their digests by index, how many
-    were sent and their compressed bytes."""
+    """Send a data file's non-zero chunks the store lacks; their digests by index, how
+    many were sent and their compressed bytes."""
     try:
-        return send_chunks(remote, iter_chunks(layer, size), bar)
-    except (ValueError, FileNotFoundError) as exc:  # the local layer is not what it says
-        raise SnapshotStoreError(remote.url, f"cannot read the local layer: {exc}") from None
+        return send_chunks(remote, iter_chunks(path, data_file.size), bar)
+    except (ValueError, FileNotFoundError) as exc:  # the local file is not what it says
+        what = "layer" if data_file.role == "layer" else f"{data_file.role} file"
+        raise SnapshotStoreError(remote.url, f"cannot read the local {what}: {exc}") from None
 
 
 def send_chunks(
@@ -263,29 +291,30 @@ def _send_chunk(remote: RemoteStore, chunk: Chunk) -> tuple[int, str, int | None
     return chunk.index, digest, len(compressed), chunk.length
 
 
-def _check_seal_before_push(snapshot: Snapshot, digests: Mapping[int, str]) -> None:
-    """A sealed snapshot goes out only if what was read matches the seal: the pull side
-    would refuse it anyway, after the name had been moved."""
-    seal = snapshot.manifest.seal
-    if seal is None:
-        return
-    actual = seal_from_digests(digests, snapshot.manifest.layer.apparent_size)
-    if actual != seal.digest:
-        raise SnapshotCorruptError(
-            snapshot.name, f"seal mismatch: sealed {seal.digest}, the layer is {actual}; not pushed"
-        )
+def _check_digests_before_push(
+    snapshot: Snapshot, digests: Mapping[str, Mapping[int, str]]
+) -> None:
+    """A file whose content digest is recorded (a sealed layer; a memory snapshot's RAM and
+    device state) goes out only if what was read matches it: the pull side would refuse
+    it anyway, after the name had been moved."""
+    for data_file in snapshot.manifest.data_files:
+        if data_file.digest is None:
+            continue
+        actual = seal_of_chunk_digests(digests[data_file.role], data_file.size)
+        if actual == data_file.digest:
+            continue
+        if data_file.role == "layer":
+            reason = f"seal mismatch: sealed {data_file.digest}, the layer is {actual}"
+        else:
+            reason = (f"{data_file.file} is {actual}, the manifest records "
+                      f"{data_file.digest}")  # fmt: skip
+        raise SnapshotCorruptError(snapshot.name, f"{reason}; not pushed")
 
 
 def seal_from_digests(digests: Mapping[int, str], size: int) -> str:
     """The seal (sha256-chunks-v1) of a layer of ``size`` bytes whose non-zero chunks have
     these hex digests: the same value :func:`content_digest` reads from the file."""
-    total = hashlib.sha256()
-    for index in range(chunk_count(size)):
-        length = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-        digest = digests.get(index)
-        total.update(bytes.fromhex(digest) if digest is not None else zero_digest(length))
-    total.update(size.to_bytes(8, "big"))
-    return "sha256:" + total.hexdigest()
+    return seal_of_chunk_digests(digests, size)
 
 
 # --- pull ---------------------------------------------------------------------------------
@@ -330,20 +359,26 @@ def pull_from(
 def pull_index(
     remote: RemoteStore,
     manifest: SnapshotManifest,
-    digests: Mapping[int, str],
+    digests: Mapping[str, Mapping[int, str]],
     local_name: str,
     store: SnapshotStore,
     *,
     progress: bool | None = None,
 ) -> Snapshot:
     """The snapshot of an index already read and checked (:func:`read_index`), fetched and
-    committed into ``store`` as ``local_name``; on any mismatch nothing is imported."""
+    committed into ``store`` as ``local_name``; on any mismatch nothing is imported.
+    ``digests``: each data file's chunk digests by role, as :func:`read_index` gives them."""
     if manifest.name != local_name:
         manifest = dataclasses.replace(manifest, name=local_name)
     with store.create(local_name) as pending:
-        layer = pending.path / manifest.layer.file
-        _fetch_layer(remote, layer, manifest.layer.apparent_size, digests, progress, local_name)
-        _check_seal_after_pull(remote, manifest, layer)
+        files = manifest.data_files
+        total = sum(_chunk_length(i, f.size) for f in files for i in digests[f.role])
+        with progress_bar(total, f"pull {local_name}", progress) as bar:
+            for data_file in files:
+                path = pending.path / data_file.file
+                _fetch_file(remote, path, data_file, digests[data_file.role], bar)
+        for data_file in files:
+            _check_file_after_pull(remote, manifest, data_file, pending.path / data_file.file)
         return pending.commit(manifest)
 
 
@@ -376,8 +411,12 @@ def read_name(remote: RemoteStore, name: str) -> str:
     return text[7:]
 
 
-def read_index(remote: RemoteStore, index_hex: str) -> tuple[SnapshotManifest, dict[int, str]]:
-    """The snapshot index ``index_hex``, checked: its digest, its form, its manifest."""
+def read_index(
+    remote: RemoteStore, index_hex: str
+) -> tuple[SnapshotManifest, dict[str, dict[int, str]]]:
+    """The snapshot index ``index_hex``, checked: its digest, its form, its manifest; with
+    each data file's chunk digests by role ("layer", and a memory snapshot's "ram" and
+    "state")."""
     path = f"{INDEXES_DIR}/{index_hex}"
     try:
         data = guard(remote, "read", path, lambda: remote.read(path, MAX_INDEX_BYTES))
@@ -401,21 +440,63 @@ def read_index(remote: RemoteStore, index_hex: str) -> tuple[SnapshotManifest, d
         ) from None
 
 
-def _parse_index(data: bytes) -> tuple[SnapshotManifest, dict[int, str]]:
+def _parse_index(data: bytes) -> tuple[SnapshotManifest, dict[str, dict[int, str]]]:
     import json
 
     document = json.loads(data)
-    if not isinstance(document, dict) or document.keys() != INDEX_KEYS:
-        raise ValueError(f"want an object with keys {sorted(INDEX_KEYS)}")
+    if not isinstance(document, dict):
+        raise ValueError("want an object")
+    # No "version": a disk snapshot's index, as before memory snapshots existed.
+    version = document.get("version")
+    if "version" in document and (type(version) is not int or version != MEMORY_INDEX_VERSION):
+        raise ValueError(f"index version {version!r} is unknown: this vmruntime reads indexes "
+                         f"without one (disk snapshots) and version {MEMORY_INDEX_VERSION} "
+                         "(memory snapshots)")  # fmt: skip
+    keys = INDEX_KEYS if version is None else MEMORY_INDEX_KEYS
+    if document.keys() != keys:
+        raise ValueError(f"want an object with keys {sorted(keys)}")
     manifest = SnapshotManifest.from_dict(document["manifest"])
+    if (manifest.memory is None) != (version is None):
+        kind = "disk" if manifest.memory is None else "memory"
+        raise ValueError(f"index version {version or 1} holds a {kind} snapshot's manifest "
+                         f"(schema {manifest.schema})")  # fmt: skip
     size = document["apparent_size"]
     if size != manifest.layer.apparent_size or isinstance(size, bool):
         raise ValueError(
             f"apparent_size {size!r} differs from the manifest's {manifest.layer.apparent_size}"
         )
+    digests = {"layer": _parse_chunk_list(document["chunks"], size, "the layer")}
+    if version is not None:
+        digests.update(_parse_memory(document["memory"], manifest))
+    return manifest, digests
+
+
+def _parse_memory(memory: object, manifest: SnapshotManifest) -> dict[str, dict[int, str]]:
+    """The chunk lists of a memory snapshot's RAM and device state, by role."""
+    files = [data_file for data_file in manifest.data_files if data_file.role != "layer"]
+    if not isinstance(memory, dict) or memory.keys() != {f.role for f in files}:
+        raise ValueError(f"memory: want an object with keys {sorted(f.role for f in files)}")
+    digests: dict[str, dict[int, str]] = {}
+    for data_file in files:
+        entry = memory[data_file.role]
+        if not isinstance(entry, dict) or entry.keys() != MEMORY_FILE_KEYS:
+            raise ValueError(f"memory {data_file.role}: want an object with keys "
+                             f"{sorted(MEMORY_FILE_KEYS)}")  # fmt: skip
+        if entry["size"] != data_file.size or type(entry["size"]) is not int:
+            raise ValueError(f"memory {data_file.role} size {entry['size']!r} differs from the "
+                             f"manifest's {data_file.size}")  # fmt: skip
+        digests[data_file.role] = _parse_chunk_list(entry["chunks"], data_file.size,
+                                                    data_file.file)  # fmt: skip
+    return digests
+
+
+def _parse_chunk_list(listed: object, size: int, what: str) -> dict[int, str]:
+    """[[index, hex], ...] of a file of ``size`` bytes: indexes increasing, in range."""
+    if not isinstance(listed, list):
+        raise ValueError(f"chunks of {what}: want a list")
     digests: dict[int, str] = {}
     last = -1
-    for entry in document["chunks"]:
+    for entry in listed:
         if not (
             isinstance(entry, list)
             and len(entry) == 2
@@ -426,39 +507,37 @@ def _parse_index(data: bytes) -> tuple[SnapshotManifest, dict[int, str]]:
             raise ValueError(f"chunk entry {entry!r}: want [index, <64 hex digits>]")
         index, digest = entry
         if not last < index < chunk_count(size):
-            raise ValueError(f"chunk index {index} is out of order or past the layer's end")
+            raise ValueError(f"chunk index {index} is out of order or past {what}'s end "
+                             f"({chunk_count(size)} chunks)")  # fmt: skip
         digests[index] = digest
         last = index
-    return manifest, digests
+    return digests
 
 
-def _fetch_layer(
-    remote: RemoteStore,
-    layer: Path,
-    size: int,
-    digests: Mapping[int, str],
-    progress: bool | None,
-    label: str,
+def _fetch_file(
+    remote: RemoteStore, path: Path, data_file: DataFile, digests: Mapping[int, str], bar: Any
 ) -> None:
-    """Write the layer from its chunks, sparse: zero chunks and zero blocks are skipped."""
-    total = sum(_chunk_length(index, size) for index in digests)
-    descriptor = os.open(layer, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Write a data file from its chunks, sparse: zero chunks and zero blocks are skipped."""
+    size = data_file.size
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(descriptor, size)
-        with progress_bar(total, f"pull {label}", progress) as bar:
-            run_bounded(
-                iter(sorted(digests.items())),
-                lambda item: _fetch_chunk(remote, descriptor, item[0], item[1], size),
-                bar.update,
-            )
+        run_bounded(
+            iter(sorted(digests.items())),
+            lambda item: _fetch_chunk(remote, descriptor, data_file, item[0], item[1]),
+            bar.update,
+        )
     finally:
         os.close(descriptor)
 
 
-def _fetch_chunk(remote: RemoteStore, descriptor: int, index: int, digest: str, size: int) -> int:
+def _fetch_chunk(
+    remote: RemoteStore, descriptor: int, data_file: DataFile, index: int, digest: str
+) -> int:
     """Fetch, check and write chunk ``index``; returns its length."""
-    length = _chunk_length(index, size)
-    data = read_chunk(remote, digest, length, f"chunk {index}")
+    length = _chunk_length(index, data_file.size)
+    label = f"chunk {index}" if data_file.role == "layer" else f"chunk {index} of {data_file.file}"
+    data = read_chunk(remote, digest, length, label)
     write_sparse(descriptor, index * CHUNK_SIZE, data)
     return length
 
@@ -505,16 +584,22 @@ def _decompress(
     return data
 
 
-def _check_seal_after_pull(remote: RemoteStore, manifest: SnapshotManifest, layer: Path) -> None:
-    if manifest.seal is None:
+def _check_file_after_pull(
+    remote: RemoteStore, manifest: SnapshotManifest, data_file: DataFile, path: Path
+) -> None:
+    """The rebuilt file's content digest, where the manifest records one (the layer's seal;
+    a memory snapshot's RAM and device state always), read back from the file."""
+    if data_file.digest is None:
         return
-    actual = content_digest(layer, manifest.layer.apparent_size)
-    if actual != manifest.seal.digest:
-        raise SnapshotStoreError(
-            remote.url,
-            f"snapshot {manifest.name!r}: seal mismatch: "
-            f"sealed {manifest.seal.digest}, the pulled layer is {actual}",
-        )
+    actual = content_digest(path, data_file.size)
+    if actual == data_file.digest:
+        return
+    if data_file.role == "layer":
+        reason = f"seal mismatch: sealed {data_file.digest}, the pulled layer is {actual}"
+    else:
+        reason = (f"digest mismatch: the manifest records {data_file.digest} for "
+                  f"{data_file.file}, the pulled file is {actual}")  # fmt: skip
+    raise SnapshotStoreError(remote.url, f"snapshot {manifest.name!r}: {reason}")
 
 
 def _chunk_length(index: int, size: int) -> int:

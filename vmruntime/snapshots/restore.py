@@ -11,7 +11,10 @@ Who calls it: ``Sandbox.create(from_snapshot=…)`` (:mod:`.sandbox`) and
 - the base image must be in the cache with the manifest's exact digest; if it is not,
   :class:`~vmruntime.errors.SnapshotBaseImageError` says how to get it by digest
   (``vmr image pull REPOSITORY@DIGEST``) before anything is made;
-- the layer's size is the snapshot's (the sandbox's ``writable_size`` does not apply).
+- the layer's size is the snapshot's (the sandbox's ``writable_size`` does not apply);
+- a memory snapshot resumes its saved machine (:class:`~vmruntime.vm.Resume`): the RAM
+  file mapped copy-on-write (shared by every sandbox resumed from it), the device state
+  checked against its digest first; its cpus and memory are the saved machine's.
 
 The seam with :mod:`vmruntime.vm` (which must not import snapshots): :class:`SnapshotLayer`
 is a :class:`~vmruntime.vm.WritableLayerSource` passed in a
@@ -39,8 +42,10 @@ from vmruntime.errors import (
 from vmruntime.images.store import ImageStore
 from vmruntime.rootfs.writable import templates_dir
 from vmruntime.snapshots.capture import READ_ONLY, pull_reference
+from vmruntime.snapshots.seal import content_digest
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
-from vmruntime.vm import MadeLayer, SandboxConfig
+from vmruntime.vm import MadeLayer, MemoryImage, RestorePlan, Resume, SandboxConfig
+from vmruntime.vm.accel import choose_accelerator
 
 
 @dataclass(frozen=True)
@@ -159,10 +164,42 @@ def base_image(snapshot: Snapshot, image_store: ImageStore | None = None) -> str
 
 
 def restore_source(name: str, *, store: SnapshotStore | None = None,
-                   image_store: ImageStore | None = None) -> tuple[str, SnapshotLayer]:  # fmt: skip
-    """For a sandbox restored from snapshot ``name``: the image to create it from and its
-    layer source (blocking: reads the manifest and the image cache). Fails before
-    anything is made when the snapshot is damaged or its base image is missing."""
+                   image_store: ImageStore | None = None) -> RestorePlan:  # fmt: skip
+    """How to make a sandbox restored from snapshot ``name``: its image, layer source and,
+    for a memory snapshot, the saved machine to resume and its shape (blocking: reads the
+    manifest, the image cache and the device state). Fails before anything is made when
+    the snapshot is damaged or its base image is missing."""
     snapshot = (store or SnapshotStore()).get(name)
     check_layer(snapshot)
-    return base_image(snapshot, image_store), SnapshotLayer(snapshot)
+    image, layer = base_image(snapshot, image_store), SnapshotLayer(snapshot)
+    memory = snapshot.manifest.memory
+    if memory is None:
+        return RestorePlan(image, layer)
+    check_machine(snapshot)
+    saved = MemoryImage(snapshot.path / memory.ram.file, snapshot.path / memory.state.file)
+    return RestorePlan(image, layer, Resume(saved), cpus=memory.cpus, memory_mib=memory.memory_mib)
+
+
+def check_machine(snapshot: Snapshot) -> None:
+    """A memory snapshot's saved machine can be resumed here: same accelerator, the RAM
+    file of the manifest's size, and the device state (which QEMU parses: a crafted one is
+    an attack on it) exactly the one captured (its digest, read each time: ~200 KB)."""
+    memory = snapshot.manifest.memory
+    assert memory is not None
+    here = choose_accelerator().name
+    if memory.accelerator != here:
+        raise SnapshotError(f"snapshot {snapshot.name!r}: its machine ran under "
+                            f"{memory.accelerator}, this host runs VMs under {here}; a "
+                            "memory snapshot resumes only under the same accelerator")  # fmt: skip
+    for saved, check_digest in ((memory.ram, False), (memory.state, True)):
+        path = snapshot.path / saved.file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise SnapshotCorruptError(snapshot.name, f"{path} is missing") from None
+        if size != saved.size:
+            raise SnapshotCorruptError(snapshot.name, f"{path} holds {size} bytes, the "
+                                       f"manifest says {saved.size}")  # fmt: skip
+        if check_digest and (actual := content_digest(path, size)) != saved.digest:
+            raise SnapshotCorruptError(snapshot.name, f"{path} was changed: its digest is "
+                                       f"{actual}, the manifest says {saved.digest}")  # fmt: skip

@@ -22,7 +22,7 @@ from vmruntime import vm
 from vmruntime._blocking import in_thread
 from vmruntime.errors import SandboxConfigError
 from vmruntime.images.store import ImageStore
-from vmruntime.snapshots.capture import capture_running
+from vmruntime.snapshots.capture import capture_memory, capture_running
 from vmruntime.snapshots.restore import restore_source
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
 from vmruntime.vm.config import (
@@ -44,8 +44,8 @@ class AsyncSandbox(vm.AsyncSandbox):
         image: str | None = None,
         *,
         from_snapshot: str | None = None,
-        cpus: int = 1,
-        memory_mib: int = DEFAULT_MEMORY_MIB,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
         env: Mapping[str, str] | None = None,
         ports: Ports | None = None,
         mounts: Sequence[vm.Mount | str] | None = None,
@@ -60,22 +60,28 @@ class AsyncSandbox(vm.AsyncSandbox):
     ) -> AsyncSandbox:
         """Boot a sandbox of ``image``, or restored from snapshot ``from_snapshot`` (its
         image comes from the snapshot's manifest; its writable layer starts as the
-        snapshot's, copy-on-write, and is as big as the snapshot's). The other keywords
-        are :meth:`vmruntime.vm.AsyncSandbox.create`'s; ``snapshots`` is the store
-        (default: the local one)."""
-        plan = vm.CreationPlan(driver or vm.QemuDriver(), store=store)
+        snapshot's, copy-on-write, and is as big as the snapshot's; a memory snapshot's
+        machine resumes where it was saved, with its own cpus and memory, and gets a fresh
+        identity). ``cpus`` defaults to 1 and ``memory_mib`` to
+        :data:`~vmruntime.vm.config.DEFAULT_MEMORY_MIB`. The other keywords are
+        :meth:`vmruntime.vm.AsyncSandbox.create`'s; ``snapshots`` is the store (default:
+        the local one)."""
+        driver = driver or vm.QemuDriver()
+        plan = vm.CreationPlan(driver, store=store)
         if from_snapshot is not None:
             if image is not None:
                 reason = "give an image or from_snapshot, not both (the snapshot names its image)"
                 raise SandboxConfigError("image", image, reason)
-            image, layer = await in_thread(
+            restored = await in_thread(
                 functools.partial(restore_source, store=snapshots, image_store=store),
                 from_snapshot)  # fmt: skip
-            plan = vm.CreationPlan(plan.driver, layer=layer, store=store)
+            image, plan = restored.image, restored.creation_plan(driver, store)
+            cpus, memory_mib = restored.shape(cpus, memory_mib)
         if image is None:
             raise SandboxConfigError("image", None, "want an image reference or from_snapshot")
         config = SandboxConfig(
-            image, cpus=cpus, memory_mib=memory_mib, env=env or {}, ports=ports or (),
+            image, cpus=cpus or 1, memory_mib=memory_mib or DEFAULT_MEMORY_MIB, env=env or {},
+            ports=ports or (),
             mounts=mounts or (), name=name, writable_size=writable_size, detached=detached,
             keep=keep, boot_timeout=boot_timeout,
         )  # fmt: skip
@@ -84,12 +90,16 @@ class AsyncSandbox(vm.AsyncSandbox):
         return sandbox
 
     async def snapshot(self, name: str, seal: bool = False,
-                       labels: Mapping[str, str] | None = None, *,
+                       labels: Mapping[str, str] | None = None, *, memory: bool = False,
                        snapshots: SnapshotStore | None = None) -> Snapshot:  # fmt: skip
         """Keep this sandbox's writable layer as snapshot ``name`` (see
         :func:`~vmruntime.snapshots.capture.capture_running`): the guest holds its layer
-        frozen during the copy and goes on afterwards. ``seal`` adds a content digest."""
-        return await capture_running(self, name, seal=seal, labels=labels, store=snapshots)
+        frozen during the copy and goes on afterwards. ``seal`` adds a content digest.
+        ``memory=True`` keeps the whole machine too (RAM and devices, see
+        :func:`~vmruntime.snapshots.capture.capture_memory`): sandboxes created from it
+        resume where this one was."""
+        capture = capture_memory if memory else capture_running
+        return await capture(self, name, seal=seal, labels=labels, store=snapshots)
 
 
 class Sandbox(vm.Sandbox):
@@ -101,8 +111,8 @@ class Sandbox(vm.Sandbox):
         image: str | None = None,
         *,
         from_snapshot: str | None = None,
-        cpus: int = 1,
-        memory_mib: int = DEFAULT_MEMORY_MIB,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
         env: Mapping[str, str] | None = None,
         ports: Ports | None = None,
         mounts: Sequence[vm.Mount | str] | None = None,
@@ -124,7 +134,9 @@ class Sandbox(vm.Sandbox):
         )))  # fmt: skip
 
     def snapshot(self, name: str, seal: bool = False, labels: Mapping[str, str] | None = None,
-                 *, snapshots: SnapshotStore | None = None) -> Snapshot:  # fmt: skip
-        """Keep this sandbox's writable layer as snapshot ``name`` (see
-        :meth:`AsyncSandbox.snapshot`)."""
-        return run(capture_running(self._inner, name, seal=seal, labels=labels, store=snapshots))
+                 *, memory: bool = False,
+                 snapshots: SnapshotStore | None = None) -> Snapshot:  # fmt: skip
+        """Keep this sandbox's writable layer (and with ``memory=True`` its whole machine) as
+        snapshot ``name`` (see :meth:`AsyncSandbox.snapshot`)."""
+        capture = capture_memory if memory else capture_running
+        return run(capture(self._inner, name, seal=seal, labels=labels, store=snapshots))

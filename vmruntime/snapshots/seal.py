@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +76,21 @@ def content_digest(path: Path, apparent_size: int | None = None) -> str:
     for chunk in iter_chunks(path, apparent_size):
         total.update(chunk.digest())
         size = chunk.offset + chunk.length
+    total.update(size.to_bytes(8, "big"))
+    return "sha256:" + total.hexdigest()
+
+
+def seal_of_chunk_digests(digests: Mapping[int, str], size: int) -> str:
+    """The seal of a file of ``size`` bytes whose non-zero chunks have these hex digests
+    (by index; a chunk not listed is a zero chunk): the value :func:`content_digest`
+    reads from the file, for writers and readers that hash each chunk anyway."""
+    total = hashlib.sha256()
+    for index in range(chunk_count(size)):
+        digest = digests.get(index)
+        if digest is None:
+            total.update(zero_digest(min(CHUNK_SIZE, size - index * CHUNK_SIZE)))
+        else:
+            total.update(bytes.fromhex(digest))
     total.update(size.to_bytes(8, "big"))
     return "sha256:" + total.hexdigest()
 

@@ -29,7 +29,7 @@ from vmruntime.errors import (
     SnapshotManifestError,
     SnapshotNotFoundError,
 )
-from vmruntime.snapshots.manifest import SnapshotManifest
+from vmruntime.snapshots.manifest import SavedFile, SnapshotManifest
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
 
@@ -69,7 +69,8 @@ class Snapshot:
         return export_snapshot(self, path)
 
     def verify(self) -> None:
-        """The layer is there with the manifest's size, and matches the seal if there is one
+        """The layer is there with the manifest's size, and matches the seal if there is one;
+        a memory snapshot's RAM and device state match their digests
         (:class:`SnapshotCorruptError` says what does not)."""
         try:
             size = self.layer_path.stat().st_size
@@ -83,6 +84,20 @@ class Snapshot:
         if seal is not None and (actual := content_digest(self.layer_path)) != seal.digest:
             raise SnapshotCorruptError(self.name, f"seal mismatch: sealed {seal.digest}, "
                                                   f"the layer is {actual}")  # fmt: skip
+        memory = self.manifest.memory
+        for saved in () if memory is None else (memory.ram, memory.state):
+            self._verify_saved_file(saved)
+
+    def _verify_saved_file(self, saved: SavedFile) -> None:
+        """A memory snapshot's RAM or device state: there, its size, its digest."""
+        path = self.path / saved.file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise SnapshotCorruptError(self.name, f"{path} is missing") from None
+        if size != saved.size or content_digest(path) != saved.digest:
+            raise SnapshotCorruptError(self.name, f"{path} is not the file that was captured "
+                                                  f"(digest {saved.digest})")  # fmt: skip
 
     def push(self, url: str, **options: Any) -> PushResult:
         """Send this snapshot to the shared store at ``url`` under its name
@@ -114,11 +129,12 @@ class PendingSnapshot:
     def commit(self, manifest: SnapshotManifest) -> Snapshot:
         if manifest.name != self.name:
             raise SnapshotError(f"manifest names {manifest.name!r}, not {self.name!r}")
-        layer = self.path / manifest.layer.file
-        if not layer.is_file():
-            raise SnapshotError(f"snapshot {self.name!r}: no layer file {layer}")
-        os.chmod(layer, 0o600)
-        fsync_path(layer)
+        for file in manifest.files:
+            path = self.path / file
+            if not path.is_file():
+                raise SnapshotError(f"snapshot {self.name!r}: no file {path}")
+            os.chmod(path, 0o600)
+            fsync_path(path)
         manifest_path = self.path / MANIFEST_FILE
         descriptor = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:

@@ -7,9 +7,17 @@ Public names: :class:`Sandbox` (synchronous), :class:`AsyncSandbox`,
 :class:`SandboxConfig`, :class:`ExecResult`, :class:`Mount`.
 """
 
-from vmruntime.vm.builder import ColdBoot, CreationPlan, FreshLayer, MadeLayer, WritableLayerSource
+from vmruntime.vm.builder import (
+    ColdBoot,
+    CreationPlan,
+    FreshLayer,
+    MadeLayer,
+    RestorePlan,
+    Resume,
+    WritableLayerSource,
+)
 from vmruntime.vm.config import ExecDefaults, SandboxConfig
-from vmruntime.vm.driver import VmmDriver
+from vmruntime.vm.driver import MemoryImage, VmmDriver
 from vmruntime.vm.mounts import Mount
 from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
@@ -24,9 +32,12 @@ __all__ = [
     "ExecResult",
     "FreshLayer",
     "MadeLayer",
+    "MemoryImage",
     "Mount",
     "Process",
     "QemuDriver",
+    "RestorePlan",
+    "Resume",
     "Sandbox",
     "SandboxConfig",
     "VmmDriver",

@@ -11,9 +11,10 @@ and then the sandbox's own steps 6-7. The steps, in order:
    a qcow2 overlay over a snapshot's layer: ``vmruntime.snapshots.SnapshotLayer``);
 4. **mounts**: attach locks and one broker per share;
 5. **machine**: the spec (layers, writable layer, mounts, agent port) started by the
-   plan's :class:`MachineStart` (a cold boot today; a resume later) with the plan's
-   :class:`~vmruntime.vm.driver.VmmDriver`;
-6. **agent** (the sandbox's): connect, handshake, mount the shares and disks;
+   plan's :class:`MachineStart` (:class:`ColdBoot`, or :class:`Resume` from a saved
+   machine) with the plan's :class:`~vmruntime.vm.driver.VmmDriver`;
+6. **agent** (the sandbox's): connect, handshake, mount the shares and disks (a resumed
+   guest has them mounted already: it gets a fresh identity instead);
 7. **personalise** (the sandbox's): the per-caller settings (env, ports, name), which a
    warm pool cannot know when it boots a sandbox.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmruntime._blocking import in_thread
-from vmruntime.errors import SandboxError
+from vmruntime.errors import SandboxConfigError, SandboxError
 from vmruntime.guest.assets import GuestAssets
 from vmruntime.images import ImageRecord, ImageStore
 from vmruntime.rootfs.bootable import resolve
@@ -43,7 +44,7 @@ from vmruntime.rootfs.writable import create_writable_layer
 from vmruntime.vm import state
 from vmruntime.vm.accel import Accelerator, choose_accelerator
 from vmruntime.vm.config import ExecDefaults, SandboxConfig
-from vmruntime.vm.driver import MachineSpec, VmHandle, VmmDriver
+from vmruntime.vm.driver import MachineSpec, MemoryImage, VmHandle, VmmDriver
 from vmruntime.vm.mounts import ResolvedMount, SandboxMounts, guest_owner, resolve_mounts
 from vmruntime.vm.qemu import QemuDriver
 
@@ -82,6 +83,10 @@ class FreshLayer:
 class MachineStart(Protocol):
     """How the machine comes up (step 5)."""
 
+    # True: the guest goes on from a saved machine (its mounts are already in place; it
+    # needs a fresh identity); False: it boots, and everything is done after the boot.
+    resumes: bool
+
     async def start(self, driver: VmmDriver, spec: MachineSpec, *, detached: bool) -> VmHandle:
         """The started machine; the agent is connected afterwards, whatever the start."""
 
@@ -90,8 +95,22 @@ class MachineStart(Protocol):
 class ColdBoot:
     """Boot the guest kernel from the start."""
 
+    resumes: bool = field(default=False, init=False)
+
     async def start(self, driver: VmmDriver, spec: MachineSpec, *, detached: bool) -> VmHandle:
         return await driver.boot(spec, detached=detached)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Go on from a saved machine (a memory snapshot's RAM and device state). The
+    config's cpus, memory and mounts must be those of the machine that was saved."""
+
+    image: MemoryImage
+    resumes: bool = field(default=True, init=False)
+
+    async def start(self, driver: VmmDriver, spec: MachineSpec, *, detached: bool) -> VmHandle:
+        return await driver.resume_from(spec, self.image, detached=detached)
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,35 @@ class CreationPlan:
     layer: WritableLayerSource = field(default_factory=FreshLayer)
     start: MachineStart = field(default_factory=ColdBoot)
     store: ImageStore | None = None
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """What a snapshot gives a sandbox restored from it (made by ``vmruntime.snapshots``,
+    which vm must not import): the image, the writable layer's source, how the machine
+    starts, and for a memory snapshot the machine's shape (a saved machine resumes only
+    with the cpus and memory it was saved with)."""
+
+    image: str
+    layer: WritableLayerSource
+    start: MachineStart = field(default_factory=ColdBoot)
+    cpus: int | None = None
+    memory_mib: int | None = None
+
+    def creation_plan(self, driver: VmmDriver, store: ImageStore | None = None) -> CreationPlan:
+        return CreationPlan(driver, layer=self.layer, start=self.start, store=store)
+
+    def shape(self, cpus: int | None, memory_mib: int | None) -> tuple[int | None, int | None]:
+        """The cpus and memory to create with: the saved machine's; asking for others is a
+        :class:`~vmruntime.errors.SandboxConfigError` (None: the caller did not ask)."""
+        for what, asked, saved in (("cpus", cpus, self.cpus),
+                                   ("memory_mib", memory_mib, self.memory_mib)):  # fmt: skip
+            if saved is not None and asked is not None and asked != saved:
+                reason = (f"the memory snapshot's machine has {what}={saved}; a resumed "
+                          "sandbox keeps it")  # fmt: skip
+                raise SandboxConfigError(what, asked, reason)
+        return (self.cpus if self.cpus is not None else cpus,
+                self.memory_mib if self.memory_mib is not None else memory_mib)  # fmt: skip
 
 
 @dataclass(frozen=True)

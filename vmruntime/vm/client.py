@@ -17,11 +17,20 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from vmruntime.errors import AgentProtocolError, FreezeError, GuestFileError, SandboxError
+from vmruntime.errors import (
+    AdoptError,
+    AgentProtocolError,
+    FreezeError,
+    GuestFileError,
+    IdentityError,
+    SandboxError,
+)
 from vmruntime.guest import protocol as p
 
 STDOUT = 1
 STDERR = 2
+# An error built from (sandbox id, guest errno, guest message), e.g. FreezeError.
+_ErrnoError = Callable[[str, int, str], SandboxError]
 _READ_CHUNK = 1 << 18
 
 
@@ -32,6 +41,7 @@ class Channel:
         self._client = client
         self.id = channel_id
         self.pid: int | None = None
+        self.dropped = 0  # adopted: output bytes the agent dropped while it was parked
         self._started = asyncio.get_running_loop().create_future()
         self._done = asyncio.get_running_loop().create_future()
         self._output: deque[tuple[int, bytes]] = deque()
@@ -44,8 +54,10 @@ class Channel:
 
     # Called by the client's reader.
 
-    def _on_started(self, pid: int) -> None:
-        self.pid = pid
+    def _on_started(self, started: p.Started) -> None:
+        self.pid = started.pid
+        self.dropped = started.dropped
+        pid = started.pid
         if not self._started.done():
             self._started.set_result(pid)
 
@@ -204,6 +216,31 @@ class AgentClient:
         await self.send(request.encode(channel.id))
         return channel
 
+    async def adopt(self, pid: int) -> Channel:
+        """Take over the parked detached exec ``pid`` (one that an earlier connection
+        started with ``detached``): its output kept meanwhile comes first, then live
+        output and its exit. Returns once the agent answered; :class:`AdoptError`
+        (``ESRCH``: no such parked exec, ``EBUSY``: it is on this connection already)."""
+        channel = self._new_channel()
+        await self.send(p.adopt(channel.id, pid))
+        try:
+            started = await channel.started()
+        except _GuestChannelError as exc:
+            raise AdoptError(self.sandbox_id, pid, exc.error.errno, exc.error.message) from None
+        if started != pid:  # a guest that hands over some other process is lying
+            self._fail(AgentProtocolError(self.sandbox_id, f"ADOPT {pid} answered by {started}"))
+            raise self._failure  # type: ignore[misc]
+        return channel
+
+    async def set_identity(self, *, entropy: bytes | None = None, time_ns: int | None = None,
+                           hostname: str | None = None,
+                           machine_id: str | None = None) -> None:  # fmt: skip
+        """Give the guest a fresh identity (what is None stays): reseed its RNG with
+        ``entropy`` (32 to 4096 bytes), set its clock to ``time_ns`` (ns since the epoch),
+        its hostname, its ``/etc/machine-id``. Raises :class:`IdentityError`."""
+        request = p.IdentityRequest(entropy, time_ns, hostname, machine_id)
+        await self._answered(request.encode, error=IdentityError)
+
     async def read_file(self, path: str) -> bytes:
         channel = self._new_channel()
         await self.send(p.file_read(channel.id, path))
@@ -258,14 +295,17 @@ class AgentClient:
         had already ended by its timeout (what was copied meanwhile is suspect)."""
         await self._answered(p.thaw)
 
-    async def _answered(self, build: Callable[..., bytes], *args: int) -> None:
-        """Send a request answered by EXIT 0 or ERROR on its own channel (FREEZE, THAW)."""
+    async def _answered(
+        self, build: Callable[..., bytes], *args: int, error: _ErrnoError = FreezeError
+    ) -> None:
+        """Send a request answered by EXIT 0 or ERROR on its own channel (FREEZE, THAW,
+        IDENTITY); an ERROR raises ``error`` with the guest's errno."""
         channel = self._new_channel()
         await self.send(build(channel.id, *args))
         try:
             await channel.wait()
         except _GuestChannelError as exc:
-            raise FreezeError(self.sandbox_id, exc.error.errno, exc.error.message) from None
+            raise error(self.sandbox_id, exc.error.errno, exc.error.message) from None
 
     async def connect_port(self, port: int) -> Channel:
         channel = self._new_channel()
@@ -341,7 +381,7 @@ class AgentClient:
 
     def _dispatch_channel(self, channel: Channel, kind: p.MsgType, body: bytes) -> None:
         if kind is p.MsgType.STARTED:
-            channel._on_started(p.parse_started(body))
+            channel._on_started(p.parse_started_info(body))
         elif kind is p.MsgType.STDOUT:
             channel._on_output(STDOUT, body)
         elif kind is p.MsgType.STDERR:

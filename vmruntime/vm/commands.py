@@ -25,24 +25,25 @@ from collections.abc import Callable, Iterator
 from vmruntime._blocking import in_thread
 from vmruntime.errors import SandboxError
 from vmruntime.vm import state
-from vmruntime.vm.builder import CreationPlan, WritableLayerSource
+from vmruntime.vm.builder import CreationPlan, RestorePlan
 from vmruntime.vm.config import DEFAULT_MEMORY_MIB, SandboxConfig
 from vmruntime.vm.mounts import Mount
 from vmruntime.vm.qemu import QemuDriver
 from vmruntime.vm.sandbox import AsyncProcess, AsyncSandbox, ExecResult
 from vmruntime.vm.teardown import end_from_outside
 
-# For `vmr run --snapshot NAME`: the image and layer source of a sandbox restored from
-# snapshot NAME. The CLI passes vmruntime.snapshots' (vm must not import snapshots).
-Restorer = Callable[[str], tuple[str, WritableLayerSource]]
+# For `vmr run --snapshot NAME`: how a sandbox restored from snapshot NAME is made. The
+# CLI passes vmruntime.snapshots' (vm must not import snapshots).
+Restorer = Callable[[str], RestorePlan]
 
 
 def add_commands(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
                  restore: Restorer | None = None) -> None:  # fmt: skip
     run = commands.add_parser("run", help="run a command in a new sandbox")
     _exec_options(run)
-    run.add_argument("--cpus", type=int, default=1)
-    run.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, help="guest RAM in MiB")
+    run.add_argument("--cpus", type=int, help="vCPUs (default 1; a memory snapshot's own)")
+    run.add_argument("--memory", type=int, help=f"guest RAM in MiB (default {DEFAULT_MEMORY_MIB};"
+                     " a memory snapshot's own)")  # fmt: skip
     run.add_argument("-p", "--publish", action="append", default=[], metavar="[HOST:]GUEST",
                      help="forward 127.0.0.1:HOST here to GUEST in the sandbox")  # fmt: skip
     run.add_argument("--name", default="")
@@ -138,11 +139,13 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _run_async(args: argparse.Namespace) -> int:
     image, plan = args.image, CreationPlan()
+    cpus, memory_mib = args.cpus, args.memory
     if getattr(args, "snapshot", None):
         # The snapshot names the image: what argparse took for IMAGE is the command's start.
         args.command = [args.image, *args.command] if args.image else args.command
-        image, layer = await in_thread(args.restore, args.snapshot)
-        plan = CreationPlan(layer=layer)
+        restored: RestorePlan = await in_thread(args.restore, args.snapshot)
+        image, plan = restored.image, restored.creation_plan(QemuDriver())
+        cpus, memory_mib = restored.shape(args.cpus, args.memory)
     elif image is None:
         raise SandboxError("-", "vmr run needs an IMAGE (or --snapshot NAME)")
     command = _command(args)
@@ -150,7 +153,7 @@ async def _run_async(args: argparse.Namespace) -> int:
         hint = "--detach starts an idle sandbox; run commands with `vmr sandbox exec`"
         raise SandboxError("-", hint)
     config = SandboxConfig(
-        image, cpus=args.cpus, memory_mib=args.memory, env=_env(args.env),
+        image, cpus=cpus or 1, memory_mib=memory_mib or DEFAULT_MEMORY_MIB, env=_env(args.env),
         ports=_ports(args.publish), mounts=_mounts(args), name=args.name,
         writable_size=args.writable_size << 20, detached=args.detach, keep=args.keep,
     )  # fmt: skip

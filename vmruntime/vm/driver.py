@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmruntime.errors import MemorySnapshotError
 from vmruntime.guest.assets import GuestAssets
 from vmruntime.vm.state import process_alive
 
@@ -52,6 +53,16 @@ class ConsolePort:
 class VhostUserFs:
     socket: Path
     tag: str
+
+
+@dataclass(frozen=True)
+class MemoryImage:
+    """A paused machine, saved: ``ram`` (the guest's RAM, byte for byte, a sparse file) and
+    ``state`` (the VMM's device state, without the RAM). A resumed VM maps ``ram``
+    private copy-on-write, so any number of VMs resume from one file."""
+
+    ram: Path
+    state: Path
 
 
 @dataclass
@@ -112,6 +123,18 @@ class VmHandle(ABC):
     @abstractmethod
     def kill(self) -> None:
         """SIGKILL the VMM's process group and reap it (nothing if it has ended)."""
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs (its disks flushed) until :meth:`resume`."""
+        raise MemorySnapshotError(f"{type(self).__name__} cannot pause a VM")
+
+    async def resume(self) -> None:
+        raise MemorySnapshotError(f"{type(self).__name__} cannot resume a VM")
+
+    async def save_memory(self, image: MemoryImage) -> None:
+        """While paused: write the guest's RAM and device state to ``image``'s files
+        (which must not exist)."""
+        raise MemorySnapshotError(f"{type(self).__name__} cannot save a VM's memory")
 
 
 class ProcessVm(VmHandle):
@@ -182,3 +205,9 @@ class VmmDriver(ABC):
     @abstractmethod
     def adopt(self, pid: int, start_time: int | None, control_socket: Path) -> VmHandle:
         """A handle on a VM of this driver started by another (possibly gone) process."""
+
+    async def resume_from(self, spec: MachineSpec, image: MemoryImage, *,
+                          detached: bool = False) -> VmHandle:  # fmt: skip
+        """Start ``spec``'s machine where ``image`` left it (the devices must be those
+        of the machine that was saved), running; as :meth:`boot` otherwise."""
+        raise MemorySnapshotError(f"the {self.name} driver cannot resume memory snapshots")

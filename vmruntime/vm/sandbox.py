@@ -26,8 +26,10 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,6 +45,7 @@ from vmruntime.errors import (
     ExecStartError,
     ExecTimeoutError,
     GuestOutOfMemoryError,
+    MemorySnapshotError,
     MountError,
     SandboxError,
     VmmError,
@@ -60,7 +63,7 @@ from vmruntime.vm.config import (
     Ports,
     SandboxConfig,
 )
-from vmruntime.vm.driver import VmHandle, VmmDriver
+from vmruntime.vm.driver import MemoryImage, VmHandle, VmmDriver
 from vmruntime.vm.forwards import PortForwards
 from vmruntime.vm.mounts import Mount, SandboxMounts
 from vmruntime.vm.qemu import QemuDriver
@@ -74,6 +77,8 @@ _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
 # What the guest kernel prints when memory exhaustion is what killed it.
 _OUT_OF_MEMORY_SIGNS = ("Out of memory", "oom-kill", "deadlocked on memory", "out_of_memory")
+# What runs while a sandbox's VM is paused for a memory snapshot (the layer's copy).
+PausedWork = Callable[[], Awaitable[None]]
 # Sandboxes this process owns and has not ended; see _end_owned_sandboxes_at_exit.
 _live: WeakSet[AsyncSandbox] = WeakSet()
 
@@ -119,6 +124,12 @@ class AsyncProcess:
     @property
     def pid(self) -> int | None:
         return self._channel.pid
+
+    @property
+    def dropped(self) -> int:
+        """From :meth:`AsyncSandbox.adopt`: how many bytes of output the guest dropped
+        (oldest first) while no connection read them; 0 otherwise."""
+        return self._channel.dropped
 
     async def write(self, data: bytes) -> None:
         await self._sandbox._guard(self._channel.write(data))
@@ -278,7 +289,10 @@ class AsyncSandbox:
                           machine.mounts)  # fmt: skip
             await sandbox._connect(config.boot_timeout)  # 6: the agent
             undo.push_async_callback(sandbox._disconnect)
-            await sandbox._mount_all(started + config.boot_timeout)
+            if plan.start.resumes:  # its mounts are there; its identity is the original's
+                await sandbox.renew_identity()
+            else:
+                await sandbox._mount_all(started + config.boot_timeout)
             sandbox.boot_seconds = time.monotonic() - started
             undo.push_async_callback(sandbox._forwards.close)
             try:  # 7: the per-caller settings
@@ -457,8 +471,8 @@ class AsyncSandbox:
 
     def _exec_request(self, argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: str | None,
                       user: str | None, tty: bool, rows: int, cols: int, stdin: bool,
-                      timeout: float | None,
-                      rlimits: Mapping[int, tuple[int, int]] | None) -> p.ExecRequest:  # fmt: skip
+                      timeout: float | None, rlimits: Mapping[int, tuple[int, int]] | None,
+                      detached: bool = False) -> p.ExecRequest:  # fmt: skip
         if isinstance(argv, str | bytes) or not argv:
             raise ValueError("argv must be a non-empty list of strings")
         merged = dict(self._defaults.env)
@@ -481,6 +495,7 @@ class AsyncSandbox:
             rlimits=limits,
             timeout_ms=0 if timeout is None else max(1, int(timeout * 1000)),
             stdin=stdin,
+            detached=detached,
         )
 
     async def exec_stream(
@@ -496,11 +511,19 @@ class AsyncSandbox:
         stdin: bool = True,
         timeout: float | None = None,
         rlimits: Mapping[int, tuple[int, int]] | None = None,
+        detached: bool = False,
     ) -> AsyncProcess:
-        """Start ``argv``; stream its stdio through the returned process."""
+        """Start ``argv``; stream its stdio through the returned process.
+
+        A ``detached`` process outlives this connection (:meth:`detach`, a crashed host,
+        a clone restored from a memory snapshot): the guest keeps it running and keeps
+        its last MiB of output until a later connection takes it over with
+        :meth:`adopt` (its pid is ``.pid``). Any other process is killed when the
+        connection ends. At most 64 detached processes exist at once in a guest.
+        """
         request = self._exec_request(
             argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdin=stdin,
-            timeout=timeout, rlimits=rlimits,
+            timeout=timeout, rlimits=rlimits, detached=detached,
         )  # fmt: skip
         channel = await self._guard(self._agent().exec(request))
         try:
@@ -509,6 +532,27 @@ class AsyncSandbox:
             raise ExecStartError(self.id, request.argv, exc.error.errno,
                                  exc.error.message) from None  # fmt: skip
         return AsyncProcess(self, channel, request.argv, timeout)
+
+    async def adopt(self, pid: int) -> AsyncProcess:
+        """Take over the detached process ``pid`` that an earlier connection started
+        (:meth:`exec_stream` with ``detached=True``): read the output it wrote meanwhile
+        (``.dropped`` says how much was lost beyond the guest's 1 MiB), then its live
+        output; wait for it (at once if it already exited), signal it, write to its stdin
+        if it was started with one. :class:`~vmruntime.errors.AdoptError` if the guest
+        has no such process waiting."""
+        channel = await self._guard(self._agent().adopt(pid))
+        return AsyncProcess(self, channel, (f"<adopted pid {pid}>",), None)
+
+    async def renew_identity(self, hostname: str | None = None) -> None:
+        """Give the guest a fresh identity, as a clone restored from a memory snapshot
+        needs before anything else runs in it: its RNG reseeded with 64 random bytes from
+        the host, its clock set to the host's, ``hostname`` (default ``vmr-<id>``) and a
+        new ``/etc/machine-id``. :class:`~vmruntime.errors.IdentityError` if the guest
+        refuses a part (the parts before it stay applied)."""
+        await self._guard(self._agent().set_identity(
+            entropy=os.urandom(64), time_ns=time.time_ns(),
+            hostname=hostname or f"vmr-{self.id}", machine_id=uuid.uuid4().hex,
+        ))  # fmt: skip
 
     async def exec(
         self,
@@ -584,6 +628,35 @@ class AsyncSandbox:
                 pass
         return True
 
+    async def request(self, guest_port: int, data: bytes, *, limit: int = 1 << 20,
+                      timeout: float = 30.0) -> bytes:  # fmt: skip
+        """Send ``data`` to a service on the guest's 127.0.0.1:``guest_port``, close the
+        sending side and return what it answers until it closes (at most ``limit`` bytes:
+        the answer is the guest's, so it is bounded). A front door's one-shot exchange
+        with something it started in the guest, without a host port."""
+        channel = await self._guard(self._agent().connect_port(guest_port))
+        answer = bytearray()
+
+        async def exchange() -> None:
+            await channel.write(data)
+            await channel.close_stdin()
+            while (item := await channel.read()) is not None:
+                answer.extend(item[1])
+                if len(answer) > limit:
+                    raise SandboxError(self.id, f"guest port {guest_port} answered more "
+                                                f"than {limit} bytes")  # fmt: skip
+
+        try:
+            await self._guard(asyncio.wait_for(exchange(), timeout))
+        except TimeoutError:
+            raise SandboxError(self.id, f"guest port {guest_port} did not answer within "
+                                        f"{timeout:g} s") from None  # fmt: skip
+        finally:
+            if not channel.done:
+                with contextlib.suppress(SandboxError):
+                    await channel.abort()
+        return bytes(answer)
+
     async def unforward(self, guest_ports: Iterable[int]) -> None:
         """Stop forwarding ``guest_ports``: their host listeners close, and so does every
         connection made through them."""
@@ -625,6 +698,46 @@ class AsyncSandbox:
                 await client.thaw()
             raise
         await self._guard(client.thaw())
+
+    # Saving the whole machine.
+
+    async def save_machine(self, image: MemoryImage, during: PausedWork | None = None) -> None:
+        """Save the running machine (guest RAM and device state) to ``image``'s files, for
+        a memory snapshot; ``during`` runs while the VM is paused after the save (the
+        caller copies the writable layer there: QEMU flushed it at the pause).
+
+        The agent's session is renewed first, as a resumed copy's will be: commands this
+        connection runs end (their process groups are killed), detached ones go on. The
+        VM runs on afterwards. Refused for a sandbox with shares or disks: vhost-user-fs
+        cannot migrate, and a resumed copy cannot share a disk its original writes.
+        """
+        self._check_machine_saveable()
+        await self._forwards.close()
+        await self._renew_session()
+        vm = self._vm
+        await self._guard(vm.pause())
+        try:
+            await vm.save_memory(image)
+            if during is not None:
+                await during()
+        finally:
+            await vm.resume()
+
+    def _check_machine_saveable(self) -> None:
+        if self._record.mounts:
+            reason = ("it has mounts (" + ", ".join(self._record.mounts) + "): a memory snapshot "
+                      "is taken of a sandbox without shares or disks (vhost-user-fs devices "
+                      "cannot be migrated by QEMU, and a resumed copy cannot write a disk "
+                      "its original holds)")  # fmt: skip
+            raise MemorySnapshotError(f"sandbox {self.id}: cannot save its memory: {reason}")
+        if not self.running:
+            raise SandboxError(self.id, "is not running: only a running sandbox's memory is saved")
+
+    async def _renew_session(self) -> None:
+        """A new agent connection, so that nothing of the old session is in flight when
+        the machine is saved: a resumed copy starts from a quiet, handshaken agent."""
+        await self._disconnect()
+        await self._connect(DEFAULT_BOOT_TIMEOUT)
 
     @property
     def writable_layer(self) -> Path:

@@ -74,6 +74,10 @@ class Process:
     def pid(self) -> int | None:
         return self._inner.pid
 
+    @property
+    def dropped(self) -> int:
+        return self._inner.dropped
+
     def write(self, data: bytes) -> None:
         run(self._inner.write(data))
 
@@ -212,12 +216,24 @@ class Sandbox:
         stdin: bool = True,
         timeout: float | None = None,
         rlimits: Mapping[int, tuple[int, int]] | None = None,
+        detached: bool = False,
     ) -> Process:
-        """Start ``argv``; stream its stdio through the returned :class:`Process`."""
+        """Start ``argv``; stream its stdio through the returned :class:`Process` (see
+        :meth:`AsyncSandbox.exec_stream`, also for ``detached``)."""
         return Process(run(self._inner.exec_stream(
             argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdin=stdin,
-            timeout=timeout, rlimits=rlimits,
+            timeout=timeout, rlimits=rlimits, detached=detached,
         )))  # fmt: skip
+
+    def adopt(self, pid: int) -> Process:
+        """Take over a detached process an earlier connection started (see
+        :meth:`AsyncSandbox.adopt`)."""
+        return Process(run(self._inner.adopt(pid)))
+
+    def renew_identity(self, hostname: str | None = None) -> None:
+        """Fresh RNG seed, clock, hostname and machine-id (see
+        :meth:`AsyncSandbox.renew_identity`)."""
+        run(self._inner.renew_identity(hostname))
 
     def personalize(self, *, env: Mapping[str, str] | None = None,
                     ports: Mapping[int, int] | None = None, name: str = "") -> None:  # fmt: skip

@@ -116,8 +116,8 @@ int set_nonblock(int fd)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: vmr-agent --serve-fd N [--freeze-path DIR] [--debug]"
-                    "   (or run as PID 1)\n");
+    fprintf(stderr, "usage: vmr-agent (--serve-fd N | --listen-fd N) [--freeze-path DIR]"
+                    " [--identity-log FILE] [--debug]   (or run as PID 1)\n");
     return 2;
 }
 
@@ -128,13 +128,22 @@ int main(int argc, char **argv)
         serve(boot(), true);
     }
     int fd = -1;
+    bool listening = false;
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--serve-fd") == 0 && i + 1 < argc) {
+        bool serve_fd = strcmp(argv[i], "--serve-fd") == 0;
+        if ((serve_fd || strcmp(argv[i], "--listen-fd") == 0) && i + 1 < argc) {
+            /* --listen-fd: a listening socket, each connection a host in turn (the fast
+             * tests' way to disconnect and come back, as hosts do on the guest's port) */
             char *end;
             long v = strtol(argv[++i], &end, 10);
             if (*end || v < 0 || v > 65535)
                 return usage();
             fd = (int)v;
+            listening = !serve_fd;
+        } else if (strcmp(argv[i], "--identity-log") == 0 && i + 1 < argc) {
+            /* What IDENTITY would apply, appended here: host test mode never touches the
+             * host's RNG, clock, hostname or files. */
+            set_identity_log(argv[++i]);
         } else if (strcmp(argv[i], "--freeze-path") == 0 && i + 1 < argc) {
             /* What FREEZE acts on in host test mode (a test's own loop-mounted ext4). */
             int dir = open(argv[++i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -152,5 +161,7 @@ int main(int argc, char **argv)
     if (fd < 0 || fcntl(fd, F_GETFD) < 0)
         return usage();
     fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (listening)
+        serve_listening(fd);
     serve(fd, false);
 }

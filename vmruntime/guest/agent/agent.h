@@ -5,7 +5,8 @@
  * stream.c (moving bytes of a channel), exec.c (starting processes),
  * user.c (/etc/passwd and /etc/group), mount.c (shares and disks the host asks for),
  * fuserelay.c (a share's FUSE requests relayed over a virtio-console port),
- * freeze.c (holding the writable layer still for a snapshot).
+ * freeze.c (holding the writable layer still for a snapshot), identity.c (a fresh
+ * RNG seed, clock, hostname and machine-id for a clone restored from a memory snapshot).
  */
 #ifndef VMR_AGENT_H
 #define VMR_AGENT_H
@@ -29,12 +30,17 @@
 #define OUTQ_SOFT_LIMIT (4u << 20)
 #define OUTQ_HARD_LIMIT (8u << 20)
 #define MAX_ERROR_MESSAGE 1024
+/* Detached execs outlive the host connection (parked until a later host ADOPTs them):
+ * at most this many exist at once, each keeping at most PARKED_OUTPUT_MAX bytes of the
+ * output nobody read (the oldest is dropped beyond it; the process never blocks). */
+#define MAX_DETACHED 64
+#define PARKED_OUTPUT_MAX (1u << 20)
 
 enum msg_type {
     MSG_HELLO = 1, MSG_EXEC, MSG_STARTED, MSG_STDIN, MSG_STDOUT, MSG_STDERR,
     MSG_STDIN_EOF, MSG_WINDOW, MSG_SIGNAL, MSG_RESIZE, MSG_EXIT, MSG_ERROR,
     MSG_FILE_READ, MSG_FILE_WRITE, MSG_PORT_CONNECT, MSG_SHUTDOWN, MSG_MOUNT, MSG_ABORT,
-    MSG_FREEZE, MSG_THAW,
+    MSG_FREEZE, MSG_THAW, MSG_ADOPT, MSG_IDENTITY,
 };
 
 enum tag {
@@ -42,7 +48,8 @@ enum tag {
     T_ARG = 10, T_ENV, T_CWD, T_USER, T_TTY, T_ROWS, T_COLS, T_RLIMIT, T_TIMEOUT_MS,
     T_STDIN, T_PID, T_CODE, T_SIGNAL, T_CORE_DUMPED, T_TIMED_OUT, T_OOM_KILLED,
     T_ERRNO, T_MESSAGE, T_PATH, T_MODE, T_BYTES, T_GROUP, T_PORT,
-    T_SOURCE, T_FSTYPE, T_READONLY,
+    T_SOURCE, T_FSTYPE, T_READONLY, T_DETACHED, T_DROPPED, T_ENTROPY, T_TIME_NS,
+    T_HOSTNAME, T_MACHINE_ID,
 };
 
 /* ---- agent.c ---- */
@@ -113,6 +120,7 @@ struct exec_req {
     char *user;
     bool tty;
     bool stdin_open;
+    bool detached;
     uint16_t rows, cols;
     uint64_t timeout_ms;
     int nrlimits;
@@ -156,9 +164,27 @@ void freeze_release(void);
 int freeze_next_timeout(uint64_t now); /* ms until the freeze's timeout, -1: none */
 void freeze_timers(uint64_t now);
 
+/* ---- identity.c ---- */
+struct identity_req {
+    uint8_t *entropy;     /* NULL: not asked for */
+    size_t entropy_len;   /* 32..4096 */
+    bool has_time;
+    uint64_t time_ns;     /* CLOCK_REALTIME, ns since the epoch */
+    char *hostname;       /* NULL: not asked for */
+    char *machine_id;     /* 32 lowercase hex digits; NULL: not asked for */
+};
+/* In host test mode: append what IDENTITY would apply to this file instead. */
+void set_identity_log(const char *path);
+/* 0 once everything asked for is applied, else an errno + why[] (the steps before the
+ * failing one stay applied). */
+int identity_apply(const struct identity_req *r, char *why, size_t whylen);
+
 /* ---- serve.c ---- */
 /* Serve connections on fd until it is gone (test mode) or forever (PID 1). */
 _Noreturn void serve(int fd, bool reconnecting);
+/* Host test mode --listen-fd: each connection accepted on listen_fd is a host in turn,
+ * as hosts come and go on the guest's port (detached execs outlive them). */
+_Noreturn void serve_listening(int listen_fd);
 void set_writable_mount_fd(int fd);
 
 /* ---- boot.c ---- */

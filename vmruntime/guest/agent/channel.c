@@ -19,6 +19,10 @@
 /* After a tty exec exits its last output can still be on its way through the pty's
  * flip buffer; give it this long unless the master reports EIO (all slaves closed). */
 #define TTY_DRAIN_MS 50
+/* A parked exec's pipes are read at most this many times per loop turn, so a process
+ * that writes without pause cannot starve the rest of the agent. */
+#define PARKED_READS_PER_TURN 16
+#define RECORD_HEADER 5 /* backlog record: u8 stream index, u32 length */
 
 struct buf g_outq;
 static struct channel *chans[MAX_CHANNELS];
@@ -76,7 +80,7 @@ int chan_count_kind(enum chan_kind kind)
 struct channel *chan_find(uint32_t id)
 {
     for (int i = 0; i < nchans; i++)
-        if (chans[i]->id == id && !chans[i]->closed)
+        if (chans[i]->id == id && !chans[i]->closed && !chans[i]->parked)
             return chans[i];
     return NULL;
 }
@@ -114,7 +118,18 @@ static void chan_close(struct channel *ch)
     free(ch->tmp_path);
     free(ch->path);
     ch->tmp_path = ch->path = NULL;
+    buf_free(&ch->backlog);
     ch->closed = true;
+}
+
+/* Return STDIN credit to the host, except for bytes an earlier connection sent (that
+ * host is gone; the current one never counted them against its window). */
+static void return_credit(struct channel *ch, uint64_t n)
+{
+    uint64_t old = n < ch->in_carry ? n : ch->in_carry;
+    ch->in_carry -= old;
+    if (n > old && !ch->parked)
+        send_window(ch->id, n - old);
 }
 
 void chan_fail(struct channel *ch, int err, const char *fmt, ...)
@@ -162,7 +177,8 @@ static void send_exec_exit(struct channel *ch)
 
 void chan_check_done(struct channel *ch)
 {
-    if (ch->closed)
+    /* A parked exec's end waits for the host that adopts it; a backlog goes out first. */
+    if (ch->closed || ch->parked || buf_pending(&ch->backlog))
         return;
     bool drained = ch->out_fd[0] < 0 && ch->out_fd[1] < 0;
     switch (ch->kind) {
@@ -190,9 +206,91 @@ static void on_source_empty(struct channel *ch, int idx)
         close_fd(&ch->out_fd[idx]);
 }
 
+/* Drop the oldest records until the backlog holds at most PARKED_OUTPUT_MAX bytes. */
+static void trim_backlog(struct channel *ch)
+{
+    while (ch->backlog_bytes > PARKED_OUTPUT_MAX) {
+        const uint8_t *r = ch->backlog.data + ch->backlog.off;
+        uint32_t n;
+        memcpy(&n, r + 1, 4);
+        buf_consume(&ch->backlog, RECORD_HEADER + n);
+        ch->backlog_bytes -= n;
+        ch->dropped += n;
+    }
+}
+
+/* Parked: read whatever the process wrote into the backlog, whoever reads it later. */
+static void pump_parked(struct channel *ch, int idx)
+{
+    for (int turn = 0; turn < PARKED_READS_PER_TURN && ch->out_fd[idx] >= 0; turn++) {
+        buf_reserve(&ch->backlog, RECORD_HEADER + MAX_DATA);
+        uint8_t *r = ch->backlog.data + ch->backlog.len;
+        ssize_t n = read(ch->out_fd[idx], r + RECORD_HEADER, MAX_DATA);
+        if (n > 0) {
+            uint32_t len = (uint32_t)n;
+            r[0] = (uint8_t)idx;
+            memcpy(r + 1, &len, 4);
+            ch->backlog.len += RECORD_HEADER + len;
+            ch->backlog_bytes += len;
+            trim_backlog(ch);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            on_source_empty(ch, idx);
+            return;
+        }
+        close_fd(&ch->out_fd[idx]); /* EOF, or EIO from a pty master */
+    }
+}
+
+/* Adopted: send the backlog's records as STDOUT/STDERR frames within the window. A
+ * record larger than the window is split: its head is sent and the rest kept. */
+static void pump_backlog(struct channel *ch)
+{
+    while (buf_pending(&ch->backlog) && ch->send_window > 0 &&
+           buf_pending(&g_outq) < OUTQ_SOFT_LIMIT) {
+        uint8_t *r = ch->backlog.data + ch->backlog.off;
+        uint32_t len;
+        memcpy(&len, r + 1, 4);
+        uint32_t take = ch->send_window < len ? (uint32_t)ch->send_window : len;
+        size_t f = frame_begin(&g_outq, r[0] == 0 ? MSG_STDOUT : MSG_STDERR, ch->id);
+        /* frame_begin may move g_outq, never the backlog: r still points at the record */
+        buf_append(&g_outq, r + RECORD_HEADER, take);
+        frame_end(&g_outq, f);
+        ch->send_window -= take;
+        ch->backlog_bytes -= take;
+        if (take == len) {
+            buf_consume(&ch->backlog, RECORD_HEADER + len);
+            continue;
+        }
+        /* Keep the tail as a shorter record, its header rewritten just before it. */
+        uint8_t stream = r[0];
+        uint32_t rest = len - take;
+        buf_consume(&ch->backlog, take);
+        r = ch->backlog.data + ch->backlog.off;
+        r[0] = stream;
+        memcpy(r + 1, &rest, 4);
+    }
+    if (!buf_pending(&ch->backlog))
+        buf_free(&ch->backlog);
+}
+
 void chan_pump_out(struct channel *ch, int idx)
 {
     uint8_t type = idx == 0 ? MSG_STDOUT : MSG_STDERR;
+    if (ch->closed)
+        return;
+    if (ch->parked) {
+        pump_parked(ch, idx);
+        return;
+    }
+    if (buf_pending(&ch->backlog)) {
+        pump_backlog(ch);
+        if (buf_pending(&ch->backlog))
+            return; /* live output only after all of the backlog */
+    }
     while (!ch->closed && ch->out_fd[idx] >= 0 && ch->send_window > 0 &&
            buf_pending(&g_outq) < OUTQ_SOFT_LIMIT) {
         size_t want = ch->send_window < MAX_DATA ? (size_t)ch->send_window : MAX_DATA;
@@ -270,7 +368,8 @@ static void input_broken(struct channel *ch)
     ch->in_broken = true;
     size_t pending = buf_pending(&ch->inbuf);
     if (pending)
-        send_window(ch->id, pending);
+        return_credit(ch, pending);
+    ch->in_carry = 0;
     buf_free(&ch->inbuf);
     close_fd(&ch->in_fd);
 }
@@ -283,7 +382,7 @@ void chan_pump_in(struct channel *ch)
         ssize_t n = write(ch->in_fd, ch->inbuf.data + ch->inbuf.off, buf_pending(&ch->inbuf));
         if (n > 0) {
             buf_consume(&ch->inbuf, (size_t)n);
-            send_window(ch->id, (uint64_t)n);
+            return_credit(ch, (uint64_t)n);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -340,6 +439,13 @@ void chan_on_reaped(pid_t pid, int wstatus)
     }
 }
 
+/* An adopted exec whose backlog can move now (it has no fd to wake the loop). */
+static bool backlog_ready(const struct channel *ch)
+{
+    return !ch->closed && !ch->parked && buf_pending(&ch->backlog) && ch->send_window > 0 &&
+           buf_pending(&g_outq) < OUTQ_SOFT_LIMIT;
+}
+
 static int add_poll(struct pollfd *pfd, struct poll_ref *refs, int n, int max, int fd,
                     short events, struct channel *ch, int role)
 {
@@ -362,6 +468,21 @@ int chan_poll_fds(struct pollfd *pfd, struct poll_ref *refs, int max)
             n = add_poll(pfd, refs, n, max, ch->out_fd[0], POLLOUT, ch, 2);
             continue;
         }
+        if (ch->parked) {
+            /* Nobody's window applies: the backlog takes everything, oldest dropped. */
+            for (int idx = 0; idx < 2; idx++)
+                if (ch->out_fd[idx] >= 0)
+                    n = add_poll(pfd, refs, n, max, ch->out_fd[idx], POLLIN, ch, idx);
+            if (ch->in_fd >= 0 && buf_pending(&ch->inbuf) > 0)
+                n = add_poll(pfd, refs, n, max, ch->in_fd, POLLOUT, ch, 2);
+            continue;
+        }
+        if (buf_pending(&ch->backlog)) {
+            /* The backlog goes first (chan_timers sends it); the pipes wait. */
+            if (ch->in_fd >= 0 && buf_pending(&ch->inbuf) > 0)
+                n = add_poll(pfd, refs, n, max, ch->in_fd, POLLOUT, ch, 2);
+            continue;
+        }
         /* Only fds we want something from: a hung-up pipe reports POLLHUP whatever
          * events say, and we must not spin on it while its window is closed. */
         for (int idx = 0; idx < 2; idx++)
@@ -382,6 +503,8 @@ int chan_next_timeout(uint64_t now)
             continue;
         if (ch->deadline_ms && ch->deadline_ms < best)
             best = ch->deadline_ms;
+        if (backlog_ready(ch))
+            best = now;
         if (ch->kind == CH_EXEC && !ch->running && ch->tty && ch->out_fd[0] >= 0 &&
             ch->reaped_ms + TTY_DRAIN_MS < best)
             best = ch->reaped_ms + TTY_DRAIN_MS;
@@ -396,6 +519,10 @@ void chan_timers(uint64_t now)
     for (int i = 0; i < nchans; i++) {
         struct channel *ch = chans[i];
         if (ch->closed || ch->kind != CH_EXEC)
+            continue;
+        if (backlog_ready(ch))
+            chan_pump_out(ch, 0);
+        if (ch->closed)
             continue;
         if (ch->running && ch->deadline_ms && now >= ch->deadline_ms) {
             debugmsg("channel %u: timeout, killing group %d", ch->id, ch->pid);
@@ -420,12 +547,13 @@ void chan_sweep(void)
     nchans = j;
 }
 
-int chan_kill_all(int sig, pid_t *pids, int max)
+int chan_kill_all(bool with_detached, int sig, pid_t *pids, int max)
 {
     int n = 0;
     for (int i = 0; i < nchans; i++) {
         struct channel *ch = chans[i];
-        if (ch->closed || ch->kind != CH_EXEC || !ch->running)
+        if (ch->closed || ch->kind != CH_EXEC || !ch->running ||
+            (ch->detached && !with_detached))
             continue;
         kill(-ch->pid, sig);
         if (n < max)
@@ -434,10 +562,65 @@ int chan_kill_all(int sig, pid_t *pids, int max)
     return n;
 }
 
-void chan_drop_all(void)
+void chan_drop_all(bool with_parked)
 {
     for (int i = 0; i < nchans; i++)
-        if (!chans[i]->closed)
+        if (!chans[i]->closed && (with_parked || !chans[i]->parked))
             chan_close(chans[i]);
     /* not swept here: the loop may still hold poll refs to them this turn */
+}
+
+void chan_park_detached(void)
+{
+    for (int i = 0; i < nchans; i++) {
+        struct channel *ch = chans[i];
+        if (ch->closed || ch->parked || !ch->detached)
+            continue;
+        debugmsg("channel %u: host gone, parking detached pid %d", ch->id, ch->pid);
+        ch->parked = true;
+        ch->id = 0;
+        /* Bytes of the old host not yet written still go to the process; the next
+         * host's window does not count them. */
+        ch->in_carry = buf_pending(&ch->inbuf);
+    }
+}
+
+int chan_count_detached(void)
+{
+    int n = 0;
+    for (int i = 0; i < nchans; i++)
+        n += chans[i]->detached && !chans[i]->closed;
+    return n;
+}
+
+struct channel *chan_find_parked(pid_t pid, bool *busy)
+{
+    *busy = false;
+    for (int i = 0; i < nchans; i++) {
+        struct channel *ch = chans[i];
+        if (ch->closed || !ch->detached || ch->pid != pid)
+            continue;
+        if (ch->parked)
+            return ch;
+        *busy = true;
+    }
+    return NULL;
+}
+
+void chan_adopt(struct channel *ch, uint32_t id)
+{
+    ch->id = id;
+    ch->parked = false;
+    ch->send_window = WINDOW_SIZE;
+    debugmsg("channel %u: adopted pid %d (%llu bytes waiting, %llu dropped)", id, ch->pid,
+             (unsigned long long)ch->backlog_bytes, (unsigned long long)ch->dropped);
+    size_t f = frame_begin(&g_outq, MSG_STARTED, id);
+    field_u64(&g_outq, T_PID, (uint64_t)ch->pid);
+    field_u64(&g_outq, T_DROPPED, ch->dropped);
+    frame_end(&g_outq, f);
+    ch->dropped = 0;
+    chan_pump_out(ch, 0);
+    if (!ch->closed)
+        chan_pump_out(ch, 1);
+    chan_check_done(ch); /* an exited, drained exec ends at once */
 }

@@ -1,4 +1,5 @@
-/* Channels: one per EXEC / FILE_READ / FILE_WRITE / PORT_CONNECT of the connection. */
+/* Channels: one per EXEC / FILE_READ / FILE_WRITE / PORT_CONNECT of the connection, and
+ * the parked detached execs that a host connection left behind (id 0, no frames sent). */
 #ifndef VMR_CHANNEL_H
 #define VMR_CHANNEL_H
 
@@ -29,6 +30,16 @@ struct channel {
     uint64_t oom_base;    /* /proc/vmstat oom_kill when the exec started */
     bool connecting;      /* port: connect() in progress */
     char *path, *tmp_path;
+    /* Detached execs (EXEC DETACHED 1) outlive the connection: when it ends the channel
+     * is parked instead of killed, and its output goes to backlog (records of u8 stream
+     * index, u32 length, bytes; at most PARKED_OUTPUT_MAX data bytes, oldest dropped)
+     * until a later host ADOPTs it and the backlog is sent before any live output. */
+    bool detached;
+    bool parked;
+    struct buf backlog;
+    uint64_t backlog_bytes;  /* data bytes in backlog */
+    uint64_t dropped;        /* data bytes dropped from backlog since the last adoption */
+    uint64_t in_carry;       /* inbuf bytes from an earlier connection: no WINDOW for them */
 };
 
 /* A poll entry's owner: role 0/1 = out_fd[role], 2 = in_fd (or the connecting socket). */
@@ -58,10 +69,20 @@ int chan_poll_fds(struct pollfd *pfd, struct poll_ref *refs, int max);
 int chan_next_timeout(uint64_t now);
 void chan_timers(uint64_t now);
 void chan_sweep(void);
-/* Kill every exec's process group with sig (SIGKILL also closes the channels silently);
- * returns how many pids were written to pids. */
-int chan_kill_all(int sig, pid_t *pids, int max);
-void chan_drop_all(void);
+/* Kill every exec's process group with sig, detached and parked ones too if
+ * with_detached; returns how many pids were written to pids. */
+int chan_kill_all(bool with_detached, int sig, pid_t *pids, int max);
+/* The host is gone: detached execs are parked, every other channel is closed silently
+ * (after chan_kill_all killed their processes). */
+void chan_park_detached(void);
+void chan_drop_all(bool with_parked);
+int chan_count_detached(void);
+/* A parked exec with this pid (the oldest if an exited one's pid was reused), or NULL;
+ * *busy is set if a detached exec with this pid is open on the current connection. */
+struct channel *chan_find_parked(pid_t pid, bool *busy);
+/* Attach a parked exec to the channel id of the current connection: STARTED (PID,
+ * DROPPED), then its backlog, live output and EXIT as for a new exec. */
+void chan_adopt(struct channel *ch, uint32_t id);
 uint64_t oom_kill_count(void);
 
 #endif

@@ -129,9 +129,10 @@ static bool exec_field(struct parse *p, const struct field *f, struct exec_req *
         return (r->user = get_str(p, f, true)) != NULL;
     case T_TTY:
     case T_STDIN:
+    case T_DETACHED:
         if (!get_u64(p, f, 1, &v))
             return false;
-        *(f->tag == T_TTY ? &r->tty : &r->stdin_open) = v;
+        *(f->tag == T_TTY ? &r->tty : f->tag == T_STDIN ? &r->stdin_open : &r->detached) = v;
         return true;
     case T_ROWS:
     case T_COLS:
@@ -201,12 +202,18 @@ void request_exec(uint32_t id, const uint8_t *body, size_t len)
         free_exec(&r);
         return;
     }
+    if (r.detached && chan_count_detached() >= MAX_DETACHED) {
+        send_error(id, EMFILE, "EXEC: at most %d detached execs at once", MAX_DETACHED);
+        free_exec(&r);
+        return;
+    }
     struct channel *ch = chan_open(id, CH_EXEC);
     if (!ch) {
         send_error(id, EMFILE, "too many open channels");
         free_exec(&r);
         return;
     }
+    ch->detached = r.detached;
     ch->oom_base = oom_kill_count();
     struct spawned sp;
     char why[MAX_ERROR_MESSAGE];
@@ -521,6 +528,119 @@ void request_thaw(uint32_t id, size_t len)
         send_exit_zero(id);
 }
 
+/* ---- ADOPT ---- */
+
+static bool parse_u64s(const uint8_t *body, size_t len, const uint16_t *tags,
+                       const uint64_t *max, uint64_t *out, int n, struct parse *p);
+
+void request_adopt(uint32_t id, const uint8_t *body, size_t len)
+{
+    static const uint16_t tags[] = {T_PID};
+    static const uint64_t max[] = {INT32_MAX};
+    uint64_t pid = 0;
+    struct parse p;
+    if (!parse_u64s(body, len, tags, max, &pid, 1, &p) || pid == 0) {
+        send_error(id, EINVAL, "ADOPT: %s", p.why[0] ? p.why : "PID missing or 0");
+        return;
+    }
+    bool busy;
+    struct channel *ch = chan_find_parked((pid_t)pid, &busy);
+    if (!ch) {
+        if (busy)
+            send_error(id, EBUSY, "ADOPT: pid %llu is attached to this connection already",
+                       (unsigned long long)pid);
+        else
+            send_error(id, ESRCH, "ADOPT: no parked detached exec has pid %llu",
+                       (unsigned long long)pid);
+        return;
+    }
+    chan_adopt(ch, id);
+}
+
+/* ---- IDENTITY ---- */
+
+static bool lower_hex(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    return s[n] == 0;
+}
+
+static bool identity_field(struct parse *p, const struct field *f, struct identity_req *r)
+{
+    switch (f->tag) {
+    case T_ENTROPY:
+        if (!once(p, f))
+            return false;
+        if (f->len < 32 || f->len > 4096) {
+            snprintf(p->why, sizeof p->why, "ENTROPY: %u bytes, want 32 to 4096", f->len);
+            return false;
+        }
+        r->entropy = xmalloc(f->len);
+        memcpy(r->entropy, f->val, f->len);
+        r->entropy_len = f->len;
+        return true;
+    case T_TIME_NS:
+        r->has_time = true;
+        return get_u64(p, f, INT64_MAX, &r->time_ns);
+    case T_HOSTNAME:
+        if (!(r->hostname = get_str(p, f, true)))
+            return false;
+        /* HOST_NAME_MAX is 64; a name with a '/' would also make a bad /etc/hostname */
+        if (!r->hostname[0] || strlen(r->hostname) > 64 || strpbrk(r->hostname, "/\n")) {
+            snprintf(p->why, sizeof p->why, "HOSTNAME: want 1 to 64 bytes, no '/' or newline");
+            return false;
+        }
+        return true;
+    case T_MACHINE_ID:
+        if (!(r->machine_id = get_str(p, f, true)))
+            return false;
+        if (f->len != 32 || !lower_hex(r->machine_id, 32)) {
+            snprintf(p->why, sizeof p->why, "MACHINE_ID: want 32 lowercase hex digits");
+            return false;
+        }
+        return true;
+    default:
+        return unknown_tag(p, f);
+    }
+}
+
+static void free_identity(struct identity_req *r)
+{
+    if (r->entropy)
+        memset(r->entropy, 0, r->entropy_len); /* seed material: do not leave it about */
+    free(r->entropy);
+    free(r->hostname);
+    free(r->machine_id);
+}
+
+void request_identity(uint32_t id, const uint8_t *body, size_t len)
+{
+    struct identity_req r = {0};
+    struct parse p;
+    struct field f;
+    int got;
+    char why[MAX_ERROR_MESSAGE];
+    parse_init(&p, body, len);
+    while ((got = parse_next(&p, &f)) > 0)
+        if (!identity_field(&p, &f, &r))
+            break;
+    if (got != 0) {
+        send_error(id, EINVAL, "IDENTITY: %s", p.why);
+    } else if (freeze_active() && (r.hostname || r.machine_id)) {
+        /* /etc/hostname and /etc/machine-id live on the frozen layer: writing blocks */
+        send_error(id, EBUSY, "IDENTITY: the writable layer is frozen");
+    } else {
+        int err = identity_apply(&r, why, sizeof why);
+        if (err)
+            send_error(id, err, "%s", why);
+        else
+            send_exit_zero(id);
+    }
+    free_identity(&r);
+}
+
 /* ---- frames on an open channel ---- */
 
 void request_stdin(struct channel *ch, const uint8_t *data, size_t len)
@@ -535,7 +655,8 @@ void request_stdin(struct channel *ch, const uint8_t *data, size_t len)
             send_window(ch->id, len);
         return;
     }
-    if (buf_pending(&ch->inbuf) + len > WINDOW_SIZE) {
+    /* Bytes an earlier host sent (ch->in_carry) do not count against this host's window. */
+    if (buf_pending(&ch->inbuf) - ch->in_carry + len > WINDOW_SIZE) {
         send_error(0, EOVERFLOW, "STDIN on channel %u overruns its window; dropped", ch->id);
         return;
     }

@@ -18,5 +18,9 @@ void request_resize(struct channel *ch, const uint8_t *body, size_t len);
 void request_abort(struct channel *ch, size_t len);
 void request_freeze(uint32_t id, const uint8_t *body, size_t len);
 void request_thaw(uint32_t id, size_t len);
+/* A parked detached exec (field PID) joins this connection on the new id. */
+void request_adopt(uint32_t id, const uint8_t *body, size_t len);
+/* Answered at once like FREEZE: a fresh RNG seed, clock, hostname and/or machine-id. */
+void request_identity(uint32_t id, const uint8_t *body, size_t len);
 
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -22,7 +23,8 @@
 
 static struct {
     int fd;
-    bool reconnecting; /* PID 1: wait for the next host after a disconnect */
+    bool reconnecting; /* PID 1 (or --listen-fd): wait for the next host after a disconnect */
+    int listen_fd;     /* --listen-fd: a listening socket whose connections are hosts; -1 */
     bool connected;
     bool hello;        /* handshake done */
     bool poisoned;     /* framing lost: ignore input until the host goes away */
@@ -113,13 +115,17 @@ static void flush_blocking(int ms)
 
 /* ---- connection lifecycle ---- */
 
-static void end_session(void)
+/* The host is gone (or replaced): its execs die, except detached ones, which are parked
+ * for a later host to adopt unless no later host can come (keep_detached false). */
+static void end_session(bool keep_detached)
 {
     freeze_release(); /* first: a process blocked on the frozen layer cannot die */
+    if (keep_detached)
+        chan_park_detached();
     pid_t pids[MAX_CHANNELS];
-    int n = chan_kill_all(SIGKILL, pids, MAX_CHANNELS);
-    chan_drop_all();
-    if (!conn.reconnecting)
+    int n = chan_kill_all(!keep_detached, SIGKILL, pids, MAX_CHANNELS);
+    chan_drop_all(!keep_detached);
+    if (!g_pid1)
         wait_children(pids, n, 2000); /* the host test checks they are gone */
     conn.hello = false;
 }
@@ -127,21 +133,33 @@ static void end_session(void)
 static void host_gone(void)
 {
     debugmsg("host disconnected");
-    end_session();
+    end_session(conn.reconnecting);
     buf_free(&g_outq);
     buf_free(&conn.in);
     conn.poisoned = false;
     conn.connected = false;
     if (!conn.reconnecting)
         exit(0);
+    if (conn.listen_fd >= 0) {
+        close(conn.fd);
+        conn.fd = -1;
+    }
 }
 
-/* A virtio-console port polls POLLHUP while no host is connected. */
+/* A virtio-console port polls POLLHUP while no host is connected; in --listen-fd test
+ * mode the next host is the next connection on the listening socket. */
 static void probe_connection(void)
 {
-    struct pollfd p = {.fd = conn.fd, .events = POLLIN};
-    if (poll(&p, 1, 0) == 1 && (p.revents & POLLHUP))
-        return;
+    if (conn.listen_fd >= 0) {
+        int fd = accept4(conn.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        conn.fd = fd;
+    } else {
+        struct pollfd p = {.fd = conn.fd, .events = POLLIN};
+        if (poll(&p, 1, 0) == 1 && (p.revents & POLLHUP))
+            return;
+    }
     debugmsg("host connected");
     conn.connected = true;
 }
@@ -176,9 +194,14 @@ static void handle_hello(const uint8_t *body, size_t len)
         send_error(0, EPROTONOSUPPORT, "agent speaks protocol version %d only", PROTO_VERSION);
         return;
     }
-    /* A HELLO on a live session means a new host whose arrival we did not see. */
-    if (conn.hello)
-        end_session();
+    /* A HELLO on a live session means a new host whose arrival we did not see (a clone
+     * restored from a memory snapshot still holds its original's session). Frames not
+     * yet flushed were the old host's: to the new one they would be for channels it
+     * never opened, ahead of its HELLO. */
+    if (conn.hello) {
+        end_session(true);
+        buf_free(&g_outq);
+    }
     struct utsname u;
     uname(&u);
     size_t fr = frame_begin(&g_outq, MSG_HELLO, 0);
@@ -216,12 +239,12 @@ static _Noreturn void handle_shutdown(void)
         wait_children(NULL, -1, 1000);
     } else {
         pid_t pids[MAX_CHANNELS];
-        int n = chan_kill_all(SIGTERM, pids, MAX_CHANNELS);
+        int n = chan_kill_all(true, SIGTERM, pids, MAX_CHANNELS);
         wait_children(pids, n, 1000);
-        n = chan_kill_all(SIGKILL, pids, MAX_CHANNELS);
+        n = chan_kill_all(true, SIGKILL, pids, MAX_CHANNELS);
         wait_children(pids, n, 1000);
     }
-    chan_drop_all();
+    chan_drop_all(true);
     sync();
     if (g_pid1)
         remount_readonly();
@@ -268,6 +291,12 @@ static void open_channel(uint8_t type, uint32_t id, const uint8_t *body, size_t 
         break;
     case MSG_THAW:
         request_thaw(id, len);
+        break;
+    case MSG_ADOPT:
+        request_adopt(id, body, len);
+        break;
+    case MSG_IDENTITY:
+        request_identity(id, body, len);
         break;
     default:
         request_port_connect(id, body, len);
@@ -331,6 +360,8 @@ static void dispatch(const uint8_t *h, const uint8_t *body, size_t len)
     case MSG_MOUNT:
     case MSG_FREEZE:
     case MSG_THAW:
+    case MSG_ADOPT:
+    case MSG_IDENTITY:
         open_channel(type, id, body, len);
         break;
     case MSG_STDIN:
@@ -360,7 +391,7 @@ static void process_input(void)
         uint32_t len = get_u32(h);
         if (len > MAX_BODY) {
             send_error(0, EMSGSIZE, "frame length %u exceeds %u: framing lost", len, MAX_BODY);
-            end_session();
+            end_session(true);
             conn.poisoned = true;
             buf_free(&conn.in);
             return;
@@ -464,9 +495,25 @@ _Noreturn void serve(int fd, bool reconnecting)
     setup_signals();
     set_nonblock(fd);
     conn.fd = fd;
+    conn.listen_fd = -1;
     conn.reconnecting = reconnecting;
     conn.connected = !reconnecting;
     debugmsg("serving on fd %d", fd);
+    for (;;) {
+        if (!conn.connected)
+            probe_connection();
+        loop_once();
+    }
+}
+
+_Noreturn void serve_listening(int listen_fd)
+{
+    set_nonblock(listen_fd);
+    conn.listen_fd = listen_fd;
+    conn.fd = -1;
+    conn.reconnecting = true;
+    setup_signals();
+    debugmsg("accepting hosts on fd %d", listen_fd);
     for (;;) {
         if (!conn.connected)
             probe_connection();
