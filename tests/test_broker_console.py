@@ -306,3 +306,25 @@ def test_stop_ends_a_transport_blocked_on_a_guest_that_reads_no_replies(share: P
         assert served.ended() is None
     finally:
         served.close()
+
+
+def test_a_resumed_machine_takes_console_shares_only(tmp_path: Path, share: Path) -> None:
+    from vmruntime.errors import MountError
+    from vmruntime.vm import state
+    from vmruntime.vm.mounts import Mount, SandboxMounts, resolve_mounts
+
+    paths = state.SandboxPaths("fusecon-test")
+    resolved = resolve_mounts([Mount(share, "/mnt/s")])
+    with pytest.raises(MountError, match="console shares only"):
+        SandboxMounts.prepare(resolved, paths, owner=(0, 0), detached=False, resume=True)
+    with pytest.raises(ValueError, match="no 'console' transport"):
+        Mount(tmp_path / "disk.img", "/mnt/d", kind="disk", transport="console")
+
+
+def test_the_transport_is_kept_in_a_sandbox_config(share: Path) -> None:
+    from vmruntime.vm.config import SandboxConfig
+    from vmruntime.vm.mounts import Mount
+
+    config = SandboxConfig(image="x", mounts=[Mount(share, "/mnt/s", transport="console")])
+    again = SandboxConfig.from_json(config.to_json())
+    assert [m.transport for m in again.mounts] == ["console"]  # type: ignore[union-attr]

@@ -283,17 +283,28 @@ class SandboxMounts:
 
     @classmethod
     def prepare(cls, resolved: Sequence[ResolvedMount], paths: state.SandboxPaths, *,
-                owner: tuple[int, int], detached: bool) -> SandboxMounts:  # fmt: skip
-        """Take the attach locks, then start one broker per host folder or directory volume."""
+                owner: tuple[int, int], detached: bool,
+                resume: bool = False) -> SandboxMounts:  # fmt: skip
+        """Take the attach locks, then start one broker per host folder or directory volume.
+
+        ``resume``: the machine is a restored memory snapshot whose guest mounted these
+        shares with earlier brokers; they start resumed (docs/broker.md, "Resuming a
+        session"). Only console shares can be in such a machine (vhost-user-fs does not
+        migrate); :class:`MountError` for any other share.
+        """
         made = cls()
         try:
             for item in resolved:
+                if resume and item.share and item.mount.transport != "console":
+                    reason = "a resumed machine has console shares only (vhost-user-fs "
+                    raise MountError(str(item.mount), reason + "cannot migrate)")
                 made._add(item, paths)
             served = [s for s in made.shares if s.resolved.mount.kind != "external"]
             handles = max(_MIN_HANDLES_PER_SHARE, SANDBOX_OPEN_HANDLES // max(1, len(served)))
             for index, share in enumerate(made.shares):
                 if share in served:
-                    share.broker = _start_broker(share, paths, index, owner, detached, handles)
+                    share.broker = _start_broker(share, paths, index, owner, detached, handles,
+                                                 resume)  # fmt: skip
         except BaseException:
             made.close()
             raise
@@ -378,14 +389,15 @@ def _spell(resolved: ResolvedMount) -> str:
 
 
 def _start_broker(share: _Share, paths: state.SandboxPaths, index: int, owner: tuple[int, int],
-                  detached: bool, max_handles: int) -> BrokerProcess:  # fmt: skip
+                  detached: bool, max_handles: int, resume: bool) -> BrokerProcess:  # fmt: skip
     from vmruntime.broker.process import BrokerProcess, ShareConfig
 
     mount = share.resolved.mount
     config = ShareConfig(share.resolved.source, readonly=mount.readonly, uid=owner[0],
                          gid=owner[1], max_handles=max_handles)  # fmt: skip
     return BrokerProcess.start(config, share.socket, log=paths.broker_log(index),
-                               detached=detached, transport=share.transport)  # fmt: skip
+                               detached=detached, transport=share.transport,
+                               resume=resume)  # fmt: skip
 
 
 def _end_broker(broker: BrokerProcess) -> None:
