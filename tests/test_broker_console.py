@@ -28,6 +28,7 @@ from broker_wire import (
     Op,
     Reply,
     cstr,
+    flush_in,
     getattr_in,
     init_in,
     parse_reply,
@@ -328,3 +329,19 @@ def test_the_transport_is_kept_in_a_sandbox_config(share: Path) -> None:
     config = SandboxConfig(image="x", mounts=[Mount(share, "/mnt/s", transport="console")])
     again = SandboxConfig.from_json(config.to_json())
     assert [m.transport for m in again.mounts] == ["console"]  # type: ignore[union-attr]
+
+
+def test_a_console_broker_asks_for_fewer_round_trips(share: Path) -> None:
+    from broker_wire import parse_init_out
+
+    served = Served(share, BrokerOptions(max_write=MAX_WRITE, few_round_trips=True))
+    try:
+        reply = parse_reply(served.handle(request(Op.INIT, 0, init_in(flags=0xFFFFFFFF), unique=2)))
+        flags = parse_init_out(reply.body).flags
+        assert flags & (1 << 13) and not flags & (1 << 14)  # READDIRPLUS always, not AUTO
+        client = Client(served.handle)
+        entry = client.lookup(1, "hello.txt")
+        fh = client.open(entry.nodeid, os.O_RDONLY)
+        assert client.call(Op.FLUSH, entry.nodeid, flush_in(fh)).errno == errno.ENOSYS
+    finally:
+        served.close()

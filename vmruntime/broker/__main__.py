@@ -70,6 +70,8 @@ def _options(args: argparse.Namespace) -> BrokerOptions:
     return BrokerOptions(
         readonly=args.readonly, identity=args.identity, uid=args.uid, gid=args.gid,
         containment=args.containment, max_handles=args.max_handles, resumed=args.resume,
+        # Each round trip over a console port costs the guest far more than over vhost-user.
+        few_round_trips=getattr(args, "transport", "") == "console",
     )  # fmt: skip
 
 

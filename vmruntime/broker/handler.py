@@ -61,6 +61,12 @@ class BrokerOptions:
     # a broker restarted): INIT is done, and node ids and handles that broker gave out
     # are unknown here (ESTALE for node ids, so the guest looks them up again).
     resumed: bool = False
+    # Fewer, larger round trips, for transports where each costs much (the console port:
+    # docs/broker.md, "Transport (c)"): READDIRPLUS for every readdir (not only where the
+    # kernel guesses attributes will be wanted), which spares a LOOKUP per entry of a
+    # directory that is listed and stat'ed; and FLUSH answered ENOSYS once, after which
+    # the kernel sends none (a flush does nothing here: data is written through).
+    few_round_trips: bool = False
 
 
 class FuseHandler:
@@ -220,9 +226,12 @@ class FuseHandler:
         if major != abi.KERNEL_VERSION or minor < abi.MIN_MINOR_VERSION:
             raise OSError(errno.EPROTO, f"FUSE {major}.{minor} is not supported")
         max_write = self.options.max_write
+        wanted = _WANTED_INIT_FLAGS
+        if self.options.few_round_trips:
+            wanted &= ~abi.InitFlag.READDIRPLUS_AUTO
         payload = abi.INIT_OUT.pack(
             abi.KERNEL_VERSION, min(minor, abi.KERNEL_MINOR_VERSION), max_readahead,
-            flags & _WANTED_INIT_FLAGS, 64, 48, max_write, 1, max_write // 4096, 0, 0,
+            flags & wanted, 64, 48, max_write, 1, max_write // 4096, 0, 0,
         )  # fmt: skip
         self._initialized = True
         return abi.reply(header.unique, payload)
@@ -368,6 +377,8 @@ class FuseHandler:
         return abi.reply(header.unique)
 
     def _flush(self, header: abi.InHeader, body: bytes) -> bytes:
+        if self.options.few_round_trips:
+            raise OSError(errno.ENOSYS, "FLUSH: the kernel need not send it")
         fh, *_ = unpack(abi.FLUSH_IN, body)
         self._ops.flush(fh)
         return abi.reply(header.unique)
