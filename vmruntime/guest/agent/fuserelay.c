@@ -69,19 +69,70 @@ static bool write_all(int fd, const uint8_t *buf, size_t n)
     return true;
 }
 
+static void request_read_failed(void)
+{
+    if (errno != ENODEV) /* ENODEV: unmounted, the normal end */
+        logmsg("fuse-console relay: read /dev/fuse: %s", strerror(errno));
+    _exit(0);
+}
+
+/* ENOENT: the request was interrupted before we took it. */
+static bool retry_request_read(void)
+{
+    return errno == EINTR || errno == ENOENT || errno == EAGAIN;
+}
+
+/* Requests through a pipe with splice: /dev/fuse moves a request into the pipe (a WRITE's
+ * data pages by reference) and the port takes the pipe's whole content as one buffer,
+ * where write() would copy twice and send 32 KiB per call (the port's limit). false: the
+ * kernel cannot splice these (then nothing was taken from /dev/fuse). */
+static bool splice_requests(int fuse_fd, int port_fd)
+{
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return false;
+    /* Room for the largest request (max_write + headers), taken whole or not at all. */
+    if (fcntl(pipefd[1], F_SETPIPE_SZ, 2 * RELAY_BUFFER) < 0) {
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return false;
+    }
+    for (bool first = true;; first = false) {
+        ssize_t n = splice(fuse_fd, NULL, pipefd[1], NULL, RELAY_BUFFER, 0);
+        if (n < 0 && retry_request_read())
+            continue;
+        if (n < 0 && first && errno == EINVAL) {
+            close(pipefd[0]);
+            close(pipefd[1]);
+            return false;
+        }
+        if (n <= 0)
+            request_read_failed();
+        for (size_t left = (size_t)n; left > 0;) {
+            ssize_t m = splice(pipefd[0], NULL, port_fd, NULL, left, 0);
+            if (m < 0 && errno == EINTR)
+                continue;
+            if (m <= 0) {
+                logmsg("fuse-console relay: splice to the port: %s", strerror(errno));
+                _exit(1);
+            }
+            left -= (size_t)m;
+        }
+    }
+}
+
 /* A: requests from /dev/fuse to the port, one whole request per read. */
 static _Noreturn void requests_to_port(int fuse_fd, int port_fd)
 {
+    if (!splice_requests(fuse_fd, port_fd))
+        debugmsg("fuse-console relay: no splice, copying requests");
     uint8_t *buf = xmalloc(RELAY_BUFFER);
     for (;;) {
         ssize_t n = read(fuse_fd, buf, RELAY_BUFFER);
-        if (n < 0 && (errno == EINTR || errno == ENOENT || errno == EAGAIN))
-            continue; /* ENOENT: the request was interrupted before we took it */
-        if (n < 0) {
-            if (errno != ENODEV) /* ENODEV: unmounted, the normal end */
-                logmsg("fuse-console relay: read /dev/fuse: %s", strerror(errno));
-            _exit(0);
-        }
+        if (n < 0 && retry_request_read())
+            continue;
+        if (n < 0)
+            request_read_failed();
         if ((size_t)n < FUSE_IN_HEADER || le32(buf) != (uint32_t)n) {
             logmsg("fuse-console relay: odd request of %zd bytes from /dev/fuse", n);
             continue;
@@ -93,8 +144,44 @@ static _Noreturn void requests_to_port(int fuse_fd, int port_fd)
     }
 }
 
+/* The mount's readahead knob, /sys/class/bdi/MAJ:MIN/read_ahead_kb, from mountinfo (a
+ * stat() of the mount would wait on the broker); "" if not found. */
+static void readahead_knob(const char *path, char *knob, size_t size)
+{
+    knob[0] = 0;
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return;
+    char line[4096], point[4096], dev[32] = "";
+    while (fgets(line, sizeof line, f)) {
+        char got[32];
+        if (sscanf(line, "%*s %*s %31s %*s %4095s", got, point) == 2 && strcmp(point, path) == 0)
+            snprintf(dev, sizeof dev, "%s", got); /* the last one is ours */
+    }
+    fclose(f);
+    if (dev[0])
+        snprintf(knob, size, "/sys/class/bdi/%s/read_ahead_kb", dev);
+}
+
+/* Readahead up to max_read (1 MiB) instead of the kernel's 128 KiB: a sequential read then
+ * costs one round trip per MiB, not eight, and a round trip over the port costs the guest
+ * more than one over virtio-fs. Only once INIT is answered: the kernel lowers readahead
+ * to INIT's max_readahead when the reply arrives. Best effort. */
+static void widen_readahead(const char *knob)
+{
+    int fd = knob[0] ? open(knob, O_WRONLY | O_CLOEXEC) : -1;
+    if (fd < 0)
+        return;
+    char value[16];
+    int n = snprintf(value, sizeof value, "%u", RELAY_MAX_WRITE / 1024);
+    if (write(fd, value, (size_t)n) != n)
+        debugmsg("fuse-console: %s: %s", knob, strerror(errno));
+    close(fd);
+}
+
 struct relay_fds {
     int fuse_fd, port_fd;
+    char knob[96];
 };
 
 /* B: replies from the port to /dev/fuse, reassembled from the byte stream. */
@@ -102,8 +189,10 @@ static void *replies_to_fuse(void *arg)
 {
     int fuse_fd = ((struct relay_fds *)arg)->fuse_fd;
     int port_fd = ((struct relay_fds *)arg)->port_fd;
+    const char *knob = ((struct relay_fds *)arg)->knob;
     uint8_t *buf = xmalloc(RELAY_BUFFER);
     size_t have = 0;
+    bool first_reply = true; /* INIT's: the first the kernel ever gets */
     for (;;) {
         ssize_t n = read(port_fd, buf + have, RELAY_BUFFER - have);
         if (n < 0 && errno == EINTR)
@@ -133,6 +222,9 @@ static void *replies_to_fuse(void *arg)
              * does not take. Neither stops the others. */
             if (write(fuse_fd, buf + off, len) < 0 && errno != ENOENT)
                 debugmsg("fuse-console relay: write /dev/fuse: %s", strerror(errno));
+            if (first_reply)
+                widen_readahead(knob);
+            first_reply = false;
             off += len;
         }
         memmove(buf, buf + off, have - off);
@@ -141,7 +233,7 @@ static void *replies_to_fuse(void *arg)
 }
 
 /* The relay pair, in a new session; returns in the agent only. */
-static int start_relay(int fuse_fd, int port_fd, char *why, size_t whylen)
+static int start_relay(int fuse_fd, int port_fd, const char *knob, char *why, size_t whylen)
 {
     pid_t a = fork();
     if (a < 0) {
@@ -166,6 +258,7 @@ static int start_relay(int fuse_fd, int port_fd, char *why, size_t whylen)
     static struct relay_fds fds;
     fds.fuse_fd = fuse_fd;
     fds.port_fd = port_fd;
+    snprintf(fds.knob, sizeof fds.knob, "%s", knob);
     pthread_t b;
     if (pthread_create(&b, NULL, replies_to_fuse, &fds) != 0)
         _exit(1);
@@ -203,7 +296,9 @@ int fuse_console_mount(const struct mount_req *m, char *why, size_t whylen)
         close(port_fd);
         return err;
     }
-    int err = start_relay(fuse_fd, port_fd, why, whylen);
+    char knob[96];
+    readahead_knob(m->path, knob, sizeof knob);
+    int err = start_relay(fuse_fd, port_fd, knob, why, whylen);
     close(fuse_fd);
     close(port_fd);
     if (err) {
