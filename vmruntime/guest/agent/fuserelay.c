@@ -82,50 +82,9 @@ static bool retry_request_read(void)
     return errno == EINTR || errno == ENOENT || errno == EAGAIN;
 }
 
-/* Requests through a pipe with splice: /dev/fuse moves a request into the pipe (a WRITE's
- * data pages by reference) and the port takes the pipe's whole content as one buffer,
- * where write() would copy twice and send 32 KiB per call (the port's limit). false: the
- * kernel cannot splice these (then nothing was taken from /dev/fuse). */
-static bool splice_requests(int fuse_fd, int port_fd)
-{
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) < 0)
-        return false;
-    /* Room for the largest request (max_write + headers), taken whole or not at all. */
-    if (fcntl(pipefd[1], F_SETPIPE_SZ, 2 * RELAY_BUFFER) < 0) {
-        close(pipefd[0]);
-        close(pipefd[1]);
-        return false;
-    }
-    for (bool first = true;; first = false) {
-        ssize_t n = splice(fuse_fd, NULL, pipefd[1], NULL, RELAY_BUFFER, 0);
-        if (n < 0 && retry_request_read())
-            continue;
-        if (n < 0 && first && errno == EINVAL) {
-            close(pipefd[0]);
-            close(pipefd[1]);
-            return false;
-        }
-        if (n <= 0)
-            request_read_failed();
-        for (size_t left = (size_t)n; left > 0;) {
-            ssize_t m = splice(pipefd[0], NULL, port_fd, NULL, left, 0);
-            if (m < 0 && errno == EINTR)
-                continue;
-            if (m <= 0) {
-                logmsg("fuse-console relay: splice to the port: %s", strerror(errno));
-                _exit(1);
-            }
-            left -= (size_t)m;
-        }
-    }
-}
-
 /* A: requests from /dev/fuse to the port, one whole request per read. */
 static _Noreturn void requests_to_port(int fuse_fd, int port_fd)
 {
-    if (!splice_requests(fuse_fd, port_fd))
-        debugmsg("fuse-console relay: no splice, copying requests");
     uint8_t *buf = xmalloc(RELAY_BUFFER);
     for (;;) {
         ssize_t n = read(fuse_fd, buf, RELAY_BUFFER);
