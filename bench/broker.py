@@ -2,11 +2,14 @@
 
 Not a test: it prints timings and ratios measured in the same run, on this machine.
 
-Two sandboxes of the default image boot once each, from QEMU command lines that are
-identical except the vhost-user socket (checked and printed): one shares a host
+Three sandboxes of the default image boot once each. Two from QEMU command lines that
+are identical except the vhost-user socket (checked and printed): one shares a host
 folder through our broker (``Mount(host, guest)``), the other through Debian's
 ``virtiofsd`` served by ``../shared/peers/virtiofsd-peer.sh``
-(``Mount.external(socket, guest)``). Each share holds its own identical copy of a
+(``Mount.external(socket, guest)``). The third shares it through our broker on the
+console transport (``Mount(host, guest, transport="console")``: FUSE over a
+virtio-console port, relayed by the guest's agent; the transport memory snapshots
+need), unless ``--no-console``. Each share holds its own identical copy of a
 generated tree. Then one warm-up round (not counted) and ``--runs`` rounds, the two
 servers taking turns going first, run these steps in each guest, each in its own
 exec, timed on the guest's clock (bash's ``$EPOCHREALTIME``, which forks nothing),
@@ -19,9 +22,10 @@ with the guest's page, dentry and inode caches dropped before each step but dele
 - create + delete: ``touch`` of 1,000 new files by one process, then ``rm`` of them
   by one process and ``rmdir`` of their directory.
 
-It prints the median, min and max of each step for both servers, the throughput
-ratio (virtiofsd's time / ours: 1 or more means the broker is faster; goal 0.5 on
-every line and 1.0 on the two large sequential lines), each server's host CPU time
+It prints the median, min and max of each step for every server, the throughput
+ratios (virtiofsd's time / ours: 1 or more means the broker is faster; goal 0.5 on
+every line and 1.0 on the two large sequential lines for vhost-user, 0.5 on every
+line for the console transport), each server's host CPU time
 per step, and the accelerator. With ``--profile``, one more round runs on the broker
 while ``py-spy`` samples it. See ``bench/README.md`` for every line.
 
@@ -392,18 +396,25 @@ async def run_round(side: Side, args: argparse.Namespace, tree: Tree, count: boo
     return f"{side.name}: " + " ".join(cells)
 
 
-async def run_rounds(args: argparse.Namespace, sides: tuple[Side, Side], tree: Tree) -> None:
-    """One warm-up round, then ``args.runs`` rounds; who goes first alternates."""
+async def run_rounds(args: argparse.Namespace, sides: tuple[Side, ...], tree: Tree) -> None:
+    """One warm-up round, then ``args.runs`` rounds; who goes first rotates."""
     for round_ in range(args.runs + 1):
         label = "warm-up round (not counted)" if round_ == 0 else f"round {round_}/{args.runs}"
-        order = sides if round_ % 2 == 0 else sides[::-1]
+        shift = round_ % len(sides)
+        order = sides[shift:] + sides[:shift]
         cells = []
-        for active, idle in (order, order[::-1]):
-            # The idle VM shares the host's 2 cores with the measured one: keep its cost in view.
-            before = cpu_seconds(idle.running().vmm_pid)
+        idle_cpu = {side.name: 0.0 for side in sides}
+        for active in order:
+            # The idle VMs share the host's 2 cores with the measured one: keep their cost
+            # in view.
+            idle = [side for side in sides if side is not active]
+            before = [cpu_seconds(side.running().vmm_pid) for side in idle]
             cells.append(await run_round(active, args, tree, count=round_ > 0))
-            if round_ > 0:
-                idle.idle_qemu_cpu.append(cpu_seconds(idle.running().vmm_pid) - before)
+            for side, cpu in zip(idle, before, strict=True):
+                idle_cpu[side.name] += cpu_seconds(side.running().vmm_pid) - cpu
+        if round_ > 0:
+            for side in sides:
+                side.idle_qemu_cpu.append(idle_cpu[side.name])
         print(f"{label}:\n  " + "\n  ".join(cells), flush=True)
 
 
@@ -454,51 +465,52 @@ def cell(values: list[float], amount: float, unit: str) -> str:
     return f"{mid * scale:.{digits}f} {suffix} ({low}..{high}) {rate_text} {unit}/s"
 
 
-def print_results(args: argparse.Namespace, tree: Tree, ours: Side, peer: Side) -> list[str]:
+def print_results(args: argparse.Namespace, tree: Tree, mine: tuple[Side, ...],
+                  peer: Side) -> list[str]:  # fmt: skip
     """The tables; returns the labels of the lines whose goal was missed."""
     print(
         f"results: median (min..max) of {args.runs} run(s), guest clock; ratio = "
-        f"virtiofsd's time / the broker's (throughput ratio, >= 1: the broker is faster)"
+        f"virtiofsd's time / ours (throughput ratio, >= 1: ours is faster)"
     )
-    print(f"  {'step':<38} {'virtiofsd':<38} {'broker':<38} {'ratio':>5}  goal")
+    head = "".join(f" {side.name:<38}" for side in (peer, *mine))
+    print(f"  {'step':<38}{head} " + " ".join(f"{'ratio ' + s.name:>14}" for s in mine))
     missed: list[str] = []
     lines = result_lines(args, tree)
     for line in lines:
-        theirs, mine = per_run(peer.seconds, line), per_run(ours.seconds, line)
-        ratio = median(theirs) / median(mine)
-        goal = ""
-        if line.goal is not None:
-            met = ratio >= line.goal
-            goal = f">= {line.goal:.1f} {'met' if met else 'MISSED'}"
-            if not met:
-                missed.append(line.label.strip())
-        print(
-            f"  {line.label:<38} {cell(theirs, line.amount, line.unit):<38} "
-            f"{cell(mine, line.amount, line.unit):<38} {ratio:>5.2f}  {goal}"
-        )
+        theirs = per_run(peer.seconds, line)
+        cells, ratios = [cell(theirs, line.amount, line.unit)], []
+        for side in mine:
+            values = per_run(side.seconds, line)
+            cells.append(cell(values, line.amount, line.unit))
+            ratio = median(theirs) / median(values)
+            goal = line.goal if side.name == "broker" else (0.5 if line.goal else None)
+            mark = ""
+            if goal is not None:
+                met = ratio >= goal
+                mark = f" (>={goal:.1f} {'met' if met else 'MISSED'})"
+                if not met:
+                    missed.append(f"{side.name}: {line.label.strip()}")
+            ratios.append(f"{ratio:>5.2f}{mark}")
+        row = "".join(f" {text:<38}" for text in cells)
+        print(f"  {line.label:<38}{row}  " + "  ".join(ratios))
     print(
         "host CPU seconds per step, medians: the server process (all threads), and QEMU "
         "(the emulated guest and its device loop)"
     )
-    print(
-        f"  {'step':<38} {'virtiofsd':>9} {'broker':>9} {'broker/vfsd':>11}  "
-        f"{'QEMU w/ vfsd':>12} {'QEMU w/ broker':>14}"
-    )
+    sides = (peer, *mine)
+    print(f"  {'step':<38}" + "".join(f" {s.name:>10} {'QEMU':>6}" for s in sides))
     for line in lines:
-        theirs, mine = (median(per_run(side.server_cpu, line)) for side in (peer, ours))
-        times = f"{mine / theirs:.1f}x" if theirs > 0 else "-"
-        q_theirs, q_mine = (median(per_run(side.qemu_cpu, line)) for side in (peer, ours))
-        print(
-            f"  {line.label:<38} {theirs:>9.2f} {mine:>9.2f} {times:>11}  "
-            f"{q_theirs:>12.2f} {q_mine:>14.2f}"
-        )
-    for side, other in ((peer, ours), (ours, peer)):
+        server = [median(per_run(s.server_cpu, line)) for s in sides]
+        qemu = [median(per_run(s.qemu_cpu, line)) for s in sides]
+        row = "".join(f" {a:>10.2f} {b:>6.2f}" for a, b in zip(server, qemu, strict=True))
+        print(f"  {line.label:<38}{row}")
+    for side in sides:
         guest = sum(median(values) for values in side.seconds.values())
         host = sum(median(values) for values in side.exec_seconds.values())
         print(
             f"{side.name}'s round: steps {fmt(guest)} on the guest clock, their execs "
-            f"{fmt(host)} on the host clock (the rest: exec round trips); the idle "
-            f"{other.name} VM's QEMU used {median(other.idle_qemu_cpu):.2f} s CPU meanwhile"
+            f"{fmt(host)} on the host clock (the rest: exec round trips); its QEMU used "
+            f"{median(side.idle_qemu_cpu):.2f} s CPU while idle in a round"
         )
     return missed
 
@@ -691,11 +703,14 @@ async def bench_main(args: argparse.Namespace) -> int:
     try:
         built = time.perf_counter()
         ours = Side("broker", base / "broker")
+        console = Side("console", base / "console")
         peer = Side("virtiofsd", base / "virtiofsd")
         tree = make_tree(ours.share)
         make_tree(peer.share)
+        if args.console:
+            make_tree(console.share)
         os.sync()  # the tree's write-back is not part of any step
-        print(f"share: two copies of the tree written in {fmt(time.perf_counter() - built)}")
+        print(f"share: copies of the tree written in {fmt(time.perf_counter() - built)}")
         print_environment(choose_accelerator(), args, tree)
         peer_server = Peer(
             peer.share, base / "virtiofsd.sock", base / "virtiofsd-peer.log",
@@ -703,19 +718,25 @@ async def bench_main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         peer_server.start(args.peer_timeout)
         external = Mount.external(peer_server.socket, GUEST_MOUNT, readonly=False)
-        async with (
-            started(peer, external, args, tree),
-            started(ours, Mount(ours.share, GUEST_MOUNT, readonly=False), args, tree),
-        ):
+        mine = (ours, console) if args.console else (ours,)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(started(peer, external, args, tree))
+            await stack.enter_async_context(
+                started(ours, Mount(ours.share, GUEST_MOUNT, readonly=False), args, tree)
+            )
+            if args.console:
+                over_console = Mount(console.share, GUEST_MOUNT, transport="console")
+                await stack.enter_async_context(started(console, over_console, args, tree))
             peer.server_pid = peer_server.virtiofsd_pid()
-            ours.server_pid = broker_pid(ours.running())
+            for side in mine:
+                side.server_pid = broker_pid(side.running())
             print(f"QEMU command lines: {compare_cmdlines(ours.running(), peer.running())}")
             print(
                 "timing: guest clock ($EPOCHREALTIME in bash, one exec per step); the guest's "
                 "caches dropped before each step but delete; both VMs stay up, the idle one waits"
             )
-            await run_rounds(args, (ours, peer), tree)
-            missed = print_results(args, tree, ours, peer)
+            await run_rounds(args, (*mine, peer), tree)
+            missed = print_results(args, tree, mine, peer)
             if args.profile:
                 await profile_round(args, ours, tree)
         verdict = "all goals met" if not missed else "goals missed: " + ", ".join(missed)
@@ -747,6 +768,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra virtiofsd options. The default --xattr gives it the broker's feature set: "
         "a server with extended attributes is asked for security.capability before every "
         "guest write(2), one more round trip that virtiofsd without them is spared",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-console", dest="console", action="store_false",
+        help="leave out the third sandbox, the broker on the console transport",
     )  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy one more broker round")
     parser.add_argument("--profile-top", type=int, default=15, help="frames to list")

@@ -3,6 +3,12 @@
 ``serve`` listens on a Unix socket for QEMU's ``vhost-user-fs-device``, serves
 one front-end and exits 0 when it disconnects (QEMU exited) or on
 SIGTERM/SIGINT; it writes one byte to ``--ready-fd`` once the socket listens.
+``serve --transport console`` instead connects to ``--socket``, where QEMU listens for
+a virtio-console port's chardev (retrying until QEMU is there, ``--connect-timeout``),
+and serves the FUSE messages the guest's agent relays on it (``console.py``); it writes
+the ready byte once the share is open, as QEMU starts after it. ``--resume``: the guest's
+FUSE session began with an earlier broker (docs/broker.md, "Resuming a session").
+Exit status 3: the guest broke the console stream's framing.
 ``mount`` serves the same share on a host mount point through ``/dev/fuse``.
 Exit status 2: the share or the socket cannot be set up (the reason is on stderr).
 """
@@ -27,6 +33,7 @@ from vmruntime.errors import VmruntimeError
 log = logging.getLogger("vmruntime.broker")
 
 EXIT_SETUP_FAILED = 2
+EXIT_BAD_STREAM = 3
 
 
 def _share_options(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +43,8 @@ def _share_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gid", type=int, default=0)
     parser.add_argument("--containment", choices=("auto", "openat2", "walk"), default="auto")
     parser.add_argument("--max-handles", type=int, default=1024)
+    parser.add_argument("--resume", action="store_true",
+                        help="the guest's FUSE session began with an earlier broker")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="log every vhost-user message")
 
 
@@ -46,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", required=True, type=Path)
     serve.add_argument("--root", required=True, type=Path)
     serve.add_argument("--ready-fd", type=int, default=-1)
+    serve.add_argument("--transport", choices=("vhost-user", "console"), default="vhost-user")
+    serve.add_argument("--connect-timeout", type=float, default=60.0,
+                       help="console: how long to wait for QEMU's socket")  # fmt: skip
     _share_options(serve)
     mount = commands.add_parser("mount", help="serve a share on a host mount point (/dev/fuse)")
     mount.add_argument("root", type=Path)
@@ -57,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> BrokerOptions:
     return BrokerOptions(
         readonly=args.readonly, identity=args.identity, uid=args.uid, gid=args.gid,
-        containment=args.containment, max_handles=args.max_handles,
+        containment=args.containment, max_handles=args.max_handles, resumed=args.resume,
+        # Each round trip over a console port costs the guest far more than over vhost-user.
+        few_round_trips=getattr(args, "transport", "") == "console",
     )  # fmt: skip
 
 
@@ -104,16 +118,53 @@ def _signal_ready(fd: int) -> None:
             os.close(fd)
 
 
+def _open_share(args: argparse.Namespace) -> FuseHandler | None:
+    if not args.root.is_dir():
+        print(f"share root {args.root} is not a directory", file=sys.stderr)
+        return None
+    try:
+        return FuseHandler(args.root, _options(args))
+    except (VmruntimeError, OSError, ValueError) as exc:
+        print(f"share root {args.root}: {exc}", file=sys.stderr)
+        return None
+
+
+def serve_console(args: argparse.Namespace) -> int:
+    from vmruntime.broker.console import ConsoleTransport, FramingError, connect_console
+
+    handler = _open_share(args)
+    if handler is None:
+        return EXIT_SETUP_FAILED
+    transport = ConsoleTransport(handler)
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, lambda *_: transport.stop())
+    try:
+        _signal_ready(args.ready_fd)  # QEMU, which listens, starts after us
+        try:
+            sock = connect_console(args.socket, args.connect_timeout)
+        except (VmruntimeError, OSError) as exc:
+            print(f"cannot connect to {args.socket}: {exc}", file=sys.stderr)
+            return EXIT_SETUP_FAILED
+        log.info("serving %s on the console port at %s", args.root, args.socket)
+        with sock:
+            try:
+                transport.serve(sock)
+            except FramingError as exc:
+                log.error("%s; closing the connection", exc)
+                return EXIT_BAD_STREAM
+    finally:
+        log.info("requests by opcode: %s", handler.describe_counts() or "none")
+        handler.close()
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from vmruntime.broker.vhost_user import VhostUserFsBackend
 
-    if not args.root.is_dir():
-        print(f"share root {args.root} is not a directory", file=sys.stderr)
-        return EXIT_SETUP_FAILED
-    try:
-        handler = FuseHandler(args.root, _options(args))
-    except (VmruntimeError, OSError, ValueError) as exc:
-        print(f"share root {args.root}: {exc}", file=sys.stderr)
+    if args.transport == "console":
+        return serve_console(args)
+    handler = _open_share(args)
+    if handler is None:
         return EXIT_SETUP_FAILED
     backend = VhostUserFsBackend(handler)
     try:

@@ -57,6 +57,16 @@ class BrokerOptions:
     max_write: int = 1 << 20
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
+    # The guest's FUSE session began with an earlier broker (a memory snapshot restored,
+    # a broker restarted): INIT is done, and node ids and handles that broker gave out
+    # are unknown here (ESTALE for node ids, so the guest looks them up again).
+    resumed: bool = False
+    # Fewer, larger round trips, for transports where each costs much (the console port:
+    # docs/broker.md, "Transport (c)"): READDIRPLUS for every readdir (not only where the
+    # kernel guesses attributes will be wanted), which spares a LOOKUP per entry of a
+    # directory that is listed and stat'ed; and FLUSH answered ENOSYS once, after which
+    # the kernel sends none (a flush does nothing here: data is written through).
+    few_round_trips: bool = False
 
 
 class FuseHandler:
@@ -74,7 +84,7 @@ class FuseHandler:
             self._passthrough = Passthrough(
                 root_fd, resolver, identity_mode=self.options.identity, uid=self.options.uid,
                 gid=self.options.gid, max_inodes=self.options.max_inodes,
-                max_handles=self.options.max_handles,
+                max_handles=self.options.max_handles, resumed=self.options.resumed,
             )  # fmt: skip
         except (ValueError, OSError) as exc:
             os.close(root_fd)
@@ -85,7 +95,7 @@ class FuseHandler:
         )
         self._lock = threading.Lock()
         self.counts: Counter[int] = Counter()  # requests by opcode, for the broker's log
-        self._initialized = False
+        self._initialized = self.options.resumed
         self._entry_ns = int(self.options.entry_timeout * 1e9)
         self._attr_ns = int(self.options.attr_timeout * 1e9)
         self._max_request = self.options.max_write + 4096
@@ -216,9 +226,12 @@ class FuseHandler:
         if major != abi.KERNEL_VERSION or minor < abi.MIN_MINOR_VERSION:
             raise OSError(errno.EPROTO, f"FUSE {major}.{minor} is not supported")
         max_write = self.options.max_write
+        wanted = _WANTED_INIT_FLAGS
+        if self.options.few_round_trips:
+            wanted &= ~abi.InitFlag.READDIRPLUS_AUTO
         payload = abi.INIT_OUT.pack(
             abi.KERNEL_VERSION, min(minor, abi.KERNEL_MINOR_VERSION), max_readahead,
-            flags & _WANTED_INIT_FLAGS, 64, 48, max_write, 1, max_write // 4096, 0, 0,
+            flags & wanted, 64, 48, max_write, 1, max_write // 4096, 0, 0,
         )  # fmt: skip
         self._initialized = True
         return abi.reply(header.unique, payload)
@@ -364,6 +377,8 @@ class FuseHandler:
         return abi.reply(header.unique)
 
     def _flush(self, header: abi.InHeader, body: bytes) -> bytes:
+        if self.options.few_round_trips:
+            raise OSError(errno.ENOSYS, "FLUSH: the kernel need not send it")
         fh, *_ = unpack(abi.FLUSH_IN, body)
         self._ops.flush(fh)
         return abi.reply(header.unique)

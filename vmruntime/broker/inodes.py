@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 
@@ -31,14 +32,28 @@ class Inode:
         return f"/proc/self/fd/{self.fd}"
 
 
+def resumed_base() -> int:
+    """Where a resumed broker starts numbering node ids and handles: a random multiple of
+    2**32, so that no number an earlier broker of the same session handed out (which count
+    up from 1) names something else here."""
+    return (secrets.randbits(30) + 1) << 32
+
+
 class InodeTable:
-    def __init__(self, root_fd: int, max_inodes: int) -> None:
+    """Node ids of one share. ``first_id`` is where numbering starts (ids count up from it);
+    ``unknown_errno`` is the answer for an id we never gave out: EBADF normally, ESTALE in a
+    resumed broker, where the guest's kernel still holds the ids of the broker before us
+    and, on ESTALE, looks the name up again from the parent (the root, id 1, always works)."""
+
+    def __init__(self, root_fd: int, max_inodes: int, *, first_id: int = ROOT_ID + 1,
+                 unknown_errno: int = errno.EBADF) -> None:  # fmt: skip
         st = os.fstat(root_fd)
         self.root = Inode(ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFMT(st.st_mode), 1)
         self._by_id: dict[int, Inode] = {ROOT_ID: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
-        self._next_id = ROOT_ID + 1
+        self._next_id = first_id
         self._max = max_inodes
+        self._unknown_errno = unknown_errno
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -46,7 +61,7 @@ class InodeTable:
     def get(self, nodeid: int) -> Inode:
         inode = self._by_id.get(nodeid)
         if inode is None:
-            raise OSError(errno.EBADF, f"unknown node id {nodeid}")
+            raise OSError(self._unknown_errno, f"unknown node id {nodeid}")
         return inode
 
     def remember(self, fd: int, st: os.stat_result) -> Inode:
@@ -95,9 +110,9 @@ class Handle:
 
 
 class HandleTable:
-    def __init__(self, max_handles: int) -> None:
+    def __init__(self, max_handles: int, *, first: int = 1) -> None:
         self._handles: dict[int, Handle] = {}
-        self._next = 1
+        self._next = first
         self._max = max_handles
 
     def __len__(self) -> int:

@@ -36,7 +36,7 @@ from vmruntime.broker.abi import (
     Attr,
 )
 from vmruntime.broker.containment import Resolver, check_name
-from vmruntime.broker.inodes import Handle, HandleTable, Inode, InodeTable
+from vmruntime.broker.inodes import Handle, HandleTable, Inode, InodeTable, resumed_base
 
 # Open flags a guest may ask for; anything else (O_DIRECT's alignment rules,
 # O_NOATIME, O_PATH, O_TMPFILE...) is dropped rather than passed to the host.
@@ -94,14 +94,20 @@ class Passthrough:
     """Operations on the host tree rooted at an open directory descriptor."""
 
     def __init__(self, root_fd: int, resolver: Resolver, *, identity_mode: str, uid: int,
-                 gid: int, max_inodes: int, max_handles: int) -> None:  # fmt: skip
+                 gid: int, max_inodes: int, max_handles: int,
+                 resumed: bool = False) -> None:  # fmt: skip
         if identity_mode not in ("virtual", "passthrough"):
             raise ValueError(f"identity mode {identity_mode!r}: want virtual or passthrough")
         self.resolver = resolver
         self.virtual = identity_mode == "virtual"
         self.uid, self.gid = uid, gid
-        self.inodes = InodeTable(root_fd, max_inodes)
-        self.handles = HandleTable(max_handles)
+        if resumed:  # see InodeTable: the guest still holds an earlier broker's numbers
+            base = resumed_base()
+            self.inodes = InodeTable(root_fd, max_inodes, first_id=base, unknown_errno=errno.ESTALE)
+            self.handles = HandleTable(max_handles, first=base)
+        else:
+            self.inodes = InodeTable(root_fd, max_inodes)
+            self.handles = HandleTable(max_handles)
 
     def close(self) -> None:
         self.handles.clear()

@@ -41,16 +41,19 @@ class ShareConfig:
 
 
 class BrokerProcess:
-    """A running broker serving one share on one vhost-user socket.
+    """A running broker serving one share on one vhost-user socket, or on a console port.
 
     Who calls it: :mod:`vmruntime.vm.sandbox`, one per share per sandbox, before
-    QEMU is started with ``-chardev socket,path=SOCKET``. Promises: ``start``
-    returns only once the socket listens, or raises :class:`BrokerError` naming
-    the share root with the tail of ``log``; the broker exits by itself when
-    QEMU disconnects; a non-detached broker runs in its own process group and
-    gets SIGKILL from the kernel when this process dies (it is started on
-    :func:`vmruntime._child.start_child`'s thread, so any thread may call ``start``,
-    which blocks until the socket listens); a detached one is in its own session
+    QEMU is started with ``-chardev socket,path=SOCKET``. With ``transport="console"``
+    QEMU listens at SOCKET for a virtio-console port and the broker connects to it
+    (retrying until QEMU is there); ``resume=True`` starts a broker for a guest whose
+    FUSE session an earlier broker began (a restored memory snapshot). Promises:
+    ``start`` returns only once the socket listens (console: once the share is open), or
+    raises :class:`BrokerError` naming the share root with the tail of ``log``; the broker
+    exits by itself when QEMU disconnects; a non-detached broker runs in its own process
+    group and gets SIGKILL from the kernel when this process dies (it is started on
+    :func:`vmruntime._child.start_child`'s thread, so any thread may call ``start``, which
+    blocks until the socket listens); a detached one is in its own session
     and outlives us. ``stop`` and ``kill`` reap it and are idempotent.
     """
 
@@ -63,10 +66,12 @@ class BrokerProcess:
         self.pid = process.pid
 
     @classmethod
-    def start(cls, share: ShareConfig, socket: Path, *, log: Path,
-              detached: bool = False) -> BrokerProcess:  # fmt: skip
+    def start(cls, share: ShareConfig, socket: Path, *, log: Path, detached: bool = False,
+              transport: str = "vhost-user", resume: bool = False) -> BrokerProcess:  # fmt: skip
         argv = [sys.executable, "-m", "vmruntime.broker", "serve", "--socket", str(socket),
-                *share.argv()]  # fmt: skip
+                "--transport", transport, *share.argv()]  # fmt: skip
+        if resume:
+            argv.append("--resume")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         try:
             parent = os.getpid()

@@ -358,12 +358,13 @@ def _is_machine_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
-MOUNT_FSTYPES = ("virtiofs", "ext4", "bind")
+MOUNT_FSTYPES = ("virtiofs", "ext4", "bind", "fuse-console")
 
 
 @dataclass(frozen=True)
 class MountRequest:
-    """Mount a share (``virtiofs``, by its device tag), a disk (``ext4``, by its serial), or
+    """Mount a share (``virtiofs``, by its device tag; ``fuse-console``, by its console port's
+    name, relayed by the agent), a disk (``ext4``, by its serial), or
     a directory of the root again (``bind``, by its path; ``/`` on ``/`` read-only makes
     the root read-only while the mounts under it keep their flags)."""
 

@@ -134,7 +134,8 @@ class SandboxConfig:
     def from_json(cls, doc: Mapping[str, Any]) -> SandboxConfig:
         values = dict(doc)
         values["ports"] = {int(g): int(h) for g, h in (doc.get("ports") or {}).items()}
-        values["mounts"] = [Mount(m["host"], m["guest"], m["readonly"], m["kind"])
+        values["mounts"] = [Mount(m["host"], m["guest"], m["readonly"], m["kind"],
+                                  m.get("transport", "vhost-user"))
                             for m in doc.get("mounts") or ()]  # fmt: skip
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -143,7 +144,7 @@ class SandboxConfig:
 def _mount_json(mount: Mount | str) -> dict[str, Any]:
     assert isinstance(mount, Mount)
     return {"kind": mount.kind, "host": str(mount.host), "guest": mount.guest,
-            "readonly": mount.readonly}  # fmt: skip
+            "readonly": mount.readonly, "transport": mount.transport}  # fmt: skip
 
 
 def _image(image: object) -> str:

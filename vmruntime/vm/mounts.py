@@ -47,6 +47,13 @@ if TYPE_CHECKING:
     from vmruntime.volumes.attach import Attachment
 
 MountKind = Literal["bind", "volume", "disk", "external"]
+# How a share's FUSE requests reach its broker: a vhost-user-fs device (the fastest; QEMU
+# 7.2 cannot migrate it), or a virtio-console port the agent relays /dev/fuse over
+# (migrates with the VM: the transport of sandboxes that are memory-snapshotted).
+ShareTransport = Literal["vhost-user", "console"]
+SHARE_TRANSPORTS: tuple[ShareTransport, ...] = ("vhost-user", "console")
+# The virtio-console port of share N (the agent's own port is org.vmruntime.agent).
+SHARE_PORT_PREFIX = "org.vmruntime.fs."
 # The guest's own pseudo-filesystems: a mount there would hide or shadow the kernel's.
 _RESERVED = ("/proc", "/sys", "/dev")
 _EXT_MAGIC_OFFSET = 1080  # s_magic of the ext2/3/4 superblock (which starts at 1024)
@@ -64,17 +71,25 @@ class Mount:
 
     ``Mount(host, guest)`` shares the host directory ``host`` through a broker;
     :meth:`volume`, :meth:`disk` and :meth:`external` make the other kinds. For a
-    volume, ``host`` holds its name.
+    volume, ``host`` holds its name. ``transport`` says how a share (a folder or a
+    directory volume) reaches the broker: ``"vhost-user"`` (a vhost-user-fs device, the
+    default) or ``"console"`` (a virtio-console port, which a memory snapshot can carry);
+    a disk volume ignores it, an external share must be ``"vhost-user"``.
     """
 
     host: Path | str
     guest: str
     readonly: bool = False
     kind: MountKind = "bind"
+    transport: ShareTransport = "vhost-user"
 
     def __post_init__(self) -> None:
         if self.kind not in _OPTION_NAMES:
             raise ValueError(f"mount kind {self.kind!r}: want one of {sorted(_OPTION_NAMES)}")
+        if self.transport not in SHARE_TRANSPORTS:
+            raise ValueError(f"share transport {self.transport!r}: want one of {SHARE_TRANSPORTS}")
+        if self.transport != "vhost-user" and self.kind in ("disk", "external"):
+            raise ValueError(f"a {self.kind} mount has no {self.transport!r} transport")
         if self.kind != "volume" and not isinstance(self.host, Path):
             object.__setattr__(self, "host", Path(self.host))  # frozen: set once, here
 
@@ -115,7 +130,8 @@ class Mount:
 
     def __str__(self) -> str:
         mode = ":ro" if self.readonly else ""
-        return f"{_OPTION_NAMES[self.kind]} {self.host}:{self.guest}{mode}"
+        via = f" (via {self.transport})" if self.transport != "vhost-user" else ""
+        return f"{_OPTION_NAMES[self.kind]} {self.host}:{self.guest}{mode}{via}"
 
 
 @dataclass(frozen=True)
@@ -230,9 +246,18 @@ def guest_owner(user: str) -> tuple[int, int]:
 @dataclass
 class _Share:
     resolved: ResolvedMount
-    tag: str
+    tag: str  # the virtio-fs tag, or the console port's name
     socket: Path
     broker: BrokerProcess | None = None
+
+    @property
+    def transport(self) -> ShareTransport:
+        return self.resolved.mount.transport
+
+    @property
+    def fstype(self) -> str:
+        """What the agent mounts (docs/agent-protocol.md, MOUNT)."""
+        return "fuse-console" if self.transport == "console" else "virtiofs"
 
 
 @dataclass
@@ -258,17 +283,28 @@ class SandboxMounts:
 
     @classmethod
     def prepare(cls, resolved: Sequence[ResolvedMount], paths: state.SandboxPaths, *,
-                owner: tuple[int, int], detached: bool) -> SandboxMounts:  # fmt: skip
-        """Take the attach locks, then start one broker per host folder or directory volume."""
+                owner: tuple[int, int], detached: bool,
+                resume: bool = False) -> SandboxMounts:  # fmt: skip
+        """Take the attach locks, then start one broker per host folder or directory volume.
+
+        ``resume``: the machine is a restored memory snapshot whose guest mounted these
+        shares with earlier brokers; they start resumed (docs/broker.md, "Resuming a
+        session"). Only console shares can be in such a machine (vhost-user-fs does not
+        migrate); :class:`MountError` for any other share.
+        """
         made = cls()
         try:
             for item in resolved:
+                if resume and item.share and item.mount.transport != "console":
+                    reason = "a resumed machine has console shares only (vhost-user-fs "
+                    raise MountError(str(item.mount), reason + "cannot migrate)")
                 made._add(item, paths)
             served = [s for s in made.shares if s.resolved.mount.kind != "external"]
             handles = max(_MIN_HANDLES_PER_SHARE, SANDBOX_OPEN_HANDLES // max(1, len(served)))
             for index, share in enumerate(made.shares):
                 if share in served:
-                    share.broker = _start_broker(share, paths, index, owner, detached, handles)
+                    share.broker = _start_broker(share, paths, index, owner, detached, handles,
+                                                 resume)  # fmt: skip
         except BaseException:
             made.close()
             raise
@@ -287,14 +323,19 @@ class SandboxMounts:
         if item.share:
             index = len(self.shares)
             socket = item.source if mount.kind == "external" else paths.share_socket(index)
-            self.shares.append(_Share(item, f"vmr{index}", socket))
+            tag = f"{SHARE_PORT_PREFIX}{index}" if mount.transport == "console" else f"vmr{index}"
+            self.shares.append(_Share(item, tag, socket))
         else:
             self.disks.append(_Disk(item, f"D{len(self.disks)}"))
 
     def attach(self, spec: MachineSpec) -> None:
-        """Add the virtio-fs devices, the disks and the lock descriptors to the machine."""
+        """Add the virtio-fs devices or console ports, the disks and the lock descriptors to
+        the machine. QEMU listens on a console share's socket and its broker connects."""
         for share in self.shares:
-            spec.attach_vhost_user_fs(share.socket, share.tag)
+            if share.transport == "console":
+                spec.attach_console_port(share.tag, share.socket)
+            else:
+                spec.attach_vhost_user_fs(share.socket, share.tag)
         for disk in self.disks:
             readonly = disk.resolved.mount.readonly
             # QEMU's own image lock would refuse a reader next to another VM writing the
@@ -306,7 +347,7 @@ class SandboxMounts:
 
     def requests(self) -> list[tuple[Mount, p.MountRequest]]:
         """The agent's MOUNT requests, parents before children (``/a`` before ``/a/b``)."""
-        devices = [(s.resolved.mount, s.tag, "virtiofs") for s in self.shares]
+        devices = [(s.resolved.mount, s.tag, s.fstype) for s in self.shares]
         devices += [(d.resolved.mount, d.serial, "ext4") for d in self.disks]
         items = [
             (mount, p.MountRequest(source, fstype, mount.guest, mount.readonly))
@@ -344,18 +385,19 @@ class SandboxMounts:
 def _spell(resolved: ResolvedMount) -> str:
     mount = resolved.mount
     host = mount.host if mount.kind == "volume" else resolved.source
-    return str(Mount(host, mount.guest, mount.readonly, mount.kind))
+    return str(Mount(host, mount.guest, mount.readonly, mount.kind, mount.transport))
 
 
 def _start_broker(share: _Share, paths: state.SandboxPaths, index: int, owner: tuple[int, int],
-                  detached: bool, max_handles: int) -> BrokerProcess:  # fmt: skip
+                  detached: bool, max_handles: int, resume: bool) -> BrokerProcess:  # fmt: skip
     from vmruntime.broker.process import BrokerProcess, ShareConfig
 
     mount = share.resolved.mount
     config = ShareConfig(share.resolved.source, readonly=mount.readonly, uid=owner[0],
                          gid=owner[1], max_handles=max_handles)  # fmt: skip
     return BrokerProcess.start(config, share.socket, log=paths.broker_log(index),
-                               detached=detached)  # fmt: skip
+                               detached=detached, transport=share.transport,
+                               resume=resume)  # fmt: skip
 
 
 def _end_broker(broker: BrokerProcess) -> None:

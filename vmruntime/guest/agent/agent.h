@@ -4,6 +4,7 @@
  * wire.c (frames and fields), serve.c (the event loop and requests),
  * stream.c (moving bytes of a channel), exec.c (starting processes),
  * user.c (/etc/passwd and /etc/group), mount.c (shares and disks the host asks for),
+ * fuserelay.c (a share's FUSE requests relayed over a virtio-console port),
  * freeze.c (holding the writable layer still for a snapshot), identity.c (a fresh
  * RNG seed, clock, hostname and machine-id for a clone restored from a memory snapshot).
  */
@@ -136,13 +137,17 @@ int spawn_exec(const struct exec_req *req, struct spawned *sp, char *why, size_t
 
 /* ---- mount.c ---- */
 struct mount_req {
-    char *source; /* virtiofs: the device's tag; ext4: the virtio-blk serial */
-    char *fstype; /* "virtiofs", "ext4" or "bind" */
+    char *source; /* virtiofs: the device's tag; ext4: the virtio-blk serial;
+                   * fuse-console: the virtio-console port's name */
+    char *fstype; /* "virtiofs", "ext4", "bind" or "fuse-console" */
     char *path;   /* absolute guest path, created (mkdir -p) if missing */
     bool readonly;
 };
 /* 0 once mounted, or an errno and a message in why[] for an ERROR frame. */
 int mount_request(const struct mount_req *m, char *why, size_t whylen);
+/* ---- fuserelay.c ---- */
+/* A fuse-console share at m->path (which exists): mount, then fork its relay. */
+int fuse_console_mount(const struct mount_req *m, char *why, size_t whylen);
 /* At shutdown: sync and remount read-only every writable disk the host attached. */
 void mounts_remount_readonly(void);
 
@@ -187,5 +192,7 @@ void set_writable_mount_fd(int fd);
 int boot(void);
 /* Whole small file into buf (NUL-terminated, trailing whitespace removed); -1 if absent. */
 ssize_t read_small(const char *path, char *buf, size_t size);
+/* The virtio-console port named `name` (its sysfs name), opened with `flags`; -1 if none. */
+int open_virtio_port(const char *name, int flags);
 
 #endif

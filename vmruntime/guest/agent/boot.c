@@ -306,7 +306,7 @@ static void protect_from_oom(void)
     close(fd);
 }
 
-static int open_port_once(void)
+int open_virtio_port(const char *wanted, int flags)
 {
     DIR *d = opendir("/sys/class/virtio-ports");
     if (!d)
@@ -318,10 +318,11 @@ static int open_port_once(void)
         if (strncmp(e->d_name, "vport", 5) != 0 || strlen(e->d_name) > 32)
             continue;
         snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-        if (read_small(path, name, sizeof name) < 0 || strcmp(name, PORT_NAME) != 0)
+        if (read_small(path, name, sizeof name) < 0 || strcmp(name, wanted) != 0)
             continue;
+        /* devtmpfs made /dev/vportNpM; there is no udev for /dev/virtio-ports/NAME. */
         snprintf(path, sizeof path, "/dev/%s", e->d_name);
-        fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        fd = open(path, flags);
     }
     closedir(d);
     return fd;
@@ -330,7 +331,7 @@ static int open_port_once(void)
 static int open_port(void)
 {
     for (int waited = 0;; waited += 10) {
-        int fd = open_port_once();
+        int fd = open_virtio_port(PORT_NAME, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
         if (fd >= 0) {
             debugmsg("agent port open");
             return fd;

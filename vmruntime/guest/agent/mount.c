@@ -1,4 +1,4 @@
-/* MOUNT: the shares (virtiofs) and disks (ext4) the host attached, mounted where it asks
+/* MOUNT: the shares (virtiofs, or fuse-console: fuserelay.c) and disks (ext4) the host attached, mounted where it asks
  * (docs/agent-protocol.md, "Conversation", item 8). The host sends these right after
  * HELLO, before any exec, so a failure reaches the sandbox's creator as an error instead
  * of a guest that silently lacks a folder. */
@@ -98,6 +98,10 @@ int mount_request(const struct mount_req *m, char *why, size_t whylen)
 {
     if (strcmp(m->fstype, "bind") == 0)
         return bind_request(m, why, whylen);
+    if (strcmp(m->fstype, "fuse-console") == 0) {
+        int err = make_dirs(m->path, why, whylen);
+        return err ? err : fuse_console_mount(m, why, whylen);
+    }
     bool disk = strcmp(m->fstype, "ext4") == 0;
     char dev[64];
     const char *source = m->source;

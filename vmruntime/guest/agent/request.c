@@ -432,17 +432,20 @@ static bool parse_mount(const uint8_t *body, size_t len, struct mount_req *m, st
         return false;
     }
     bool bind = strcmp(m->fstype, "bind") == 0;
-    if (strcmp(m->fstype, "virtiofs") != 0 && strcmp(m->fstype, "ext4") != 0 && !bind) {
-        snprintf(p->why, sizeof p->why, "FSTYPE %.64s: want virtiofs, ext4 or bind", m->fstype);
+    if (strcmp(m->fstype, "virtiofs") != 0 && strcmp(m->fstype, "ext4") != 0 && !bind &&
+        strcmp(m->fstype, "fuse-console") != 0) {
+        snprintf(p->why, sizeof p->why, "FSTYPE %.64s: want virtiofs, ext4, bind or fuse-console",
+                 m->fstype);
         return false;
     }
     if (bind && m->source[0] != '/') {
         snprintf(p->why, sizeof p->why, "SOURCE: a bind mount wants an absolute path");
         return false;
     }
-    /* A virtiofs tag is at most 36 bytes, a virtio-blk serial at most 20. */
+    /* A virtiofs tag is at most 36 bytes, a virtio-blk serial at most 20, a port name
+     * of ours (org.vmruntime.fs.N) fewer. */
     if (!bind && (!m->source[0] || strlen(m->source) > 36 || strchr(m->source, '/'))) {
-        snprintf(p->why, sizeof p->why, "SOURCE: want a device tag or serial");
+        snprintf(p->why, sizeof p->why, "SOURCE: want a device tag, serial or port name");
         return false;
     }
     if (m->path[0] != '/') {
