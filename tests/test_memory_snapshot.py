@@ -27,7 +27,7 @@ from vmruntime.errors import (
 )
 from vmruntime.snapshots import Snapshot, SnapshotStore, content_digest
 from vmruntime.snapshots.manifest import SnapshotManifest
-from vmruntime.vm import state
+from vmruntime.vm import Mount, state
 from vmruntime.vm.sync import run
 
 pytestmark = pytest.mark.slow
@@ -256,3 +256,32 @@ def test_the_cli_saves_a_detached_sandbox_and_runs_on_it(
     assert main(["run", "--snapshot", "cli-memory", "--memory", str(MEMORY * 2), "true"]) == 1
     assert "memory_mib=256" in capfd.readouterr().err
     SnapshotStore().remove("cli-memory")
+
+
+def test_a_console_share_survives_a_memory_snapshot(vm_session: VmSession,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "seen.txt").write_text("from the first folder\n")
+    (second / "seen.txt").write_text("from the second folder\n")
+    share = Mount(first, "/data", transport="console")
+    with Sandbox.create(vm_session.image, memory_mib=MEMORY, mounts=[share]) as original:
+        assert sh(original, "cat /data/seen.txt") == "from the first folder\n"
+        snapshot = original.snapshot("with-console-share", memory=True)
+        assert snapshot.manifest.memory is not None
+        assert snapshot.manifest.memory.mounts == ("/data",)
+        sh(original, "echo still > /data/after.txt")  # the original's share goes on
+    assert (first / "after.txt").read_text() == "still\n"
+    # The resumed guest's FUSE mount goes on through a new broker, on another folder.
+    with Sandbox.create(from_snapshot="with-console-share", mounts=[f"{second}:/data"]) as resumed:
+        assert sh(resumed, "cat /data/seen.txt") == "from the second folder\n"
+        sh(resumed, "echo written > /data/new.txt")
+        assert (second / "new.txt").read_text() == "written\n"
+        assert not (first / "new.txt").exists()
+        assert "fuse" in sh(resumed, "grep ' /data ' /proc/mounts")
+    with pytest.raises(SandboxConfigError, match=r"shares at \['/data'\]"):
+        Sandbox.create(from_snapshot="with-console-share", mounts=[f"{second}:/elsewhere"])
+    with pytest.raises(SandboxConfigError, match="mounts"):
+        Sandbox.create(from_snapshot="with-console-share")
+    SnapshotStore().remove("with-console-share")

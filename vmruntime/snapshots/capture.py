@@ -42,7 +42,7 @@ from vmruntime.snapshots.manifest import (
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
-from vmruntime.vm import AsyncSandbox, MemoryImage, state
+from vmruntime.vm import AsyncSandbox, MemoryImage, Mount, state
 from vmruntime.vm.sandbox import DEFAULT_FREEZE_TIMEOUT
 
 LAYER_FILE = "layer.img"
@@ -76,7 +76,7 @@ async def capture_memory(sandbox: AsyncSandbox, name: str, *, seal: bool = False
 
         await sandbox.save_machine(saved, during=copy_layer_while_paused)
         info = await in_thread(_layer_info, dest)
-        memory = await in_thread(_memory_info, saved, record)
+        memory = await in_thread(_memory_info, saved, sandbox)
         sealed = Seal(await in_thread(content_digest, dest)) if seal else None
         manifest = SnapshotManifest(
             name=name, image=record.image, image_manifest_digest=record.manifest_digest,
@@ -89,10 +89,17 @@ async def capture_memory(sandbox: AsyncSandbox, name: str, *, seal: bool = False
     return snapshot
 
 
-def _memory_info(saved: MemoryImage, record: state.SandboxRecord) -> MemoryInfo:
+def _memory_info(saved: MemoryImage, sandbox: AsyncSandbox) -> MemoryInfo:
+    record = sandbox.record
     return MemoryInfo(ram=_saved_file(saved.ram), state=_saved_file(saved.state),
                       cpus=record.cpus, memory_mib=record.memory_mib,
-                      accelerator=record.accelerator)  # fmt: skip
+                      accelerator=record.accelerator,
+                      mounts=tuple(mount_place(m) for m in sandbox.mounts))  # fmt: skip
+
+
+def mount_place(mount: Mount) -> str:
+    """Where a share is in the guest, as a memory snapshot records it: ``GUEST[:ro]``."""
+    return mount.guest + (":ro" if mount.readonly else "")
 
 
 def _saved_file(path: Path) -> SavedFile:

@@ -67,19 +67,32 @@ class MemoryInfo:
     cpus: int
     memory_mib: int
     accelerator: str
+    # The guest paths of its shares (console transport), in order, with ":ro" for a
+    # read-only one: a resumed copy needs shares at the same places (host folders may
+    # differ). Optional in the document (absent: none).
+    mounts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ram": _saved_dict(self.ram), "state": _saved_dict(self.state),
-                "cpus": self.cpus, "memory_mib": self.memory_mib,
-                "accelerator": self.accelerator}  # fmt: skip
+        document = {"ram": _saved_dict(self.ram), "state": _saved_dict(self.state),
+                    "cpus": self.cpus, "memory_mib": self.memory_mib,
+                    "accelerator": self.accelerator}  # fmt: skip
+        if self.mounts:
+            document["mounts"] = list(self.mounts)
+        return document
 
     @classmethod
     def from_dict(cls, document: object) -> MemoryInfo:
-        top = _fields(document, "memory", {"ram", "state", "cpus", "memory_mib", "accelerator"})
+        keys = {"ram", "state", "cpus", "memory_mib", "accelerator"}
+        has_mounts = isinstance(document, dict) and "mounts" in document
+        top = _fields(document, "memory", keys | ({"mounts"} if has_mounts else set()))
         saved = {"file", "size", "digest"}
         ram, state = (_fields(top[key], key, saved) for key in ("ram", "state"))
+        mounts = top.get("mounts", [])
+        if not isinstance(mounts, list):
+            raise SnapshotManifestError("memory mounts: want a list")
         return cls(ram=SavedFile(**ram), state=SavedFile(**state), cpus=top["cpus"],
-                   memory_mib=top["memory_mib"], accelerator=top["accelerator"])  # fmt: skip
+                   memory_mib=top["memory_mib"], accelerator=top["accelerator"],
+                   mounts=tuple(mounts))  # fmt: skip
 
 
 def _saved_dict(saved: SavedFile) -> dict[str, Any]:
@@ -285,6 +298,10 @@ def _check_memory(memory: MemoryInfo, layer_file: str) -> None:
     if memory.ram.size != memory.memory_mib << 20:
         raise SnapshotManifestError(f"memory ram size {memory.ram.size} is not memory_mib "
                                     f"{memory.memory_mib} MiB")  # fmt: skip
+    for mount in memory.mounts:
+        if not isinstance(mount, str) or not mount.startswith("/") or len(mount) > 4096 or (
+                "\0" in mount):  # fmt: skip
+            raise SnapshotManifestError(f"memory mount {mount!r}: want an absolute guest path")
     if memory.accelerator not in ACCELERATORS:
         raise SnapshotManifestError(f"memory accelerator {memory.accelerator!r}: want one of "
                                     f"{ACCELERATORS}")  # fmt: skip

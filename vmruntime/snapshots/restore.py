@@ -177,7 +177,8 @@ def restore_source(name: str, *, store: SnapshotStore | None = None,
         return RestorePlan(image, layer)
     check_machine(snapshot)
     saved = MemoryImage(snapshot.path / memory.ram.file, snapshot.path / memory.state.file)
-    return RestorePlan(image, layer, Resume(saved), cpus=memory.cpus, memory_mib=memory.memory_mib)
+    return RestorePlan(image, layer, Resume(saved), cpus=memory.cpus, memory_mib=memory.memory_mib,
+                       shares=memory.mounts)  # fmt: skip
 
 
 def check_machine(snapshot: Snapshot) -> None:

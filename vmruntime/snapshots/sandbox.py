@@ -77,6 +77,7 @@ class AsyncSandbox(vm.AsyncSandbox):
                 from_snapshot)  # fmt: skip
             image, plan = restored.image, restored.creation_plan(driver, store)
             cpus, memory_mib = restored.shape(cpus, memory_mib)
+            mounts = restored.mounts_for(mounts or ())
         if image is None:
             raise SandboxConfigError("image", None, "want an image reference or from_snapshot")
         config = SandboxConfig(

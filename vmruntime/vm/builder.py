@@ -29,8 +29,10 @@ event loop (the Jupyter provisioner runs on the Jupyter server's loop).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -45,7 +47,7 @@ from vmruntime.vm import state
 from vmruntime.vm.accel import Accelerator, choose_accelerator
 from vmruntime.vm.config import ExecDefaults, SandboxConfig
 from vmruntime.vm.driver import MachineSpec, MemoryImage, VmHandle, VmmDriver
-from vmruntime.vm.mounts import ResolvedMount, SandboxMounts, guest_owner, resolve_mounts
+from vmruntime.vm.mounts import Mount, ResolvedMount, SandboxMounts, guest_owner, resolve_mounts
 from vmruntime.vm.qemu import QemuDriver
 
 AGENT_PORT = "org.vmruntime.agent"
@@ -135,6 +137,8 @@ class RestorePlan:
     start: MachineStart = field(default_factory=ColdBoot)
     cpus: int | None = None
     memory_mib: int | None = None
+    # A saved machine's shares, ``GUEST[:ro]`` in order (None: not a saved machine).
+    shares: tuple[str, ...] | None = None
 
     def creation_plan(self, driver: VmmDriver, store: ImageStore | None = None) -> CreationPlan:
         return CreationPlan(driver, layer=self.layer, start=self.start, store=store)
@@ -150,6 +154,20 @@ class RestorePlan:
                 raise SandboxConfigError(what, asked, reason)
         return (self.cpus if self.cpus is not None else cpus,
                 self.memory_mib if self.memory_mib is not None else memory_mib)  # fmt: skip
+
+    def mounts_for(self, mounts: Sequence[Mount | str]) -> list[Mount | str]:
+        """The mounts to create with: as given; for a saved machine, host folders for
+        exactly its shares (same guest paths, same order, same read-only), carried over
+        the console transport, which its guest's FUSE sessions go on through."""
+        if self.shares is None:
+            return list(mounts)
+        parsed = [m if isinstance(m, Mount) else Mount.parse(m) for m in mounts]
+        places = tuple(m.guest + (":ro" if m.readonly else "") for m in parsed)
+        if places != self.shares or not all(m.kind in ("bind", "volume") for m in parsed):
+            reason = (f"the memory snapshot's machine has shares at {list(self.shares)}: give "
+                      "a host folder (or directory volume) for each, in that order")  # fmt: skip
+            raise SandboxConfigError("mounts", [str(m) for m in parsed], reason)
+        return [dataclasses.replace(m, transport="console") for m in parsed]
 
 
 @dataclass(frozen=True)
@@ -184,7 +202,7 @@ async def build_machine(config: SandboxConfig, plan: CreationPlan,
         await in_thread(state.write_record, paths, record)
         layer = await in_thread(_make_layer, plan.layer, paths, config, inputs, undo)
         record.writable_format, record.layer_origin = layer.format, layer.origin
-        mounts = await in_thread(_start_mounts, inputs, paths, config, undo)
+        mounts = await in_thread(_start_mounts, inputs, paths, config, undo, plan.start.resumes)
         record.mounts, record.brokers = mounts.describe(), mounts.broker_processes
         spec = machine_spec(config, paths, inputs, mounts, writable_format=layer.format)
         vm = await plan.start.start(plan.driver, spec, detached=config.detached)
@@ -246,10 +264,12 @@ def _make_layer(source: WritableLayerSource, paths: state.SandboxPaths, config: 
 
 
 def _start_mounts(inputs: _Inputs, paths: state.SandboxPaths, config: SandboxConfig,
-                  undo: contextlib.AsyncExitStack) -> SandboxMounts:  # fmt: skip
-    # Before the machine: QEMU connects to the brokers' sockets as it starts.
+                  undo: contextlib.AsyncExitStack, resume: bool) -> SandboxMounts:  # fmt: skip
+    # Before the machine: QEMU connects to the brokers' sockets as it starts. A resumed
+    # guest's shares are mounted already: their brokers carry on its FUSE sessions.
     owner = guest_owner(inputs.image.config.user)
-    mounts = SandboxMounts.prepare(inputs.mounts, paths, owner=owner, detached=config.detached)
+    mounts = SandboxMounts.prepare(inputs.mounts, paths, owner=owner, detached=config.detached,
+                                   resume=resume)  # fmt: skip
     undo.callback(mounts.close)
     return mounts
 

@@ -139,13 +139,14 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _run_async(args: argparse.Namespace) -> int:
     image, plan = args.image, CreationPlan()
-    cpus, memory_mib = args.cpus, args.memory
+    cpus, memory_mib, mounts = args.cpus, args.memory, _mounts(args)
     if getattr(args, "snapshot", None):
         # The snapshot names the image: what argparse took for IMAGE is the command's start.
         args.command = [args.image, *args.command] if args.image else args.command
         restored: RestorePlan = await in_thread(args.restore, args.snapshot)
         image, plan = restored.image, restored.creation_plan(QemuDriver())
         cpus, memory_mib = restored.shape(args.cpus, args.memory)
+        mounts = restored.mounts_for(mounts)
     elif image is None:
         raise SandboxError("-", "vmr run needs an IMAGE (or --snapshot NAME)")
     command = _command(args)
@@ -154,7 +155,7 @@ async def _run_async(args: argparse.Namespace) -> int:
         raise SandboxError("-", hint)
     config = SandboxConfig(
         image, cpus=cpus or 1, memory_mib=memory_mib or DEFAULT_MEMORY_MIB, env=_env(args.env),
-        ports=_ports(args.publish), mounts=_mounts(args), name=args.name,
+        ports=_ports(args.publish), mounts=mounts, name=args.name,
         writable_size=args.writable_size << 20, detached=args.detach, keep=args.keep,
     )  # fmt: skip
     sandbox = await AsyncSandbox.from_config(config, plan)

@@ -93,6 +93,12 @@ class Mount:
         if self.kind != "volume" and not isinstance(self.host, Path):
             object.__setattr__(self, "host", Path(self.host))  # frozen: set once, here
 
+    @property
+    def migrates(self) -> bool:
+        """Whether a memory snapshot can carry it: a share over the console transport (a
+        disk volume is a disk: a resumed copy cannot write what its original holds)."""
+        return self.transport == "console" and self.kind in ("bind", "volume")
+
     @classmethod
     def volume(cls, name: str, guest: str, readonly: bool = False) -> Mount:
         """A named volume (``vmr volume create``): a directory share or a disk."""

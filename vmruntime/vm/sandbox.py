@@ -724,14 +724,23 @@ class AsyncSandbox:
             await vm.resume()
 
     def _check_machine_saveable(self) -> None:
-        if self._record.mounts:
-            reason = ("it has mounts (" + ", ".join(self._record.mounts) + "): a memory snapshot "
-                      "is taken of a sandbox without shares or disks (vhost-user-fs devices "
-                      "cannot be migrated by QEMU, and a resumed copy cannot write a disk "
-                      "its original holds)")  # fmt: skip
-            raise MemorySnapshotError(f"sandbox {self.id}: cannot save its memory: {reason}")
         if not self.running:
             raise SandboxError(self.id, "is not running: only a running sandbox's memory is saved")
+        disks = [d.resolved.mount for d in self._mounts.disks] if self._mounts else []
+        unsaveable = [m for m in self.mounts if not m.migrates or m in disks]
+        if unsaveable:
+            reason = ("its mounts " + ", ".join(map(str, unsaveable)) + " cannot be carried: "
+                      "a vhost-user-fs share cannot be migrated by QEMU (share the folder "
+                      "with transport='console'), and a resumed copy cannot write a disk its "
+                      "original holds")  # fmt: skip
+            raise MemorySnapshotError(f"sandbox {self.id}: cannot save its memory: {reason}")
+
+    @property
+    def mounts(self) -> tuple[Mount, ...]:
+        """What the sandbox was created with (its shares, volumes and disks)."""
+        if not self._record.config:
+            return ()
+        return tuple(SandboxConfig.from_json(self._record.config).mounts)
 
     async def _renew_session(self) -> None:
         """A new agent connection, so that nothing of the old session is in flight when
