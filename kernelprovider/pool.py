@@ -151,10 +151,10 @@ class KernelPools:
         return PoolMember(sandbox, WarmKernel(process, host_ports), time.monotonic() - started)
 
     async def _template(self, spec: WarmKernelSpec) -> Snapshot:
-        """The spec's template snapshot: from the store, or made once (concurrent makers
-        of one spec share the making)."""
+        """The spec's template snapshot: from the store (looked up each time: it may
+        have been removed), or made once (concurrent makers of one spec share it)."""
         future = self._templates.get(spec)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None or future.done():
             future = asyncio.ensure_future(ensure_template(spec))
             self._templates[spec] = future
         return await asyncio.shield(future)

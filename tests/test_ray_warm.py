@@ -54,7 +54,8 @@ def test_warm_actors_are_independent_sandboxes(ray_session: Any) -> None:
     assert a["random"] != b["random"] and a["numpy"] != b["numpy"]
     assert a["host"] != b["host"] and a["machine"] != b["machine"]
     assert len(ids) == 2 and all(f"vmr-{i}" in (a["host"], b["host"]) for i in ids)
-    templates = [s for s in SnapshotStore().list() if s.name.startswith("ray-warm-")]
+    store = SnapshotStore(ray_session.state / "snapshots")  # the actors' (Ray's env)
+    templates = [s for s in store.list() if s.name.startswith("ray-warm-")]
     assert templates and all(t.manifest.memory is not None for t in templates)
     for template in templates:  # made before any caller: nothing of one is in it
         for file in template.manifest.files:

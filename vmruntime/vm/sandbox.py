@@ -72,6 +72,9 @@ from vmruntime.vm.teardown import end_sandbox
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # How long a freeze may hold before the guest thaws by itself (a host that hangs).
 DEFAULT_FREEZE_TIMEOUT = 60.0
+# Renewing the agent session for a memory snapshot: tries, the pause before each (times
+# the try's number) and how long each waits for the agent's answer.
+_RECONNECT_ATTEMPTS, _RECONNECT_PAUSE, _RECONNECT_TIMEOUT = 3, 0.1, 20.0
 # After the agent's own timeout, how long the host waits before it gives up on it.
 _TIMEOUT_GRACE = 30.0
 _CONSOLE_TAIL_LINES = 60
@@ -746,7 +749,16 @@ class AsyncSandbox:
         """A new agent connection, so that nothing of the old session is in flight when
         the machine is saved: a resumed copy starts from a quiet, handshaken agent."""
         await self._disconnect()
-        await self._connect(DEFAULT_BOOT_TIMEOUT)
+        for attempt in range(_RECONNECT_ATTEMPTS):
+            # Let the guest see the port close before the next host opens it (a reconnect
+            # inside the agent's poll can leave it waiting on the old session).
+            await asyncio.sleep(_RECONNECT_PAUSE * (attempt + 1))
+            try:
+                await self._connect(_RECONNECT_TIMEOUT)
+                return
+            except BootError:
+                if attempt == _RECONNECT_ATTEMPTS - 1 or not self._vm.running():
+                    raise
 
     @property
     def writable_layer(self) -> Path:
