@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VmSession
+from vm_support import sh
 
 from vmruntime import AsyncSandbox, Sandbox
 from vmruntime.cli import main
@@ -34,11 +35,6 @@ pytestmark = pytest.mark.slow
 MEMORY = 256
 SAVED = "saved-machine"
 
-
-def sh(sandbox: Sandbox, script: str) -> str:
-    result = sandbox.exec(["sh", "-c", script], timeout=120)
-    assert result.returncode == 0, result
-    return result.stdout.decode()
 
 
 def uptime(sandbox: Sandbox) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VmSession
+from vm_support import sh
 
 from vmruntime import Sandbox
 from vmruntime.snapshots import SnapshotStore, export_snapshot, import_snapshot
@@ -24,11 +25,6 @@ from vmruntime.snapshots.remote import pull, push
 pytestmark = pytest.mark.slow
 MEMORY = 256
 
-
-def sh(sandbox: Sandbox, script: str) -> str:
-    result = sandbox.exec(["sh", "-c", script], timeout=120)
-    assert result.returncode == 0, result
-    return result.stdout.decode()
 
 
 def test_an_imported_memory_snapshot_resumes(vm_session: VmSession, tmp_path: Path) -> None:

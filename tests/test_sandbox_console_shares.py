@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VmSession
+from vm_support import brokers_of, sh
 
 from vmruntime import Mount, Sandbox
 from vmruntime.broker.process import BrokerProcess, ShareConfig
@@ -34,14 +35,6 @@ class Console:
     spare: Path
 
 
-def sh(box: Sandbox, script: str) -> str:
-    result = box.exec(["sh", "-c", script])
-    assert result.returncode == 0, result
-    return result.stdout.decode()
-
-
-def brokers_of(box: Sandbox) -> list[int]:
-    return [int(pid) for pid, _ in state.read_record(state.SandboxPaths(box.id)).brokers if pid]
 
 
 def gone(pid: int, within: float = 15.0) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from broker_wire import has_sys_admin
 from conftest import PEER_CACHE, VmSession
-from vm_support import broker_processes, qemu_processes
+from vm_support import broker_processes, brokers_of, qemu_processes, sh
 
 from vmruntime import Mount, Sandbox
 from vmruntime.errors import DiskInUseError, MountError, VolumeNotFoundError
@@ -41,14 +41,6 @@ class Mounted:
     ro: Path
 
 
-def sh(box: Sandbox, script: str) -> str:
-    result = box.exec(["sh", "-c", script])
-    assert result.returncode == 0, result
-    return result.stdout.decode()
-
-
-def brokers_of(box: Sandbox) -> list[int]:
-    return [int(pid) for pid, _ in state.read_record(state.SandboxPaths(box.id)).brokers if pid]
 
 
 def alive(pid: int) -> bool:

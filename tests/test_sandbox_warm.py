@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import VmSession
+from vm_support import sh
 
 from vmruntime import AsyncSandbox, Sandbox
 from vmruntime.errors import AdoptError
@@ -38,11 +39,6 @@ def shared(vm_session: VmSession) -> Iterator[Shared]:
     finally:
         holder.box.stop()
 
-
-def sh(box: Sandbox, script: str) -> str:
-    result = box.exec(["sh", "-c", script])
-    assert result.returncode == 0, result
-    return result.stdout.decode()
 
 
 def test_renew_identity_changes_hostname_machine_id_and_clock(shared: Shared) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VmSession
+from vm_support import sh
 
 from vmruntime import AsyncSandbox, Sandbox
 from vmruntime.cli import main
@@ -27,11 +28,6 @@ from vmruntime.vm.sync import run
 pytestmark = pytest.mark.slow
 MEMORY = 256
 
-
-def sh(sandbox: Sandbox, script: str) -> str:
-    result = sandbox.exec(["sh", "-c", script], timeout=120)
-    assert result.returncode == 0, result
-    return result.stdout.decode()
 
 
 def fsck_clean(layer: Path, fmt: str, tmp_path: Path) -> str:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from imagefactory import directory, file, make_layer_tar, symlink, whiteout, write_oci_layout
@@ -113,3 +114,18 @@ def broker_processes(marker: str) -> list[int]:
 
 def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def sh(sandbox: Any, script: str, timeout: float | None = 120) -> str:
+    """``sh -c script`` in a (synchronous) sandbox: its stdout; a failure fails the test."""
+    result = sandbox.exec(["sh", "-c", script], timeout=timeout)
+    assert result.returncode == 0, result
+    return result.stdout.decode()
+
+
+def brokers_of(sandbox: Any) -> list[int]:
+    """The pids of a sandbox's brokers, from its record."""
+    from vmruntime.vm import state
+
+    record = state.read_record(state.SandboxPaths(sandbox.id))
+    return [int(pid) for pid, _ in record.brokers if pid]
