@@ -688,6 +688,9 @@ def pool_memory(args: argparse.Namespace, results: RayResults) -> None:
     with warm_actor_pool(args.clones) as pool:
         wait_for_members(pool, args.clones, args.startup_timeout * args.clones)
         time.sleep(ray_actor.IDLE_SETTLE)
+        # The QEMUs of the actors killed before (pool members closed) are this process's
+        # zombies until reaped: they would be counted, with no memory to read.
+        samples.reap_zombie_children(hostmem.QEMU_COMM)
         qemus = set(hostmem.qemu_pids()) & descendants(os.getpid())
         if len(qemus) != args.clones:
             raise BenchError(f"{args.clones} idle pool members, but {len(qemus)} QEMUs")
