@@ -294,14 +294,19 @@ def measure_actor_starts(ctx: Context) -> None:
     print(f"  actor starts: {ctx.args.runs} of each", flush=True)
 
 
-def first_run_time(make: Callable[[], Any], sandbox: bool = True) -> float:
+def first_run_time(make: Callable[[], Any], sandbox: bool = True,
+                   check: Callable[[Any], None] | None = None) -> float:  # fmt: skip
     """From ``.remote()`` (creation is asynchronous: the first answer is what a caller
-    waits for) to the first trivial ``run`` answered."""
+    waits for) to the first trivial ``run`` answered; ``check(actor)`` after, untimed,
+    before the actor ends."""
     began = time.perf_counter()
     actor = make()
     with killed_after(actor, terminate=sandbox):
         ray.get(actor.run.remote(trivial))
-        return time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        if check is not None:
+            check(actor)
+        return seconds
 
 
 # --- part "gvisor": against Ray's gVisor sandbox ----------------------------------------
@@ -317,13 +322,18 @@ def ours_create() -> Any:
     return ray_backend.create(PEER_IMAGE)
 
 
-def first_exec_time(make: Callable[[], Any], what: str) -> float:
-    """From creating the sandbox to its first ``exec(["true"])`` answered; ends it after."""
+def first_exec_time(make: Callable[[], Any], what: str,
+                    check: Callable[[Any], None] | None = None) -> float:  # fmt: skip
+    """From creating the sandbox to its first ``exec(["true"])`` answered; ``check(actor)``
+    after, untimed; ends it after."""
     began = time.perf_counter()
     actor = make()
     with killed_after(actor, terminate=True):
         check_exec(ray.get(actor.exec.remote(TRUE)), what)
-        return time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        if check is not None:
+            check(actor)
+        return seconds
 
 
 def measure_gvisor_part(ctx: Context) -> None:

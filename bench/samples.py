@@ -107,6 +107,22 @@ def _describe(pid: int) -> str:
         return str(pid)
 
 
+def reap_zombie_children(comm: str) -> int:
+    """Reap the dead children named ``comm``; how many.
+
+    As a subreaper this process adopts the orphans of processes that die, e.g. the QEMU
+    of a killed Ray actor; when an orphan dies it stays a zombie until reaped here, and is
+    still listed in ``/proc`` (a process to count, but with no memory to read).
+    """
+    reaped = 0
+    for pid in leftover_children():
+        if _process_state(pid) == "Z" and _describe(pid) == f"{pid} ({comm})":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+                reaped += 1
+    return reaped
+
+
 def end_leftover_children() -> list[str]:
     """Reap zombie children, kill and reap live ones; the live ones, described.
 

@@ -22,9 +22,11 @@ sandboxes of the same image and size, and of one cold sandbox alone; the goal "1
 
 ``ray``: Ray's own gVisor sandbox (``tests/ray_peer.py``, the helpers of
 ``bench/ray_actor.py``) on the same image: its create to first exec, and its host memory
-per idle sandbox with ``--clones`` of them idle; a cold ``SandboxActor``'s start to its
-first ``run`` and a cold ``ray_backend.create`` to its first exec. The warm Ray lines
-(pool and memory snapshot) print ``not measured`` until the warm ``SandboxActor`` exists.
+per idle sandbox with ``--clones`` of them idle; against it, ``SandboxActor`` s from a
+``WarmActorPool`` (claim to first exec, claim to first ``run``), resumed from the node's
+memory-snapshot template (``ray_backend.create`` to first exec, ``.remote()`` to first
+``run``) and booted (``warm=False``), a plain Ray actor's start for context, and the host
+memory of ``--clones`` idle pool members; the issue's four Ray goals.
 
 Everything runs in a temporary state directory (``VMRUNTIME_STATE``: sandboxes, the
 snapshots), removed at the end. Every kernel, sandbox, pool member and Ray actor is ended
@@ -65,7 +67,7 @@ from vmruntime import ImageStore  # noqa: E402
 from vmruntime.guest.assets import ensure_guest_assets  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
 from vmruntime.pools import WarmPool  # noqa: E402
-from vmruntime.snapshots import AsyncSandbox  # noqa: E402
+from vmruntime.snapshots import AsyncSandbox, SnapshotStore  # noqa: E402
 from vmruntime.vm import state, sync  # noqa: E402
 from vmruntime.vm.accel import choose_accelerator  # noqa: E402
 
@@ -340,6 +342,11 @@ def jupyter_report(args: argparse.Namespace, sides: dict[str, KernelSide]) -> li
     return cells
 
 
+def ratio_text(value: float) -> str:
+    """Two decimals, three below 0.1 (a pool's start is a few hundredths of another's)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
 def verdict(value: float, goal: float) -> str:
     return "met" if value <= goal else "MISSED"
 
@@ -468,41 +475,46 @@ def memory_report(args: argparse.Namespace, fleets: tuple[Fleet, Fleet, Fleet]) 
 # --- part "ray" -------------------------------------------------------------------------
 
 
+# Each start of the Ray side: its name in the round lines, its line in the results (in
+# the results' order).
+RAY_STARTS = {
+    "gvisor exec": "create to first exec answered [gvisor]",
+    "pool exec": "create to first exec answered, from the pool (claim) [microvm]",
+    "snapshot exec": "create to first exec answered, from a memory snapshot [microvm]",
+    "cold exec": "create to first exec answered, cold (warm=False) [microvm]",
+    "pool run": "SandboxActor start to first run answered, from the pool (claim) [microvm]",
+    "snapshot run": "SandboxActor start to first run answered, from a memory snapshot [microvm]",
+    "cold run": "SandboxActor start to first run answered, cold (warm=False) [microvm]",
+    "plain run": "plain Ray actor start to first run answered (Ray's own part) [host]",
+}
+
+
 @dataclass
 class RayResults:
-    gvisor_exec: Samples = field(default_factory=lambda: Samples(
-        "create to first exec answered [gvisor]"))  # fmt: skip
-    cold_exec: Samples = field(default_factory=lambda: Samples(
-        "ray_backend.create to first exec answered, cold [microvm]"))  # fmt: skip
-    cold_run: Samples = field(default_factory=lambda: Samples(
-        "SandboxActor start to first run answered, cold [microvm]"))  # fmt: skip
+    starts: dict[str, Samples] = field(
+        default_factory=lambda: {name: Samples(line) for name, line in RAY_STARTS.items()}
+    )
+    template: str = ""
+    template_seconds: float = 0.0  # the first warm actor's start, the template made in it
     gvisor_memory_kib: float = 0.0  # PSS per idle sandbox, runsc processes
     gvisor_actor_kib: float = 0.0  # besides: its actor processes
+    pool_memory_kib: float = 0.0  # PSS per idle pool member: QEMU, brokers and its actor
+    pool_actor_kib: float = 0.0  # of which: its actor process
     idle: int = 0
-
-
-# Not measured until the warm SandboxActor lands (issue 17's Ray side): its first run from
-# the pool and from a memory snapshot, its first exec from either, and the memory of
-# --clones idle pool members.
-RAY_WARM_LINES = (
-    "SandboxActor start to first run answered, from the pool [microvm]",
-    "SandboxActor start to first run answered, from a memory snapshot [microvm]",
-    "create to first exec answered, from the pool [microvm]",
-    "create to first exec answered, from a memory snapshot [microvm]",
-    "host memory (PSS) per idle pool member [microvm]",
-)
 
 
 def ray_part(args: argparse.Namespace, work: Path) -> RayResults:
     """In one Ray session with the gVisor peer: gVisor's create to first exec and idle
-    memory, our cold starts. bench/ray_actor.py's helpers, imported here only: they
-    import Ray, numpy and the peer's setup, which the other parts do without."""
+    memory; our cold, memory-snapshot and pool starts and idle pool members.
+    bench/ray_actor.py's helpers, imported here only: they import Ray, numpy and the
+    peer's setup, which the other parts do without."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     import ray
     import ray_actor
     from ray_peer import GVisorPeerError, local_ray, start_gvisor_peer
 
-    print("part ray: Ray's gVisor sandbox and a cold SandboxActor", flush=True)
+    print("part ray: Ray's gVisor sandbox, SandboxActors cold, from a memory snapshot and "
+          "from a WarmActorPool", flush=True)  # fmt: skip
     # ray_actor's functions (trivial) travel by value, as they do from its own __main__:
     # neither Ray's worker nor the guest can import bench/ray_actor.py.
     ray.cloudpickle.register_pickle_by_value(ray_actor)
@@ -512,11 +524,13 @@ def ray_part(args: argparse.Namespace, work: Path) -> RayResults:
         try:
             with local_ray({**peer.env, "VMRUNTIME_STATE": os.environ["VMRUNTIME_STATE"]}):
                 ctx = ray_actor.Context(argparse.Namespace(at_once=args.clones, runs=1), peer)
-                ray_starts(args, ctx, results)
+                make_ray_template(results)
+                ray_starts(args, results)
                 ray_actor.measure_at_once(ctx, ctx.gvisor, ray_actor.gvisor_create,
                                           ray_actor.gvisor_memory)  # fmt: skip
                 results.gvisor_memory_kib = ctx.gvisor.memory_kib[0]
                 results.gvisor_actor_kib = ctx.gvisor.actor_memory_kib[0]
+                pool_memory(args, results)
         finally:
             peer.registry.stop()
     except GVisorPeerError as exc:  # the peer's setup, or runsc left after the session
@@ -524,49 +538,221 @@ def ray_part(args: argparse.Namespace, work: Path) -> RayResults:
     return results
 
 
-def ray_starts(args: argparse.Namespace, ctx: Any, results: RayResults) -> None:
-    """gVisor's create, our create and our actor, each to its first answer; one uncounted
-    round first (gVisor's image pull if needed, Ray's workers)."""
+# What each start makes (ray_backend imported when called, in the Ray session), of the
+# image the gVisor peer serves (parse_args holds --image to it for this part).
+
+
+def warm_actor() -> Any:
+    import ray_backend
+
+    return ray_backend.SandboxActor.remote(image=DEFAULT_IMAGE)
+
+
+def cold_actor() -> Any:
+    import ray_backend
+
+    return ray_backend.SandboxActor.remote(image=DEFAULT_IMAGE, warm=False)
+
+
+def warm_create() -> Any:
+    import ray_backend
+
+    return ray_backend.create(DEFAULT_IMAGE)
+
+
+def cold_create() -> Any:
+    """What ``ray_backend.create(image)`` makes (read-only root, no Python check), booted:
+    ``create`` itself is always warm."""
+    import ray_backend
+
+    return ray_backend.SandboxActor.remote(DEFAULT_IMAGE, readonly=True, check_python=False,
+                                           warm=False)  # fmt: skip
+
+
+def expect_resumed(resumed: bool, what: str) -> Callable[[Any], None]:
+    """A check (untimed, after the first answer) that the actor's sandbox was resumed from
+    a memory snapshot (its writable layer has an origin), or booted."""
+
+    def check(actor: Any) -> None:
+        import ray
+
+        sandbox_id = ray.get(actor.get_instance_id.remote(), timeout=60)
+        record = state.read_record(state.SandboxPaths(sandbox_id))
+        if bool(record.layer_origin) != resumed:
+            raise BenchError(f"{what}: sandbox {sandbox_id} resumed={not resumed}, "
+                             f"expected resumed={resumed}")  # fmt: skip
+
+    return check
+
+
+def make_ray_template(results: RayResults) -> None:
+    """The node's warm template, made by the first warm actor (timed, not counted)."""
     import ray_actor
 
-    makers = [
-        (results.gvisor_exec, lambda: ray_actor.first_exec_time(ray_actor.gvisor_create, "gvisor")),
-        (results.cold_exec, lambda: ray_actor.first_exec_time(ray_actor.ours_create, "ours")),
-        (results.cold_run, lambda: ray_actor.first_run_time(ctx.sandbox_actor)),
-    ]  # fmt: skip
+    results.template_seconds = ray_actor.first_run_time(
+        warm_actor, check=expect_resumed(True, "the first warm actor")
+    )
+    names = [snap.name for snap in SnapshotStore().list() if snap.name.startswith("ray-warm-")]
+    if len(names) != 1:
+        raise BenchError(f"expected one warm Ray template in the state directory: {names}")
+    results.template = names[0]
+    print(f"  template {results.template}: made by the first warm actor, start to first run "
+          f"{fmt(results.template_seconds)} (load {load()})", flush=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def warm_actor_pool(size: int) -> Iterator[Any]:
+    """A ``WarmActorPool`` of ``size`` members of the peer's image, closed after."""
+    import ray_backend
+
+    pool = ray_backend.WarmActorPool(size, image=DEFAULT_IMAGE)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def wait_for_members(pool: Any, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pool.ready < count:
+        if pool.failures:
+            raise BenchError(f"warm actor pool: a member failed to start: {pool.failures}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"warm actor pool: {pool.ready} of {count} ready in {timeout:g} s")
+        time.sleep(0.2)
+
+
+def ray_starts(args: argparse.Namespace, results: RayResults) -> None:
+    """Each kind of start to its first answer, ``--settle`` seconds of quiet before each;
+    one uncounted round first (gVisor's image pull if needed, Ray's workers)."""
+    import ray_actor
+
+    def run_of(make: Callable[[], Any], resumed: bool, what: str) -> Callable[[], float]:
+        return lambda: ray_actor.first_run_time(make, check=expect_resumed(resumed, what))
+
+    def exec_of(make: Callable[[], Any], resumed: bool, what: str) -> Callable[[], float]:
+        return lambda: ray_actor.first_exec_time(make, what, expect_resumed(resumed, what))
+
+    makers = {
+        "gvisor exec": lambda: ray_actor.first_exec_time(ray_actor.gvisor_create, "gvisor"),
+        "cold exec": exec_of(cold_create, False, "cold create"),
+        "snapshot exec": exec_of(warm_create, True, "warm create"),
+        "cold run": run_of(cold_actor, False, "cold actor"),
+        "snapshot run": run_of(warm_actor, True, "warm actor"),
+        "plain run": lambda: ray_actor.first_run_time(ray_actor.PlainActor.remote, sandbox=False),
+    }
     for round_ in range(args.runs + 1):
-        cells = []
-        for measured, measure in makers:
-            seconds = measure()
-            cells.append(fmt(seconds))
-            if round_ > 0:
-                measured.seconds.append(seconds)
+        measured = {}
+        for name, measure in makers.items():
+            time.sleep(args.settle)
+            measured[name] = measure()
+        measured.update(pool_starts(args))
+        if round_ > 0:
+            for name, seconds in measured.items():
+                results.starts[name].seconds.append(seconds)
+        cells = ", ".join(f"{name} {fmt(seconds)}" for name, seconds in measured.items())
         label = "warm-up round (not counted)" if round_ == 0 else f"round {round_}/{args.runs}"
-        print(f"  {label}: gvisor, cold create, cold actor: {', '.join(cells)}", flush=True)
+        print(f"  {label}: {cells} (load {load()})", flush=True)
+
+
+def pool_starts(args: argparse.Namespace) -> dict[str, float]:
+    """A claim to its first run, then another to its first exec, from a pool of one that
+    has a ready member (the refill waited for) and a quiet machine; the pool is closed
+    after its last refill is ready, so no refill competes with the next start."""
+    import ray_actor
+
+    found = {}
+    with warm_actor_pool(1) as pool:
+        for name in ("pool run", "pool exec"):
+            wait_for_members(pool, 1, args.startup_timeout)
+            time.sleep(args.settle)
+            claims = pool.claims
+            check = expect_resumed(True, name)
+            if name == "pool run":
+                found[name] = ray_actor.first_run_time(pool.claim, check=check)
+            else:
+                found[name] = ray_actor.first_exec_time(pool.claim, name, check)
+            if pool.claims != claims + 1:
+                raise BenchError(f"{name}: the pool counted {pool.claims - claims} claims")
+        # The refill finishes before the pool closes: an actor killed while it resumes
+        # leaves its dying processes to compete with the next start.
+        wait_for_members(pool, 1, args.startup_timeout)
+    return found
+
+
+def pool_memory(args: argparse.Namespace, results: RayResults) -> None:
+    """``--clones`` pool members, all ready, idle as gVisor's were; their host memory."""
+    import ray_actor
+    from ray_peer import descendants
+
+    with warm_actor_pool(args.clones) as pool:
+        wait_for_members(pool, args.clones, args.startup_timeout * args.clones)
+        time.sleep(ray_actor.IDLE_SETTLE)
+        # The QEMUs of the actors killed before (pool members closed) are this process's
+        # zombies until reaped: they would be counted, with no memory to read.
+        samples.reap_zombie_children(hostmem.QEMU_COMM)
+        qemus = set(hostmem.qemu_pids()) & descendants(os.getpid())
+        if len(qemus) != args.clones:
+            raise BenchError(f"{args.clones} idle pool members, but {len(qemus)} QEMUs")
+        total, actors = ray_actor.ours_memory()
+    results.pool_memory_kib = total / args.clones
+    results.pool_actor_kib = actors / args.clones
+    print(f"  {args.clones} idle pool members: {mib(total)} (load {load()})", flush=True)
 
 
 def ray_report(args: argparse.Namespace, results: RayResults) -> list[str]:
-    print(f"results [ray], {args.runs} run(s) of each, interleaved, after a warm-up round:")
-    for measured in (results.gvisor_exec, results.cold_exec, results.cold_run):
+    print(f"results [ray], {args.runs} run(s) of each, after a warm-up round:")
+    print(f"  template {results.template}: the first warm actor's start to first run, template "
+          f"made in it: {fmt(results.template_seconds)}")  # fmt: skip
+    for measured in results.starts.values():
         print("  " + measured.line())
-    print(f"  host memory (PSS) per idle sandbox, {results.idle} idle [gvisor]: "
-          f"{mib(results.gvisor_memory_kib)} (besides its actor process: "
-          f"{mib(results.gvisor_actor_kib)})")  # fmt: skip
-    for line in RAY_WARM_LINES:
-        print(f"  {line}: not measured (the warm SandboxActor is not in this checkout)")
-    cold = results.cold_exec.median / results.gvisor_exec.median
-    print(f"ratio create to first exec, microvm cold/gvisor: {cold:.2f}")
-    for goal in (
-        f"a SandboxActor from a memory snapshot ready for its first call <= {RAY_SNAPSHOT_GOAL:g} "
-        "x cold",
-        f"a pool member's first exec <= {RAY_POOL_GOAL:g} x gVisor's create",
-        f"a memory-snapshot restore's first exec <= {RAY_RESTORE_GOAL:g} x gVisor's create",
-        f"an idle pool member <= {RAY_MEMORY_GOAL:g} x a gVisor sandbox's memory",
-    ):
-        print(f"Goal: {goal}: not measured")
-    return [f"gvisor first exec {fmt(results.gvisor_exec.median)}",
+    per = f"host memory (PSS) per idle sandbox, {results.idle} idle"
+    print(f"  {per} [gvisor]: {mib(results.gvisor_memory_kib)} (runsc; besides its actor "
+          f"process: {mib(results.gvisor_actor_kib)})")  # fmt: skip
+    qemu_kib = results.pool_memory_kib - results.pool_actor_kib
+    print(
+        f"  {per} pool members [microvm]: {mib(results.pool_memory_kib)} (QEMU and its actor "
+        f"process; QEMU only: {mib(qemu_kib)}, the actor: {mib(results.pool_actor_kib)})"
+    )
+    median = {name: measured.median for name, measured in results.starts.items()}
+    gvisor = median["gvisor exec"]
+    ratios = {
+        "create to first exec, microvm pool/gvisor": median["pool exec"] / gvisor,
+        "create to first exec, microvm memory snapshot/gvisor":
+            median["snapshot exec"] / gvisor,
+        "create to first exec, microvm cold/gvisor": median["cold exec"] / gvisor,
+        "SandboxActor first run, memory snapshot/cold":
+            median["snapshot run"] / median["cold run"],
+        "SandboxActor first run, pool/cold": median["pool run"] / median["cold run"],
+        "memory per idle sandbox, microvm pool member with actor/gvisor runsc":
+            results.pool_memory_kib / results.gvisor_memory_kib,
+        "memory per idle sandbox, QEMU only/runsc only": qemu_kib / results.gvisor_memory_kib,
+        "memory per idle sandbox, both with their actor process":
+            results.pool_memory_kib / (results.gvisor_memory_kib + results.gvisor_actor_kib),
+    }  # fmt: skip
+    for label, value in ratios.items():
+        print(f"ratio {label}: {ratio_text(value)}")
+    snapshot = ratios["SandboxActor first run, memory snapshot/cold"]
+    pool = ratios["create to first exec, microvm pool/gvisor"]
+    restore = ratios["create to first exec, microvm memory snapshot/gvisor"]
+    memory = ratios["memory per idle sandbox, microvm pool member with actor/gvisor runsc"]
+    for goal, value, bound, against in (
+        ("a SandboxActor from a memory snapshot ready for its first call", snapshot,
+         RAY_SNAPSHOT_GOAL, "cold"),
+        ("a pool member's first exec", pool, RAY_POOL_GOAL, "gVisor's create"),
+        ("a memory-snapshot restore's first exec", restore, RAY_RESTORE_GOAL,
+         "gVisor's create"),
+        ("an idle pool member (QEMU and its actor; gVisor's runsc alone)", memory,
+         RAY_MEMORY_GOAL, "a gVisor sandbox's memory"),
+    ):  # fmt: skip
+        print(f"Goal: {goal} <= {bound:g} x {against}: {verdict(value, bound)} "
+              f"(x{ratio_text(value)})")  # fmt: skip
+    return [f"gvisor first exec {fmt(gvisor)}",
             f"gvisor {mib(results.gvisor_memory_kib)}/idle sandbox",
-            f"cold first exec x{cold:.2f} gvisor"]  # fmt: skip
+            f"pool member {mib(results.pool_memory_kib)}/idle (QEMU {mib(qemu_kib)})",
+            f"first exec pool x{ratio_text(pool)}, snapshot x{restore:.2f}, cold "
+            f"x{ratios['create to first exec, microvm cold/gvisor']:.2f} gvisor",
+            f"actor first run snapshot/cold x{snapshot:.2f}"]  # fmt: skip
 
 
 # --- main -------------------------------------------------------------------------------
