@@ -196,7 +196,7 @@ class Context:
     def sandbox_actor(self) -> Any:
         import ray_backend
 
-        return ray_backend.SandboxActor.remote(image=PEER_IMAGE)
+        return ray_backend.SandboxActor.remote(image=PEER_IMAGE, warm=False)  # a cold boot
 
     def snapshot_actor(self) -> Any:
         """Our actor restored from the disk snapshot taken in the actor part."""
@@ -319,7 +319,7 @@ def gvisor_create() -> Any:
 def ours_create() -> Any:
     import ray_backend
 
-    return ray_backend.create(PEER_IMAGE)
+    return ray_backend.create(PEER_IMAGE, warm=False)  # a cold boot (bench/warm.py: warm ones)
 
 
 def first_exec_time(make: Callable[[], Any], what: str,

@@ -365,7 +365,8 @@ def create(
     Options a microVM cannot honour (``network`` other than ``"none"``, ``dns``,
     ``capabilities``) are refused here, before an actor is made. ``timeout_seconds`` bounds
     the boot, which takes longer than a gVisor start under software emulation: it is
-    raised to at least 120 s."""
+    raised to at least 120 s. ``warm`` (and ``shell``, ``mounts``, ``snapshot``,
+    ``trust_results``) are :data:`SandboxActor`'s own."""
     from ray.experimental.sandbox.config import parse_memory_bytes
 
     check_options(network, dns, capabilities, rootless)
@@ -377,7 +378,7 @@ def create(
         options["memory"] = memory_bytes
     if resources:
         options["resources"] = dict(resources)
-    unknown = set(kwargs) - {"shell", "mounts", "snapshot", "trust_results"}
+    unknown = set(kwargs) - {"shell", "mounts", "snapshot", "trust_results", "warm"}
     if unknown:
         raise UnsupportedOptionError(sorted(unknown)[0], kwargs[sorted(unknown)[0]],
                                      "not an option of ray_backend.create")  # fmt: skip
