@@ -52,6 +52,11 @@ def warm_spec(default_image_session: DefaultImageSession,
     }  # fmt: skip
     (folder / "kernel.json").write_text(json.dumps(spec))
     with pytest.MonkeyPatch.context() as patch:
+        # The default image's session, whatever another session fixture set since: the
+        # pool makes and refills its kernels in this process's environment.
+        patch.setenv("VMRUNTIME_CACHE", str(default_image_session.cache))
+        patch.setenv("VMRUNTIME_STATE", str(default_image_session.state))
+        patch.setenv("XDG_RUNTIME_DIR", str(default_image_session.runtime))
         patch.setenv("JUPYTER_PATH", str(root))
         patch.setenv("JUPYTER_RUNTIME_DIR", str(root / "runtime"))
         yield "warm"
