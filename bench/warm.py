@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
 import hostmem  # noqa: E402  (bench/hostmem.py, beside this script)
@@ -59,6 +60,7 @@ import kernel_start  # noqa: E402  (bench/kernel_start.py: kernelspecs, checks, 
 import samples  # noqa: E402  (bench/samples.py, beside this script)
 from jupyter_client import AsyncKernelManager  # noqa: E402
 from jupyter_client import __version__ as jupyter_client_version  # noqa: E402
+from ray_peer import environment  # noqa: E402  (tests/ray_peer.py: imports no Ray)
 
 from kernelprovider import provisioner  # noqa: E402
 from kernelprovider.pool import WarmKernelSpec, ensure_template, warm_spec  # noqa: E402
@@ -135,25 +137,11 @@ def jupyter_paths(args: argparse.Namespace, root: Path) -> Iterator[None]:
         spec_dir = root / "kernels" / (SPEC_PREFIX + name)
         spec_dir.mkdir(parents=True)
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
-    with environment(
-        JUPYTER_PATH=os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")])),
-        JUPYTER_RUNTIME_DIR=str(root / "runtime"),
-    ):
+    with environment({
+        "JUPYTER_PATH": os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")])),
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+    }):
         yield
-
-
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def warm_kernel_spec(args: argparse.Namespace) -> WarmKernelSpec:
@@ -508,7 +496,6 @@ def ray_part(args: argparse.Namespace, work: Path) -> RayResults:
     memory; our cold, memory-snapshot and pool starts and idle pool members.
     bench/ray_actor.py's helpers, imported here only: they import Ray, numpy and the
     peer's setup, which the other parts do without."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
     import ray
     import ray_actor
     from ray_peer import GVisorPeerError, local_ray, start_gvisor_peer
@@ -787,7 +774,7 @@ def bench_main(args: argparse.Namespace) -> int:
     cells: list[str] = []
     sides = None
     try:
-        with environment(VMRUNTIME_STATE=str(work / "state")):
+        with environment({"VMRUNTIME_STATE": str(work / "state")}):
             if "jupyter" in args.parts:
                 sides = asyncio.run(jupyter_part(args, work))
                 cells += jupyter_report(args, sides)

@@ -271,9 +271,7 @@ def local_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
     tests share ``ray_session`` (tests/ray_support.py)."""
     import ray
 
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         ray.init(num_cpus=num_cpus, logging_level="ERROR", include_dashboard=False)
         try:
             yield
@@ -281,6 +279,15 @@ def local_ray(env: Mapping[str, str], num_cpus: int = 2) -> Iterator[None]:
             started = runsc_processes(os.getpid())
             ray.shutdown()
             end_runsc(started)
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment for the block, the old ones back after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
