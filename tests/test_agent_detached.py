@@ -160,13 +160,14 @@ def test_a_detached_exec_survives_a_disconnect_and_is_adopted_with_what_it_wrote
 def test_an_adopted_exec_takes_stdin_signals_and_ends_live(listening: ListeningAgent) -> None:
     first = listening.connect()
     script = "echo ready; read line; echo got:$line; trap 'echo term; exit 9' TERM; sleep 60 & wait"
-    _, pid = listening.start_detached(first, ["sh", "-c", script], stdin=True)
+    channel, pid = listening.start_detached(first, ["sh", "-c", script], stdin=True)
+    # Read here: output the agent already sent to this session is gone with it.
+    assert read_stdout_until(first, channel, b"ready\n") == b"ready\n"
     first.sock.close()
     time.sleep(0.2)
     assert alive(pid)
     second = listening.connect()
     adopted, _ = adopt(second, pid)
-    assert read_stdout_until(second, adopted, b"ready\n") == b"ready\n"
     second.send_stdin(adopted, b"hello\n")
     assert read_stdout_until(second, adopted, b"got:hello\n") == b"got:hello\n"
     second.send(p.signal(adopted, signal.SIGTERM))
