@@ -5,7 +5,8 @@ quick-start notebook with it) and tests. What it promises: the notebook is run w
 nbclient, as ``jupyter nbconvert --execute`` would, on the kernelspec named (else the
 one the notebook's metadata names); the executed copy is written to ``output`` even
 when a cell fails, so its traceback can be read there; the input file is never
-changed. A failing cell is a :class:`NotebookExecutionError`.
+changed; no warm kernel is left running after it. A failing cell is a
+:class:`NotebookExecutionError`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def execute_notebook(notebook: Path, output: Path | None = None, kernel_name: st
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+    from kernelprovider.provisioner import MicroVMProvisioner
+
     output = output or default_output(notebook)
     document = nbformat.read(notebook, as_version=4)
     kernel = kernel_name or document.metadata.get("kernelspec", {}).get("name")
@@ -63,6 +66,9 @@ def execute_notebook(notebook: Path, output: Path | None = None, kernel_name: st
         failure = f"no kernelspec named {kernel!r} (see `python -m kernelprovider list`)"
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
         failure = str(exc)
+    finally:
+        # Warm kernels made ahead for the next start: there is none after this run.
+        MicroVMProvisioner.close_pools()
     output.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(document, output)
     if failure is not None:

@@ -5,16 +5,19 @@ Who calls it: :class:`kernelprovider.provisioner.MicroVMProvisioner` (through
 What it promises:
 
 - **the template**, once per :class:`WarmKernelSpec` (image digest, cpus, memory, the
-  kernelspec's argv, warm imports, guest agent build): a sandbox boots, starts the
+  kernelspec's argv, warm imports, where its shares are in the guest, guest agent
+  build): a sandbox boots (its shares, over the console transport, are empty temporary
+  folders: no host file is in the template), starts the
   kernel with a random key nobody holds (``_warm_kernel.py``, a detached process), has
   it answer one ``kernel_info`` and run one silent ``pass`` (so the lazy imports of a
   first execution are done), and is saved as a memory snapshot named
   ``jupyter-warm-<key digest>`` in the local store, reused by later servers. No user's
   key, token or environment is ever in it;
-- **members** of the :class:`~vmruntime.pools.WarmPool` resume from the template, get
-  a fresh identity (RNG, clock, hostname, machine id), adopt the waiting kernel, forward
-  its five ports from free host ports and warm up again (a resumed VM's code is
-  translated anew under TCG) with the template's key, silently;
+- **members** of the :class:`~vmruntime.pools.WarmPool` resume from the template onto
+  the kernelspec's host folders (served by their own brokers), get a fresh identity
+  (RNG, clock, hostname, machine id), adopt the waiting kernel, forward its five ports
+  from free host ports and warm up again (a resumed VM's code is translated anew under
+  TCG) with the template's key, silently;
 - **a claim** sends the member's kernel the user's fresh key, a new session id, a seed
   for ``random`` and numpy, the environment and working directory, over the guest's
   loopback (no host port); the kernel then stops listening for claims. Each member is
@@ -25,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -43,7 +48,7 @@ from vmruntime.images.store import ImageStore
 from vmruntime.pools import PoolKey, PoolMember, WarmPool
 from vmruntime.snapshots import AsyncSandbox as SnapshotSandbox
 from vmruntime.snapshots import Snapshot, SnapshotStore
-from vmruntime.vm import AsyncProcess, AsyncSandbox, QemuDriver
+from vmruntime.vm import AsyncProcess, AsyncSandbox, Mount, QemuDriver
 
 LAUNCHER = Path(__file__).with_name("_warm_kernel.py")
 _GUEST_LAUNCHER = "/run/vmruntime-warm-kernel.py"
@@ -65,13 +70,21 @@ class WarmKernelError(VmruntimeError):
 @dataclass(frozen=True)
 class WarmKernelSpec:
     """What a warm kernel is made of: the kernelspec's ``argv`` (an ipykernel's), the
-    sandbox's image, cpus and memory, and modules imported ahead."""
+    sandbox's image, cpus and memory, modules imported ahead, and the host folders it
+    shares (bind mounts; members carry them over the console transport)."""
 
     image: str
     cpus: int
     memory_mib: int
     argv: tuple[str, ...]
     warm_imports: tuple[str, ...] = ()
+    shares: tuple[Mount, ...] = ()
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """Where the shares are in the guest (``GUEST[:ro]``): all the template's memory
+        depends on (their host folders are the members')."""
+        return tuple(m.guest + (":ro" if m.readonly else "") for m in self.shares)
 
     def kernel_args(self) -> list[str]:
         """The launcher's arguments: the kernelspec's after ``-m ipykernel_launcher``,
@@ -81,16 +94,21 @@ class WarmKernelSpec:
 
 
 def warm_spec(argv: Sequence[str], image: str, cpus: int, memory_mib: int,
-              warm_imports: Sequence[str] = ()) -> WarmKernelSpec | None:  # fmt: skip
+              warm_imports: Sequence[str] = (),
+              shares: Sequence[Mount] = ()) -> WarmKernelSpec | None:  # fmt: skip
     """The warm form of a kernelspec, or None if its kernel cannot be started ahead (only
     an ipykernel started as ``PYTHON -m ipykernel_launcher|ipykernel ... {connection_file}``
-    can: the launcher drives ipykernel's own application)."""
+    can: the launcher drives ipykernel's own application; only host folders can be
+    shared with it: a memory snapshot cannot carry a disk)."""
     argv = list(argv)
     if len(argv) < 3 or argv[1] != "-m" or argv[2] not in _IPYKERNEL_MODULES:
         return None
     if not any("{connection_file}" in arg for arg in argv):
         return None
-    return WarmKernelSpec(image, cpus, memory_mib, tuple(argv), tuple(warm_imports))
+    if any(m.kind != "bind" for m in shares):
+        return None
+    shares = tuple(dataclasses.replace(m, transport="console") for m in shares)
+    return WarmKernelSpec(image, cpus, memory_mib, tuple(argv), tuple(warm_imports), shares)
 
 
 @dataclass
@@ -111,7 +129,9 @@ class KernelPools:
     def pool(self, spec: WarmKernelSpec, size: int) -> WarmPool:
         pool = self._pools.get(spec)
         if pool is None:
-            key = PoolKey(f"image:{spec.image}", spec.cpus, spec.memory_mib,
+            shares = tuple(f"{m.host}:{m.guest}{':ro' if m.readonly else ''}"
+                           for m in spec.shares)  # fmt: skip
+            key = PoolKey(f"image:{spec.image}", spec.cpus, spec.memory_mib, shares,
                           purpose="jupyter:" + " ".join(spec.argv))  # fmt: skip
             name = f"jupyter-{key.digest}"
             pool = WarmPool(key, size, lambda: self._make_member(spec), name=name,
@@ -132,7 +152,8 @@ class KernelPools:
         forwarded; ``warm``: also run a cell (worth it only ahead of a claim)."""
         started = time.monotonic()
         template = await self._template(spec)
-        sandbox = await SnapshotSandbox.create(from_snapshot=template.name)
+        sandbox = await SnapshotSandbox.create(from_snapshot=template.name,
+                                               mounts=list(spec.shares))  # fmt: skip
         try:
             labels = template.manifest.labels
             process = await sandbox.adopt(int(labels["pid"]))
@@ -164,9 +185,9 @@ def template_name(spec: WarmKernelSpec, image_store: ImageStore | None = None) -
     """``jupyter-warm-<digest>`` of everything the template's memory depends on."""
     digest = images.resolve(spec.image, image_store or ImageStore()).manifest_digest
     assets = QemuDriver().guest_assets((image_store or ImageStore()).root)
-    key = PoolKey(digest, spec.cpus, spec.memory_mib, tuple(spec.warm_imports),
-                  purpose=json.dumps([list(spec.argv), assets.initramfs.name,
-                                      LAUNCHER.read_bytes().hex()]))  # fmt: skip
+    made_of = [list(spec.argv), list(spec.warm_imports), assets.initramfs.name,
+               LAUNCHER.read_bytes().hex()]  # fmt: skip
+    key = PoolKey(digest, spec.cpus, spec.memory_mib, spec.places, purpose=json.dumps(made_of))
     return f"jupyter-warm-{key.digest}"
 
 
@@ -180,7 +201,20 @@ async def ensure_template(spec: WarmKernelSpec) -> Snapshot:
 
 async def _make_template(spec: WarmKernelSpec, name: str, store: SnapshotStore) -> Snapshot:
     key = secrets.token_hex(32)  # the template's own: no user ever holds it
-    sandbox = await SnapshotSandbox.create(spec.image, cpus=spec.cpus, memory_mib=spec.memory_mib)
+    with tempfile.TemporaryDirectory(prefix="vmr-warm-shares-") as empty:
+        # The shares' places, served from empty folders: the template is the same for
+        # every user's folders, and none of their files is in its memory.
+        stand_ins = [dataclasses.replace(m, host=Path(empty) / str(i))
+                     for i, m in enumerate(spec.shares)]  # fmt: skip
+        for stand_in in stand_ins:
+            Path(stand_in.host).mkdir(mode=0o700)
+        return await _save_template(spec, name, store, key, stand_ins)
+
+
+async def _save_template(spec: WarmKernelSpec, name: str, store: SnapshotStore, key: str,
+                         shares: list[Mount]) -> Snapshot:  # fmt: skip
+    sandbox = await SnapshotSandbox.create(spec.image, cpus=spec.cpus, memory_mib=spec.memory_mib,
+                                           mounts=shares)  # fmt: skip
     try:
         pid = await _start_waiting_kernel(sandbox, spec, key)
         await sandbox.personalize(ports={port: 0 for port in KERNEL_PORTS.values()})

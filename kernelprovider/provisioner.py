@@ -46,6 +46,7 @@ from kernelprovider.defaults import (
 from kernelprovider.kernel import KernelLaunchError, KernelRequest, KernelSandbox, WarmSource
 from kernelprovider.pool import KernelPools, warm_spec
 from vmruntime.vm import AsyncSandbox, CreationPlan, Mount, SandboxConfig
+from vmruntime.vm.mounts import resolve_mounts
 from vmruntime.vm.sync import submit
 
 T = TypeVar("T")
@@ -96,7 +97,8 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         True, config=True,
         help="start kernels from a memory snapshot of a started kernel (made once per "
         "kernelspec and image, kept in the snapshot store) instead of booting them; only "
-        "for an ipykernel without mounts",
+        "for an ipykernel whose only mounts are host folders (carried over the console "
+        "transport) and which does not share the notebook's folder",
     )  # fmt: skip
     pool_size = Int(
         1, config=True,
@@ -145,7 +147,7 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             factory = type(self).creation_plan  # through the class: a plain function, unbound
             plan = factory() if factory is not None else None
             config = self._sandbox_config(kwargs.get("cwd"))
-            warm = self._warm_source(cmd, config) if plan is None else None
+            warm = self._warm_source(cmd, config, kwargs.get("cwd")) if plan is None else None
             self._box = KernelSandbox(config, self.log, plan, warm)
         keep = bool(self._key) and not self.rotate_key_on_restart
         self._key = self._key if keep else secrets.token_hex(32)
@@ -175,14 +177,18 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return SandboxConfig(self.image, cpus=self.cpus, memory_mib=self.memory,
                              mounts=mounts, boot_timeout=self.startup_timeout)  # fmt: skip
 
-    def _warm_source(self, cmd: list[str], config: SandboxConfig) -> WarmSource | None:
+    def _warm_source(self, cmd: list[str], config: SandboxConfig,
+                     cwd: str | None) -> WarmSource | None:  # fmt: skip
         """The warm pool a first launch claims from, when this kernelspec can have one:
-        ``warm``, an ipykernel, and no mounts (a memory snapshot has none)."""
-        if not self.warm or config.mounts:
+        ``warm``, an ipykernel, and only host folders shared (``mounts``; not the
+        notebook's folder, which is another place in the guest for each notebook)."""
+        if not self.warm or self._kernel_cwd(cwd) is not None:
             return None
-        spec = warm_spec(cmd, self.image, self.cpus, self.memory, self.warm_imports)
+        spec = warm_spec(cmd, self.image, self.cpus, self.memory, self.warm_imports,
+                         config.mounts)  # fmt: skip
         if spec is None:
             return None
+        resolve_mounts(spec.shares)  # a missing folder is named now, not after a template
         return WarmSource(_warm_pools(), spec, max(0, self.pool_size))
 
     @classmethod

@@ -22,7 +22,7 @@ from conftest import DefaultImageSession
 from jupyter_client import BlockingKernelClient, KernelManager
 
 from kernelprovider.provisioner import MicroVMProvisioner
-from vmruntime.errors import SandboxNotFoundError
+from vmruntime.errors import MountError, SandboxNotFoundError
 from vmruntime.pools.registry import live_pools
 from vmruntime.snapshots import SnapshotStore
 from vmruntime.vm import state
@@ -37,20 +37,25 @@ print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random(
 """
 
 
-@pytest.fixture(scope="module")
-def warm_spec(default_image_session: DefaultImageSession,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # fmt: skip
-    root = tmp_path_factory.mktemp("jupyter-warm")
-    folder = root / "kernels" / "warm"
+def write_spec(root: Path, name: str, **config: object) -> str:
+    folder = root / "kernels" / name
     folder.mkdir(parents=True)
     spec = {
-        "argv": GUEST_KERNEL, "display_name": "warm (sandboxed)", "language": "python",
+        "argv": GUEST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
         "interrupt_mode": "signal", "env": {"FROM_SPEC": "spec-value"},
         "metadata": {"kernel_provisioner": {
             "provisioner_name": "microvm-provisioner",
-            "config": {"image": "vmruntime/default:latest", "memory": 1024, "pool_size": 1}}},
+            "config": {"image": "vmruntime/default:latest", "memory": 1024, "pool_size": 1,
+                       **config}}},
     }  # fmt: skip
     (folder / "kernel.json").write_text(json.dumps(spec))
+    return name
+
+
+@pytest.fixture(scope="module")
+def jupyter_root(default_image_session: DefaultImageSession,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:  # fmt: skip
+    root = tmp_path_factory.mktemp("jupyter-warm")
     with pytest.MonkeyPatch.context() as patch:
         # The default image's session, whatever another session fixture set since: the
         # pool makes and refills its kernels in this process's environment.
@@ -59,8 +64,13 @@ def warm_spec(default_image_session: DefaultImageSession,
         patch.setenv("XDG_RUNTIME_DIR", str(default_image_session.runtime))
         patch.setenv("JUPYTER_PATH", str(root))
         patch.setenv("JUPYTER_RUNTIME_DIR", str(root / "runtime"))
-        yield "warm"
+        yield root
     MicroVMProvisioner.close_pools()
+
+
+@pytest.fixture(scope="module")
+def warm_spec(jupyter_root: Path) -> str:
+    return write_spec(jupyter_root, "warm")
 
 
 def start(name: str) -> tuple[KernelManager, BlockingKernelClient]:
@@ -83,15 +93,31 @@ def run(client: BlockingKernelClient, code: str) -> tuple[dict, str]:
     return reply["content"], "".join(out)
 
 
-def wait_for_a_ready_member(timeout: float = 240) -> None:
+def wait_for_a_ready_member(timeout: float = 240, sharing: str = "") -> None:
+    """Until a pool of warm kernels has one ready (of a kernelspec ``sharing`` a folder)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pool in live_pools():
-            if pool["name"].startswith("jupyter-") and any(
+            shares = " ".join(pool["key"]["mounts"])
+            if pool["name"].startswith("jupyter-") and sharing in shares and any(
                     m["state"] == "ready" for m in pool["members"]):  # fmt: skip
                 return
         time.sleep(0.5)
     raise AssertionError(f"no warm kernel became ready: {live_pools()}")
+
+
+def assert_not_in_templates(secrets: list[str], what: str) -> None:
+    templates = [s for s in SnapshotStore().list() if s.name.startswith("jupyter-warm-")]
+    assert templates, "the template is kept in the snapshot store"
+    for template in templates:
+        assert template.manifest.memory is not None
+        for file in template.manifest.files:
+            with open(template.path / file, "rb") as data:
+                if os.fstat(data.fileno()).st_size == 0:
+                    continue
+                with mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                    for secret in secrets:
+                        assert view.find(secret.encode()) == -1, f"{what} is in {file}"
 
 
 def test_warm_kernels_are_fresh_kernels_of_their_own(warm_spec: str) -> None:
@@ -119,24 +145,67 @@ def test_warm_kernels_are_fresh_kernels_of_their_own(warm_spec: str) -> None:
             assert claim_seconds < 30  # a resumed copy, not a boot plus an import of ipykernel
             sandbox_ids = {first.provisioner.sandbox_id, second.provisioner.sandbox_id}
             assert len(sandbox_ids) == 2
-            users_keys = [first.session.key, second.session.key]
+            users_keys = [first.session.key.decode(), second.session.key.decode()]
         finally:
             second_client.stop_channels()
             second.shutdown_kernel(now=True)
     finally:
         first_client.stop_channels()
         first.shutdown_kernel(now=True)
-    templates = [s for s in SnapshotStore().list() if s.name.startswith("jupyter-warm-")]
-    assert templates, "the template is kept in the snapshot store"
-    for template in templates:
-        assert template.manifest.memory is not None
-        for file in template.manifest.files:
-            with open(template.path / file, "rb") as data:
-                if os.fstat(data.fileno()).st_size == 0:
-                    continue
-                with mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                    for key in users_keys:
-                        assert view.find(key) == -1, f"a user's key is in {file}"
+    assert_not_in_templates(users_keys, "a user's key")
+
+
+SHARES_PROBE = """
+import errno, json, os
+def attempt(path):
+    try:
+        with open(path, "w") as f:
+            f.write("from the guest")
+        return "written"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+mounts = {line.split()[1]: line.split()[2] for line in open("/proc/mounts")}
+print(json.dumps({"read": open("/data/in.txt").read(), "listing": sorted(os.listdir("/data")),
+                  "ro_write": attempt("/data/guest.txt"), "rw_write": attempt("/out/" + NAME),
+                  "types": [mounts.get("/data"), mounts.get("/out")]}))
+"""
+
+
+def test_warm_kernels_share_the_kernelspecs_folders(jupyter_root: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    out.mkdir()
+    marker = os.urandom(16).hex()  # a host file's content, to be in no template byte
+    (data / "in.txt").write_text(marker)
+    name = write_spec(jupyter_root, "warm-shares", mounts=[f"{data}:/data:ro", f"{out}:/out"])
+    kernels = [start(name)]  # makes the template (empty stand-in folders), claims a copy
+    try:
+        wait_for_a_ready_member(sharing=str(data))
+        kernels.append(start(name))  # a ready copy, its folders served by its own broker
+        for index, (manager, client) in enumerate(kernels):
+            content, output = run(client, f"NAME = 'k{index}.txt'\n" + SHARES_PROBE)
+            assert content["status"] == "ok", content
+            seen = json.loads(output)
+            assert seen["read"] == marker and seen["listing"] == ["in.txt"]
+            assert seen["ro_write"] == "EROFS" and seen["rw_write"] == "written"
+            assert [kind.startswith("fuse") for kind in seen["types"]] == [True, True]
+            assert (out / f"k{index}.txt").read_text() == "from the guest"
+            record = state.find_record(manager.provisioner.sandbox_id)
+            assert record.layer_origin, "a resumed copy of the template, not a boot"
+        assert sorted(p.name for p in data.iterdir()) == ["in.txt"]
+    finally:
+        for manager, client in kernels:
+            client.stop_channels()
+            manager.shutdown_kernel(now=True)
+    assert_not_in_templates([marker], "a shared host file's content")
+
+
+def test_a_kernelspec_sharing_a_missing_folder_is_refused_naming_it(jupyter_root: Path) -> None:
+    name = write_spec(jupyter_root, "warm-missing", mounts=["/no/such/folder:/data:ro"])
+    started = time.monotonic()
+    with pytest.raises(MountError, match="/no/such/folder"):
+        KernelManager(kernel_name=name).start_kernel()
+    assert time.monotonic() - started < 10  # refused before any template is made
 
 
 def test_interrupt_reaches_a_warm_kernel(warm_spec: str) -> None:
@@ -162,8 +231,9 @@ def test_interrupt_reaches_a_warm_kernel(warm_spec: str) -> None:
 
 def test_closing_the_pools_ends_their_kernels(warm_spec: str, tmp_path: Path) -> None:
     wait_for_a_ready_member()
-    (pool,) = [p for p in live_pools() if p["name"].startswith("jupyter-")]
-    member_ids = [m["id"] for m in pool["members"] if m["state"] == "ready"]
+    pools = [p for p in live_pools() if p["name"].startswith("jupyter-")]
+    member_ids = [m["id"] for pool in pools for m in pool["members"] if m["state"] == "ready"]
+    assert member_ids
     MicroVMProvisioner.close_pools()
     assert not [p for p in live_pools() if p["name"].startswith("jupyter-")]
     for sandbox_id in member_ids:
