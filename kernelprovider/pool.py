@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -45,7 +43,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from vmruntime import images
 from vmruntime.errors import SandboxError, VmruntimeError
 from vmruntime.images.store import ImageStore
-from vmruntime.pools import PoolKey, PoolMember, WarmPool
+from vmruntime.pools import PoolKey, PoolMember, WarmPool, carried_shares, stand_ins
 from vmruntime.snapshots import AsyncSandbox as SnapshotSandbox
 from vmruntime.snapshots import Snapshot, SnapshotStore
 from vmruntime.vm import AsyncProcess, AsyncSandbox, Mount, QemuDriver
@@ -84,7 +82,7 @@ class WarmKernelSpec:
     def places(self) -> tuple[str, ...]:
         """Where the shares are in the guest (``GUEST[:ro]``): all the template's memory
         depends on (their host folders are the members')."""
-        return tuple(m.guest + (":ro" if m.readonly else "") for m in self.shares)
+        return tuple(m.place for m in self.shares)
 
     def kernel_args(self) -> list[str]:
         """The launcher's arguments: the kernelspec's after ``-m ipykernel_launcher``,
@@ -105,10 +103,10 @@ def warm_spec(argv: Sequence[str], image: str, cpus: int, memory_mib: int,
         return None
     if not any("{connection_file}" in arg for arg in argv):
         return None
-    if any(m.kind != "bind" for m in shares):
+    carried = carried_shares(shares)
+    if carried is None:
         return None
-    shares = tuple(dataclasses.replace(m, transport="console") for m in shares)
-    return WarmKernelSpec(image, cpus, memory_mib, tuple(argv), tuple(warm_imports), shares)
+    return WarmKernelSpec(image, cpus, memory_mib, tuple(argv), tuple(warm_imports), carried)
 
 
 @dataclass
@@ -129,8 +127,7 @@ class KernelPools:
     def pool(self, spec: WarmKernelSpec, size: int) -> WarmPool:
         pool = self._pools.get(spec)
         if pool is None:
-            shares = tuple(f"{m.host}:{m.guest}{':ro' if m.readonly else ''}"
-                           for m in spec.shares)  # fmt: skip
+            shares = tuple(f"{m.host}:{m.place}" for m in spec.shares)
             key = PoolKey(f"image:{spec.image}", spec.cpus, spec.memory_mib, shares,
                           purpose="jupyter:" + " ".join(spec.argv))  # fmt: skip
             name = f"jupyter-{key.digest}"
@@ -201,14 +198,8 @@ async def ensure_template(spec: WarmKernelSpec) -> Snapshot:
 
 async def _make_template(spec: WarmKernelSpec, name: str, store: SnapshotStore) -> Snapshot:
     key = secrets.token_hex(32)  # the template's own: no user ever holds it
-    with tempfile.TemporaryDirectory(prefix="vmr-warm-shares-") as empty:
-        # The shares' places, served from empty folders: the template is the same for
-        # every user's folders, and none of their files is in its memory.
-        stand_ins = [dataclasses.replace(m, host=Path(empty) / str(i))
-                     for i, m in enumerate(spec.shares)]  # fmt: skip
-        for stand_in in stand_ins:
-            Path(stand_in.host).mkdir(mode=0o700)
-        return await _save_template(spec, name, store, key, stand_ins)
+    with stand_ins(spec.shares) as empty:  # no user's file is in a template
+        return await _save_template(spec, name, store, key, empty)
 
 
 async def _save_template(spec: WarmKernelSpec, name: str, store: SnapshotStore, key: str,

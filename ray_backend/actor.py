@@ -7,9 +7,9 @@ promises:
 
 * the sandbox starts with the actor, sized from what Ray assigned to it: resumed from a
   memory snapshot of a sandbox whose worker is started and warm (``warm=True``, the
-  default, without mounts: :mod:`ray_backend.warm`), booted (``warm=False``), or
-  restored from ``snapshot``; it ends with the actor: a killed actor's QEMU and brokers
-  die with its process;
+  default, when its only mounts are host folders: :mod:`ray_backend.warm`), booted
+  (``warm=False``), or restored from ``snapshot``; it ends with the actor: a killed
+  actor's QEMU and brokers die with its process;
 * ``run(fn, *args, **kwargs)`` runs ``fn`` in a warm Python worker in the guest and
   returns its result as plain data (see :mod:`ray_backend.results`); a timeout or a dying
   worker costs that worker, never the actor;
@@ -46,6 +46,7 @@ from ray_backend.results import interpret, printable
 from ray_backend.warm import resume_warm
 from ray_backend.worker import GuestWorker, function_key, pickle_call, pickle_function
 from vmruntime.errors import ExecStartError, ExecTimeoutError
+from vmruntime.pools import carried_shares
 from vmruntime.snapshots import AsyncSandbox
 from vmruntime.vm import sync
 from vmruntime.vm.commands import end_abandoned_sandboxes
@@ -138,9 +139,10 @@ class SandboxActorBody:
         self._snapshot_source = actor_snapshots.restart_source(snapshot)
         sync.run(end_abandoned_sandboxes())  # what actors killed on this node left
         shape = {"cpus": vcpus(cpu, assigned), "memory_mib": memory_mib(memory, assigned)}
-        if warm and not mounts and self._snapshot_source is None:
+        shares = carried_shares(mounts) if warm else None
+        if shares is not None and self._snapshot_source is None:
             self._sandbox, self._worker = sync.run(resume_warm(
-                self._image, **shape, env=env or {}, workdir=workdir,
+                self._image, **shape, env=env or {}, workdir=workdir, shares=shares,
                 on_output=_show_guest_output, boot_timeout=timeout_seconds,
             ))  # fmt: skip
             self._warm = True

@@ -2,19 +2,22 @@
 started and imported what calls need, resumed by each actor instead of a boot.
 
 Who calls it: :class:`ray_backend.actor.SandboxActorBody` when it starts (``warm=True``,
-the default, for an actor without mounts or its own snapshot), on vmruntime's runtime
-loop. What it promises:
+the default, for an actor whose only mounts are host folders and without its own
+snapshot), on vmruntime's runtime loop. What it promises:
 
-- **the template**, once per node and key (the image's digest, cpus, memory, the worker
-  bundle and the guest agent build): a sandbox boots, starts the guest worker detached,
-  has it import cloudpickle and numpy and run one call, and is saved as memory snapshot
-  ``ray-warm-<digest>`` in the node's snapshot store (made under a lock: actors starting
-  together on a node make it once), reused by later actors and later Ray sessions;
-- **a warm actor** resumes a copy of it (a fresh identity: RNG, clock, hostname, machine
-  id), adopts the waiting worker, checks its Python again, and claims it: the worker
-  reseeds ``random`` and numpy's global generator (their state was copied with the
-  memory), takes the actor's environment and working directory. Nothing of a caller is in
-  the template: it is made before any caller's function or data exists.
+- **the template**, once per node and key (the image's digest, cpus, memory, where its
+  shares are in the guest, the worker bundle and the guest agent build): a sandbox boots
+  (its shares, over the console transport, served from empty stand-in folders), starts
+  the guest worker detached, has it import cloudpickle and numpy and run one call, and
+  is saved as memory snapshot ``ray-warm-<digest>`` in the node's snapshot store (made
+  under a lock: actors starting together on a node make it once), reused by later
+  actors and later Ray sessions;
+- **a warm actor** resumes a copy of it onto its own host folders (a fresh identity:
+  RNG, clock, hostname, machine id), adopts the waiting worker, checks its Python
+  again, and claims it: the worker reseeds ``random`` and numpy's global generator
+  (their state was copied with the memory), takes the actor's environment and working
+  directory. Nothing of a caller is in the template: it is made before any caller's
+  function or data exists, and its shares are empty.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +40,22 @@ from vmruntime import images
 from vmruntime._blocking import in_thread
 from vmruntime.errors import SandboxError
 from vmruntime.images.store import ImageStore
+from vmruntime.pools import stand_ins
 from vmruntime.snapshots import AsyncSandbox, Snapshot, SnapshotStore
-from vmruntime.vm import QemuDriver
+from vmruntime.vm import Mount, QemuDriver
+from vmruntime.vm.mounts import resolve_mounts
 
 WARM_IMPORTS = ("cloudpickle", "numpy")
 _TEMPLATE_TIMEOUT = 300.0
 
 
-def template_name(image: str, cpus: int, memory_mib: int) -> str:
+def template_name(image: str, cpus: int, memory_mib: int, shares: Sequence[Mount] = ()) -> str:
     """``ray-warm-<digest>`` of everything the template's memory depends on (blocking)."""
     store = ImageStore()
     digest = images.resolve(image, store).manifest_digest
     initramfs = QemuDriver().guest_assets(store.root).initramfs.name
-    text = json.dumps([digest, cpus, memory_mib, initramfs, _bundle_digest(), WARM_IMPORTS])
+    text = json.dumps([digest, cpus, memory_mib, initramfs, _bundle_digest(), WARM_IMPORTS,
+                       [m.place for m in shares]])  # fmt: skip
     return "ray-warm-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -64,11 +70,15 @@ def _bundle_digest() -> str:
 
 async def resume_warm(image: str, cpus: int, memory_mib: int, *, env: Mapping[str, str],
                       workdir: str | None, on_output: Callable[[bytes], None],
-                      boot_timeout: float) -> tuple[AsyncSandbox, GuestWorker]:  # fmt: skip
-    """A sandbox resumed from the template of (image, cpus, memory) with its worker
-    adopted and claimed for this actor (see the module)."""
-    template = await ensure_template(image, cpus, memory_mib, boot_timeout)
+                      boot_timeout: float, shares: Sequence[Mount] = (),
+                      ) -> tuple[AsyncSandbox, GuestWorker]:  # fmt: skip
+    """A sandbox resumed from the template of (image, cpus, memory, share places) onto
+    ``shares`` (console-transport host folders: :func:`vmruntime.pools.carried_shares`),
+    with its worker adopted and claimed for this actor (see the module)."""
+    await in_thread(resolve_mounts, shares)  # a missing folder is named before a template
+    template = await ensure_template(image, cpus, memory_mib, boot_timeout, shares)
     sandbox = await AsyncSandbox.create(from_snapshot=template.name, env=env,
+                                        mounts=list(shares),
                                         boot_timeout=boot_timeout)  # fmt: skip
     try:
         if workdir:
@@ -87,18 +97,19 @@ async def resume_warm(image: str, cpus: int, memory_mib: int, *, env: Mapping[st
     return sandbox, worker
 
 
-async def ensure_template(image: str, cpus: int, memory_mib: int,
-                          boot_timeout: float) -> Snapshot:  # fmt: skip
+async def ensure_template(image: str, cpus: int, memory_mib: int, boot_timeout: float,
+                          shares: Sequence[Mount] = ()) -> Snapshot:  # fmt: skip
     store = SnapshotStore()
-    name = await in_thread(template_name, image, cpus, memory_mib)
+    name = await in_thread(template_name, image, cpus, memory_mib, shares)
     if await in_thread(store.exists, name):
         return await in_thread(store.get, name)
     lock = await in_thread(_hold_lock, store, name)
     try:
         if await in_thread(store.exists, name):  # another actor made it meanwhile
             return await in_thread(store.get, name)
-        return await asyncio.wait_for(_make_template(name, image, cpus, memory_mib, boot_timeout),
-                                      _TEMPLATE_TIMEOUT)  # fmt: skip
+        with stand_ins(shares) as empty:  # no caller's file is in a template
+            making = _make_template(name, image, cpus, memory_mib, boot_timeout, empty)
+            return await asyncio.wait_for(making, _TEMPLATE_TIMEOUT)
     finally:
         await in_thread(lock.__exit__, None, None, None)
 
@@ -111,8 +122,8 @@ def _hold_lock(store: SnapshotStore, name: str) -> contextlib.AbstractContextMan
 
 
 async def _make_template(name: str, image: str, cpus: int, memory_mib: int,
-                         boot_timeout: float) -> Snapshot:  # fmt: skip
-    sandbox = await AsyncSandbox.create(image, cpus=cpus, memory_mib=memory_mib,
+                         boot_timeout: float, shares: list[Mount]) -> Snapshot:  # fmt: skip
+    sandbox = await AsyncSandbox.create(image, cpus=cpus, memory_mib=memory_mib, mounts=shares,
                                         boot_timeout=boot_timeout)  # fmt: skip
     try:
         worker = GuestWorker(sandbox, image, on_output=lambda _data: None)

@@ -12,6 +12,7 @@ import concurrent.futures
 import mmap
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,6 +63,53 @@ def test_warm_actors_are_independent_sandboxes(ray_session: Any) -> None:
             with open(template.path / file, "rb") as data, \
                     mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as view:  # fmt: skip
                 assert view.find(SECRET.encode()) == -1, file
+
+
+def shares_seen() -> dict[str, Any]:
+    import errno
+    import os
+
+    def attempt(path: str) -> str:
+        try:
+            with open(path, "w") as f:
+                f.write("from the guest")
+            return "written"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    return {"read": open("/data/in.txt").read(), "listing": sorted(os.listdir("/data")),
+            "ro_write": attempt("/data/guest.txt"), "rw_write": attempt("/out/actor.txt")}
+
+
+def test_warm_actors_share_their_own_folders(ray_session: Any, tmp_path: Path) -> None:
+    folders = []
+    for name in ("first", "second"):
+        data, out = tmp_path / name / "data", tmp_path / name / "out"
+        data.mkdir(parents=True)
+        out.mkdir()
+        (data / "in.txt").write_text(f"{name}-{os.urandom(8).hex()}")
+        folders.append((data, out))
+    actors = [SandboxActor.remote(mounts=[f"{data}:/data:ro", f"{out}:/out"])
+              for data, out in folders]  # fmt: skip
+    try:
+        seen = [ray.get(actor.run.remote(shares_seen), timeout=300) for actor in actors]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    for (data, out), got in zip(folders, seen, strict=True):
+        assert got == {"read": (data / "in.txt").read_text(), "listing": ["in.txt"],
+                       "ro_write": "EROFS", "rw_write": "written"}  # fmt: skip
+        assert (out / "actor.txt").read_text() == "from the guest"
+        assert sorted(p.name for p in data.iterdir()) == ["in.txt"]
+    store = SnapshotStore(ray_session.state / "snapshots")
+    (template,) = [s for s in store.list() if s.name.startswith("ray-warm-")
+                   and s.manifest.memory and s.manifest.memory.mounts]  # fmt: skip
+    assert template.manifest.memory.mounts == ("/data:ro", "/out")  # resumed, not booted
+    contents = [(data / "in.txt").read_bytes() for data, _ in folders]
+    for file in template.manifest.files:  # its shares were empty stand-ins
+        with open(template.path / file, "rb") as data_file, \
+                mmap.mmap(data_file.fileno(), 0, access=mmap.ACCESS_READ) as view:  # fmt: skip
+            assert all(view.find(content) == -1 for content in contents), file
 
 
 def test_a_cold_actor_still_boots(ray_session: Any) -> None:

@@ -42,7 +42,7 @@ from vmruntime.snapshots.manifest import (
 from vmruntime.snapshots.names import check_name
 from vmruntime.snapshots.seal import content_digest
 from vmruntime.snapshots.store import Snapshot, SnapshotStore
-from vmruntime.vm import AsyncSandbox, MemoryImage, Mount, state
+from vmruntime.vm import AsyncSandbox, MemoryImage, state
 from vmruntime.vm.sandbox import DEFAULT_FREEZE_TIMEOUT
 
 LAYER_FILE = "layer.img"
@@ -94,12 +94,7 @@ def _memory_info(saved: MemoryImage, sandbox: AsyncSandbox) -> MemoryInfo:
     return MemoryInfo(ram=_saved_file(saved.ram), state=_saved_file(saved.state),
                       cpus=record.cpus, memory_mib=record.memory_mib,
                       accelerator=record.accelerator,
-                      mounts=tuple(mount_place(m) for m in sandbox.mounts))  # fmt: skip
-
-
-def mount_place(mount: Mount) -> str:
-    """Where a share is in the guest, as a memory snapshot records it: ``GUEST[:ro]``."""
-    return mount.guest + (":ro" if mount.readonly else "")
+                      mounts=tuple(m.place for m in sandbox.mounts))  # fmt: skip
 
 
 def _saved_file(path: Path) -> SavedFile:

@@ -162,7 +162,7 @@ class RestorePlan:
         if self.shares is None:
             return list(mounts)
         parsed = [m if isinstance(m, Mount) else Mount.parse(m) for m in mounts]
-        places = tuple(m.guest + (":ro" if m.readonly else "") for m in parsed)
+        places = tuple(m.place for m in parsed)
         if places != self.shares or not all(m.kind in ("bind", "volume") for m in parsed):
             reason = (f"the memory snapshot's machine has shares at {list(self.shares)}: give "
                       "a host folder (or directory volume) for each, in that order")  # fmt: skip

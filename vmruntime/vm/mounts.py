@@ -99,6 +99,12 @@ class Mount:
         disk volume is a disk: a resumed copy cannot write what its original holds)."""
         return self.transport == "console" and self.kind in ("bind", "volume")
 
+    @property
+    def place(self) -> str:
+        """Where it is in the guest, and how: ``GUEST[:ro]`` (what a memory snapshot
+        records of a share, and all that its copies must match)."""
+        return self.guest + (":ro" if self.readonly else "")
+
     @classmethod
     def volume(cls, name: str, guest: str, readonly: bool = False) -> Mount:
         """A named volume (``vmr volume create``): a directory share or a disk."""
