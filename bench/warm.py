@@ -12,6 +12,9 @@ real ``AsyncKernelManager``, for four kernelspecs written to a temporary ``JUPYT
   template;
 - ``cold``: ``warm`` False, a boot and ipykernel's imports;
 - ``local``: the same ipykernel on the host through ``LocalProvisioner``.
+With ``--mount HOST:GUEST[:ro]`` (repeatable) the sandboxed kernelspecs share those host
+folders, as the quick start's does ``docs/`` (warm kernels carry them over the console
+transport).
 The template is made (timed) before the first round; one warm-up round, then ``--runs``
 rounds, the order rotating; medians, ratios against ``local`` and the issue's two goals.
 
@@ -66,11 +69,12 @@ from kernelprovider import provisioner  # noqa: E402
 from kernelprovider.pool import WarmKernelSpec, ensure_template, warm_spec  # noqa: E402
 from kernelprovider.provisioner import MicroVMProvisioner  # noqa: E402
 from vmruntime import ImageStore  # noqa: E402
+from vmruntime.errors import MountError  # noqa: E402
 from vmruntime.guest.assets import ensure_guest_assets  # noqa: E402
 from vmruntime.images.default_image import DEFAULT_IMAGE, ensure_default_image  # noqa: E402
 from vmruntime.pools import WarmPool  # noqa: E402
 from vmruntime.snapshots import AsyncSandbox, SnapshotStore  # noqa: E402
-from vmruntime.vm import state, sync  # noqa: E402
+from vmruntime.vm import Mount, state, sync  # noqa: E402
 from vmruntime.vm.accel import choose_accelerator  # noqa: E402
 
 PARTS = ("jupyter", "memory", "ray")
@@ -124,7 +128,7 @@ def kernelspecs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     specs = {LOCAL: kernel_start.local_spec(args)}
     for name, config in PROVISIONER_CONFIG.items():
         spec = kernel_start.microvm_spec(args)
-        spec["metadata"]["kernel_provisioner"]["config"].update(config)
+        spec["metadata"]["kernel_provisioner"]["config"].update(config, mounts=args.mount)
         specs[name] = spec
     return specs
 
@@ -154,6 +158,7 @@ def warm_kernel_spec(args: argparse.Namespace) -> WarmKernelSpec:
         args.cpus or traits["cpus"].default(),
         args.memory_mib or traits["memory"].default(),
         traits["warm_imports"].default(),
+        [Mount.parse(spec) for spec in args.mount],
     )
     if spec is None:
         raise BenchError("the sandboxed kernelspec cannot have a warm kernel")
@@ -804,6 +809,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cpus", type=int, help="the sandboxed kernels' vCPUs (the provisioner's default)")
     add("--memory-mib", type=int, help="the sandboxed kernels' RAM (the provisioner's default)")
     add("--local-python", default=sys.executable, help="the local kernel's Python")
+    add("--mount", action="append", default=[], metavar="HOST:GUEST[:ro]",
+        help="jupyter part: a host folder the sandboxed kernelspecs share (repeatable)")
     add("--startup-timeout", type=float, default=120.0, help="seconds for a kernel to answer")
     add("--reply-timeout", type=float, default=60.0, help="seconds for one later execute")
     add("--clones", type=int, default=10, help="sandboxes of each kind idle together")
@@ -815,6 +822,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--runs, --clones, --sandbox-memory-mib and --boot-batch must be >= 1")
     if args.settle < 0 or args.idle_seconds < 0:
         parser.error("--settle and --idle-seconds must be >= 0")
+    try:  # absolute host folders: the kernelspecs are read in another directory's terms
+        args.mount = [f"{Path(m.host).resolve()}:{m.place}" for m in map(Mount.parse, args.mount)]
+    except MountError as exc:
+        parser.error(str(exc))
     if args.image != DEFAULT_IMAGE and "ray" in args.parts:
         parser.error("the ray part runs the default image (the one the gVisor peer serves)")
     return args
