@@ -123,3 +123,27 @@ def outputs_of(document: Any) -> tuple[str, list[dict]]:
             else:
                 rich.append(output)
     return "".join(text), rich
+
+
+def shares_seen(written_name: str) -> dict[str, Any]:
+    """Run in a guest that shares a host folder read-only at /data and one read-write at
+    /out: what it reads and lists, what its writes get, and the mounts' types. Self
+    contained: Ray ships it by value, a kernel runs its source."""
+    import errno
+    import os
+
+    def attempt(path: str) -> str:
+        try:
+            with open(path, "w") as f:
+                f.write("from the guest")
+            return "written"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    with open("/proc/mounts") as table:
+        types = {line.split()[1]: line.split()[2] for line in table}
+    with open("/data/in.txt") as data:
+        read = data.read()
+    return {"read": read, "listing": sorted(os.listdir("/data")),
+            "ro_write": attempt("/data/guest.txt"), "rw_write": attempt(f"/out/{written_name}"),
+            "types": [types.get("/data", ""), types.get("/out", "")]}  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import ray
+from helpers import shares_seen
 from vm_support import qemu_processes
 
 from ray_backend import SandboxActor, WarmActorPool
@@ -65,22 +66,6 @@ def test_warm_actors_are_independent_sandboxes(ray_session: Any) -> None:
                 assert view.find(SECRET.encode()) == -1, file
 
 
-def shares_seen() -> dict[str, Any]:
-    import errno
-    import os
-
-    def attempt(path: str) -> str:
-        try:
-            with open(path, "w") as f:
-                f.write("from the guest")
-            return "written"
-        except OSError as exc:
-            return errno.errorcode[exc.errno]
-
-    return {"read": open("/data/in.txt").read(), "listing": sorted(os.listdir("/data")),
-            "ro_write": attempt("/data/guest.txt"), "rw_write": attempt("/out/actor.txt")}
-
-
 def test_warm_actors_share_their_own_folders(ray_session: Any, tmp_path: Path) -> None:
     folders = []
     for name in ("first", "second"):
@@ -92,13 +77,15 @@ def test_warm_actors_share_their_own_folders(ray_session: Any, tmp_path: Path) -
     actors = [SandboxActor.remote(mounts=[f"{data}:/data:ro", f"{out}:/out"])
               for data, out in folders]  # fmt: skip
     try:
-        seen = [ray.get(actor.run.remote(shares_seen), timeout=300) for actor in actors]
+        seen = [ray.get(actor.run.remote(shares_seen, "actor.txt"), timeout=300)
+                for actor in actors]  # fmt: skip
     finally:
         for actor in actors:
             ray.kill(actor)
     for (data, out), got in zip(folders, seen, strict=True):
         assert got == {"read": (data / "in.txt").read_text(), "listing": ["in.txt"],
-                       "ro_write": "EROFS", "rw_write": "written"}  # fmt: skip
+                       "ro_write": "EROFS", "rw_write": "written",
+                       "types": ["fuse", "fuse"]}  # fmt: skip
         assert (out / "actor.txt").read_text() == "from the guest"
         assert sorted(p.name for p in data.iterdir()) == ["in.txt"]
     store = SnapshotStore(ray_session.state / "snapshots")

@@ -10,6 +10,7 @@ machine id, the kernelspec's environment; and no user's key may be in the snapsh
 
 from __future__ import annotations
 
+import inspect
 import json
 import mmap
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DefaultImageSession
+from helpers import shares_seen
 from jupyter_client import BlockingKernelClient, KernelManager
 
 from kernelprovider.provisioner import MicroVMProvisioner
@@ -155,22 +157,6 @@ def test_warm_kernels_are_fresh_kernels_of_their_own(warm_spec: str) -> None:
     assert_not_in_templates(users_keys, "a user's key")
 
 
-SHARES_PROBE = """
-import errno, json, os
-def attempt(path):
-    try:
-        with open(path, "w") as f:
-            f.write("from the guest")
-        return "written"
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-mounts = {line.split()[1]: line.split()[2] for line in open("/proc/mounts")}
-print(json.dumps({"read": open("/data/in.txt").read(), "listing": sorted(os.listdir("/data")),
-                  "ro_write": attempt("/data/guest.txt"), "rw_write": attempt("/out/" + NAME),
-                  "types": [mounts.get("/data"), mounts.get("/out")]}))
-"""
-
-
 def test_warm_kernels_share_the_kernelspecs_folders(jupyter_root: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
@@ -178,17 +164,19 @@ def test_warm_kernels_share_the_kernelspecs_folders(jupyter_root: Path, tmp_path
     marker = os.urandom(16).hex()  # a host file's content, to be in no template byte
     (data / "in.txt").write_text(marker)
     name = write_spec(jupyter_root, "warm-shares", mounts=[f"{data}:/data:ro", f"{out}:/out"])
+    source = inspect.getsource(shares_seen)
     kernels = [start(name)]  # makes the template (empty stand-in folders), claims a copy
     try:
         wait_for_a_ready_member(sharing=str(data))
         kernels.append(start(name))  # a ready copy, its folders served by its own broker
         for index, (manager, client) in enumerate(kernels):
-            content, output = run(client, f"NAME = 'k{index}.txt'\n" + SHARES_PROBE)
+            probe = (f"import json\nfrom typing import Any\n{source}\n"
+                     f"print(json.dumps(shares_seen('k{index}.txt')))")
+            content, output = run(client, probe)
             assert content["status"] == "ok", content
-            seen = json.loads(output)
-            assert seen["read"] == marker and seen["listing"] == ["in.txt"]
-            assert seen["ro_write"] == "EROFS" and seen["rw_write"] == "written"
-            assert [kind.startswith("fuse") for kind in seen["types"]] == [True, True]
+            assert json.loads(output) == {"read": marker, "listing": ["in.txt"],
+                                          "ro_write": "EROFS", "rw_write": "written",
+                                          "types": ["fuse", "fuse"]}  # fmt: skip
             assert (out / f"k{index}.txt").read_text() == "from the guest"
             record = state.find_record(manager.provisioner.sandbox_id)
             assert record.layer_origin, "a resumed copy of the template, not a boot"
