@@ -89,9 +89,10 @@ def test_warm_actors_share_their_own_folders(ray_session: Any, tmp_path: Path) -
         assert (out / "actor.txt").read_text() == "from the guest"
         assert sorted(p.name for p in data.iterdir()) == ["in.txt"]
     store = SnapshotStore(ray_session.state / "snapshots")
+    # The actors were resumed from a template with their two places (other tests' actors
+    # share other places, through templates of their own).
     (template,) = [s for s in store.list() if s.name.startswith("ray-warm-")
-                   and s.manifest.memory and s.manifest.memory.mounts]  # fmt: skip
-    assert template.manifest.memory.mounts == ("/data:ro", "/out")  # resumed, not booted
+                   and s.manifest.memory and s.manifest.memory.mounts == ("/data:ro", "/out")]
     contents = [(data / "in.txt").read_bytes() for data, _ in folders]
     for file in template.manifest.files:  # its shares were empty stand-ins
         with open(template.path / file, "rb") as data_file, \
