@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -147,3 +148,20 @@ def shares_seen(written_name: str) -> dict[str, Any]:
     return {"read": read, "listing": sorted(os.listdir("/data")),
             "ro_write": attempt("/data/guest.txt"), "rw_write": attempt(f"/out/{written_name}"),
             "types": [types.get("/data", ""), types.get("/out", "")]}  # fmt: skip
+
+
+def write_kernelspec(root: Path, name: str, argv: list[str], config: dict[str, Any],
+                     env: dict[str, str] | None = None,
+                     interrupt_mode: str = "signal") -> str:  # fmt: skip
+    """Kernelspec ``name`` under ``root/kernels`` (``root`` on the test's JUPYTER_PATH),
+    run by ``microvm-provisioner`` with ``config``; its name."""
+    folder = root / "kernels" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": argv, "display_name": f"{name} (sandboxed)", "language": "python",
+        "interrupt_mode": interrupt_mode, "env": env or {},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "microvm-provisioner",
+                                            "config": config}},
+    }  # fmt: skip
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    return name

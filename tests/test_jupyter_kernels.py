@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import DefaultImageSession, setup_kernel
+from helpers import write_kernelspec
 from jupyter_client import AsyncKernelManager, BlockingKernelClient, KernelManager
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
@@ -41,17 +42,8 @@ def anyio_backend() -> str:
 
 
 def write_spec(root: Path, name: str, argv: list[str] | None = None, **config: Any) -> str:
-    folder = root / "kernels" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "argv": argv or GUEST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
-        "interrupt_mode": "signal", "env": {},
-        "metadata": {"kernel_provisioner": {
-            "provisioner_name": "microvm-provisioner",
-            "config": {"image": "vmruntime/default:latest", "memory": 1024, **config}}},
-    }  # fmt: skip
-    (folder / "kernel.json").write_text(json.dumps(spec))
-    return name
+    config = {"image": "vmruntime/default:latest", "memory": 1024, **config}
+    return write_kernelspec(root, name, argv or GUEST_KERNEL, config)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from fake_vmm import FakeDriver
 from fake_world import IMAGE, fake, left_behind
+from helpers import write_kernelspec
 from jupyter_client import AsyncKernelManager, KernelManager
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
@@ -35,17 +36,8 @@ HOST_KERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_fi
 def write_spec(root: Path, name: str, argv: list[str] | None = None,
                env: dict[str, str] | None = None, interrupt_mode: str = "signal",
                **config: Any) -> str:  # fmt: skip
-    folder = root / "kernels" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "argv": argv or HOST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
-        "interrupt_mode": interrupt_mode, "env": env or {},
-        "metadata": {"kernel_provisioner": {
-            "provisioner_name": "microvm-provisioner",
-            "config": {"image": IMAGE, "startup_timeout": 60.0, **config}}},
-    }  # fmt: skip
-    (folder / "kernel.json").write_text(json.dumps(spec))
-    return name
+    config = {"image": IMAGE, "startup_timeout": 60.0, **config}
+    return write_kernelspec(root, name, argv or HOST_KERNEL, config, env, interrupt_mode)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DefaultImageSession
-from helpers import shares_seen
+from helpers import shares_seen, write_kernelspec
 from jupyter_client import BlockingKernelClient, KernelManager
 
 from kernelprovider.provisioner import MicroVMProvisioner
@@ -40,18 +40,8 @@ print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random(
 
 
 def write_spec(root: Path, name: str, **config: object) -> str:
-    folder = root / "kernels" / name
-    folder.mkdir(parents=True)
-    spec = {
-        "argv": GUEST_KERNEL, "display_name": f"{name} (sandboxed)", "language": "python",
-        "interrupt_mode": "signal", "env": {"FROM_SPEC": "spec-value"},
-        "metadata": {"kernel_provisioner": {
-            "provisioner_name": "microvm-provisioner",
-            "config": {"image": "vmruntime/default:latest", "memory": 1024, "pool_size": 1,
-                       **config}}},
-    }  # fmt: skip
-    (folder / "kernel.json").write_text(json.dumps(spec))
-    return name
+    config = {"image": "vmruntime/default:latest", "memory": 1024, "pool_size": 1, **config}
+    return write_kernelspec(root, name, GUEST_KERNEL, config, env={"FROM_SPEC": "spec-value"})
 
 
 @pytest.fixture(scope="module")
