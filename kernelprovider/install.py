@@ -165,9 +165,9 @@ def build_kernel_spec(options: KernelOptions) -> dict[str, Any]:
         "image": options.image,
         "cpus": options.cpus,
         "memory": options.memory_mib,
-        "mounts": [_mount_spec(m) for m in mounts if m.kind == "bind"],
-        "volumes": [_mount_spec(m) for m in mounts if m.kind == "volume"],
-        "disks": [_mount_spec(m) for m in mounts if m.kind == "disk"],
+        "mounts": [m.spec for m in mounts if m.kind == "bind"],
+        "volumes": [m.spec for m in mounts if m.kind == "volume"],
+        "disks": [m.spec for m in mounts if m.kind == "disk"],
         "share_notebook_dir": share,
         "startup_timeout": _startup_timeout(options.startup_timeout),
         "pass_env": [_env_name(name) for name in options.pass_env],
@@ -216,10 +216,6 @@ def _parsed_mounts(options: KernelOptions) -> list[Mount]:
                               mount.readonly, kind)  # fmt: skip
             parsed.append(mount)
     return parsed
-
-
-def _mount_spec(mount: Mount) -> str:
-    return f"{mount.host}:{mount.guest}" + (":ro" if mount.readonly else "")
 
 
 def _share_mode(value: str) -> ShareMode:

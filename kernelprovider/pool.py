@@ -127,7 +127,7 @@ class KernelPools:
     def pool(self, spec: WarmKernelSpec, size: int) -> WarmPool:
         pool = self._pools.get(spec)
         if pool is None:
-            shares = tuple(f"{m.host}:{m.place}" for m in spec.shares)
+            shares = tuple(m.spec for m in spec.shares)
             key = PoolKey(f"image:{spec.image}", spec.cpus, spec.memory_mib, shares,
                           purpose="jupyter:" + " ".join(spec.argv))  # fmt: skip
             name = f"jupyter-{key.digest}"

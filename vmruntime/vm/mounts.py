@@ -105,6 +105,12 @@ class Mount:
         records of a share, and all that its copies must match)."""
         return self.guest + (":ro" if self.readonly else "")
 
+    @property
+    def spec(self) -> str:
+        """``HOST:GUEST[:ro]`` (``NAME:GUEST[:ro]`` for a volume): what :meth:`parse` and
+        ``vmr run --mount`` take."""
+        return f"{self.host}:{self.place}"
+
     @classmethod
     def volume(cls, name: str, guest: str, readonly: bool = False) -> Mount:
         """A named volume (``vmr volume create``): a directory share or a disk."""
@@ -141,9 +147,8 @@ class Mount:
         return cls(host if kind == "volume" else Path(host), guest, readonly, kind)
 
     def __str__(self) -> str:
-        mode = ":ro" if self.readonly else ""
         via = f" (via {self.transport})" if self.transport != "vhost-user" else ""
-        return f"{_OPTION_NAMES[self.kind]} {self.host}:{self.guest}{mode}{via}"
+        return f"{_OPTION_NAMES[self.kind]} {self.spec}{via}"
 
 
 @dataclass(frozen=True)
