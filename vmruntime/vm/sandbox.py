@@ -712,8 +712,9 @@ class AsyncSandbox:
         The agent's session is renewed first, as a resumed copy's will be: commands this
         connection runs end (their process groups are killed), detached ones go on, and
         so do port forwards (connections open through them end). The VM runs on
-        afterwards. Refused for a sandbox with shares or disks: vhost-user-fs
-        cannot migrate, and a resumed copy cannot share a disk its original writes.
+        afterwards. Shares over the console transport are carried; refused for a sandbox
+        with vhost-user-fs shares or disks: vhost-user-fs cannot migrate, and a resumed
+        copy cannot share a disk its original writes.
         """
         self._check_machine_saveable()
         await self._renew_session()
@@ -750,8 +751,9 @@ class AsyncSandbox:
         the machine is saved: a resumed copy starts from a quiet, handshaken agent."""
         await self._disconnect()
         for attempt in range(_RECONNECT_ATTEMPTS):
-            # Let the guest see the port close before the next host opens it (a reconnect
-            # inside the agent's poll can leave it waiting on the old session).
+            # Let the guest see the port close before the next host opens it: the close
+            # reaches it as a control message it may handle after the next host's HELLO,
+            # and the agent then drops its answer as the old session's.
             await asyncio.sleep(_RECONNECT_PAUSE * (attempt + 1))
             try:
                 await self._connect(_RECONNECT_TIMEOUT)
